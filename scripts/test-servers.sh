@@ -1,0 +1,368 @@
+#!/usr/bin/env bash
+# Local S3-compatible servers for offsite's tests: Garage (a real distributed
+# object store, single node) and s3s-fs (a small S3 server over a directory).
+#
+#   scripts/test-servers.sh install   # build the servers with cargo (only if missing)
+#   scripts/test-servers.sh start     # start both (fresh data), set up key + bucket
+#   source /tmp/offsite-test-servers/env
+#   cargo test
+#   scripts/test-servers.sh stop
+#   scripts/test-servers.sh status
+#
+# Environment:
+#   OFFSITE_SERVERS_ROOT   install prefix (binaries in $ROOT/bin)  [/opt/offsite-test-servers]
+#   OFFSITE_SERVERS_STATE  data, logs, pid files, env file         [/tmp/offsite-test-servers]
+#   OFFSITE_GARAGE_PORT    Garage S3 port; RPC = +1, admin = +3    [39000]
+#   OFFSITE_S3S_PORT       s3s-fs port                             [39010]
+#
+# The access key below is a fixed, throwaway test key for servers bound to
+# 127.0.0.1 only. Never use it anywhere else.
+set -euo pipefail
+
+ROOT=${OFFSITE_SERVERS_ROOT:-/opt/offsite-test-servers}
+STATE=${OFFSITE_SERVERS_STATE:-/tmp/offsite-test-servers}
+BIN="$ROOT/bin"
+GARAGE_BIN="$BIN/garage"
+S3S_BIN="$BIN/s3s-fs"
+GARAGE_VERSION=2.5.0
+S3S_VERSION=0.14.1
+
+GARAGE_PORT=${OFFSITE_GARAGE_PORT:-39000}
+GARAGE_RPC_PORT=$((GARAGE_PORT + 1))
+GARAGE_ADMIN_PORT=$((GARAGE_PORT + 3))
+S3S_PORT=${OFFSITE_S3S_PORT:-39010}
+HOST=127.0.0.1
+
+BUCKET=offsite-test
+KEY_NAME=offsite-test
+# "GK" + 24 hex digits / 64 hex digits, as Garage requires ("offsite-test" in hex).
+ACCESS_KEY=GK6f6666736974652d74657374
+SECRET_KEY=6f6666736974652d746573742d7365637265742d6e6f742d612d7265616c2d31
+RPC_SECRET=6f6666736974652d746573742d7270632d7365637265742d6e6f742d7265616c
+ADMIN_TOKEN=offsite-test-admin-token
+REGION=garage
+
+GARAGE_DIR="$STATE/garage"
+GARAGE_CONF="$GARAGE_DIR/garage.toml"
+S3S_DIR="$STATE/s3s"
+ENV_FILE="$STATE/env"
+START_TIMEOUT=${OFFSITE_SERVERS_START_TIMEOUT:-30}
+
+log() { echo "test-servers: $*" >&2; }
+die() {
+    echo "test-servers: ERROR: $*" >&2
+    exit 1
+}
+
+# ---------------------------------------------------------------- helpers
+
+# pid_of NAME -> prints the pid if NAME's pid file names a live process that
+# runs our binary; nothing otherwise.
+pid_of() {
+    local name=$1 bin=$2 pidfile="$STATE/$1.pid" pid
+    [[ -f $pidfile ]] || return 0
+    pid=$(cat "$pidfile" 2>/dev/null || true)
+    [[ $pid =~ ^[0-9]+$ ]] || return 0
+    if kill -0 "$pid" 2>/dev/null && [[ -r /proc/$pid/cmdline ]] &&
+        tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$bin"; then
+        echo "$pid"
+    fi
+    return 0
+}
+
+# port_open PORT -> success if something accepts TCP connections on HOST:PORT.
+port_open() {
+    (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null
+}
+
+# http_status PORT PATH [AUTH_HEADER] -> prints the HTTP status code (or 000).
+http_status() {
+    local port=$1 path=$2 auth=${3:-}
+    if command -v curl >/dev/null 2>&1; then
+        if [[ -n $auth ]]; then
+            curl -s -o /dev/null -m 5 -w '%{http_code}' -H "$auth" "http://$HOST:$port$path" || echo 000
+        else
+            curl -s -o /dev/null -m 5 -w '%{http_code}' "http://$HOST:$port$path" || echo 000
+        fi
+        return 0
+    fi
+    # No curl: speak HTTP/1.0 over bash's /dev/tcp.
+    local line
+    line=$(
+        exec 2>/dev/null
+        exec 3<>"/dev/tcp/$HOST/$port" || exit 0
+        printf 'GET %s HTTP/1.0\r\nHost: %s:%s\r\n%s\r\n' "$path" "$HOST" "$port" \
+            "${auth:+$auth$'\r\n'}" >&3
+        timeout 5 head -n 1 <&3 || true
+    ) || true
+    line=${line#HTTP/* }
+    echo "${line:0:3}" | grep -E '^[0-9]{3}$' || echo 000
+}
+
+# show_log_tail FILE
+show_log_tail() {
+    if [[ -f $1 ]]; then
+        echo "---- last lines of $1 ----" >&2
+        tail -n 30 "$1" >&2 || true
+        echo "----" >&2
+    fi
+}
+
+# wait_for DESCRIPTION LOGFILE PID COMMAND... -> polls COMMAND until it succeeds.
+wait_for() {
+    local what=$1 logfile=$2 pid=$3
+    shift 3
+    local deadline=$((SECONDS + START_TIMEOUT))
+    until "$@"; do
+        if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+            show_log_tail "$logfile"
+            die "$what: the server process ($pid) exited; see the log above ($logfile)"
+        fi
+        if ((SECONDS >= deadline)); then
+            show_log_tail "$logfile"
+            die "$what: not ready after ${START_TIMEOUT}s (log: $logfile)"
+        fi
+        sleep 0.2
+    done
+}
+
+# check_port_free NAME PORT -> dies if something that is not ours listens there.
+check_port_free() {
+    if port_open "$2"; then
+        die "port $HOST:$2 (needed by $1) is in use by a process that is not a test server started by this script (no live pid file in $STATE). Stop it, or choose other ports with OFFSITE_GARAGE_PORT / OFFSITE_S3S_PORT"
+    fi
+}
+
+# spawn LOGFILE PIDFILE COMMAND... -> runs COMMAND detached, records its pid.
+spawn() {
+    local logfile=$1 pidfile=$2
+    shift 2
+    if command -v setsid >/dev/null 2>&1; then
+        setsid "$@" </dev/null >"$logfile" 2>&1 &
+    else
+        nohup "$@" </dev/null >"$logfile" 2>&1 &
+    fi
+    echo $! >"$pidfile"
+    echo $!
+}
+
+garage() { "$GARAGE_BIN" -c "$GARAGE_CONF" "$@"; }
+
+# ---------------------------------------------------------------- install
+
+cmd_install() {
+    mkdir -p "$ROOT"
+    local need=0
+    [[ -x $GARAGE_BIN ]] || need=1
+    [[ -x $S3S_BIN ]] || need=1
+    if ((need)) && ! command -v cargo >/dev/null 2>&1; then
+        die "cargo is not installed; install Rust (https://rustup.rs) to build the test servers"
+    fi
+    if ((need)) && ! command -v cc >/dev/null 2>&1; then
+        if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+            log "installing a C toolchain (build-essential) for the server builds"
+            apt-get update -qq && apt-get install -y -qq build-essential pkg-config
+        else
+            die "no C compiler (cc) found; install build-essential (or equivalent)"
+        fi
+    fi
+    if [[ -x $GARAGE_BIN ]]; then
+        log "garage already installed: $GARAGE_BIN"
+    else
+        log "building garage $GARAGE_VERSION (takes ~10 minutes)"
+        cargo install --locked garage --version "$GARAGE_VERSION" --root "$ROOT"
+    fi
+    if [[ -x $S3S_BIN ]]; then
+        log "s3s-fs already installed: $S3S_BIN"
+    else
+        log "building s3s-fs $S3S_VERSION (takes ~5 minutes)"
+        cargo install --locked s3s-fs --version "$S3S_VERSION" --features binary --root "$ROOT"
+    fi
+}
+
+# ---------------------------------------------------------------- start
+
+write_garage_config() {
+    mkdir -p "$GARAGE_DIR/meta" "$GARAGE_DIR/data"
+    (
+        umask 077
+        cat >"$GARAGE_CONF" <<EOF
+metadata_dir = "$GARAGE_DIR/meta"
+data_dir = "$GARAGE_DIR/data"
+db_engine = "lmdb"
+replication_factor = 1
+
+rpc_bind_addr = "$HOST:$GARAGE_RPC_PORT"
+rpc_public_addr = "$HOST:$GARAGE_RPC_PORT"
+rpc_secret = "$RPC_SECRET"
+
+[s3_api]
+s3_region = "$REGION"
+api_bind_addr = "$HOST:$GARAGE_PORT"
+
+[admin]
+api_bind_addr = "$HOST:$GARAGE_ADMIN_PORT"
+admin_token = "$ADMIN_TOKEN"
+EOF
+    )
+}
+
+garage_healthy() { [[ $(http_status "$GARAGE_ADMIN_PORT" /health) == 200 ]]; }
+garage_rpc_ready() { garage status >/dev/null 2>&1; }
+
+# Idempotent: layout, key, bucket, permissions.
+setup_garage() {
+    local pid=$1 logfile="$GARAGE_DIR/garage.log"
+    wait_for "garage RPC" "$logfile" "$pid" garage_rpc_ready
+    local version
+    version=$(garage layout show 2>/dev/null | sed -n 's/^Current cluster layout version: *\([0-9]*\).*/\1/p')
+    if [[ ${version:-0} == 0 ]]; then
+        local node_id
+        node_id=$(garage node id -q | cut -d@ -f1)
+        [[ -n $node_id ]] || die "could not read the garage node id (log: $logfile)"
+        garage layout assign -z dc1 -c 1G "$node_id" >/dev/null
+        garage layout apply --version 1 >/dev/null
+    fi
+    wait_for "garage health (layout applied)" "$logfile" "$pid" garage_healthy
+    if ! garage key info "$KEY_NAME" >/dev/null 2>&1; then
+        garage key import --yes -n "$KEY_NAME" "$ACCESS_KEY" "$SECRET_KEY" >/dev/null
+    fi
+    if ! garage bucket info "$BUCKET" >/dev/null 2>&1; then
+        garage bucket create "$BUCKET" >/dev/null
+    fi
+    garage bucket allow --read --write --owner "$BUCKET" --key "$KEY_NAME" >/dev/null
+}
+
+start_garage() {
+    local pid logfile="$GARAGE_DIR/garage.log"
+    pid=$(pid_of garage "$GARAGE_BIN")
+    if [[ -n $pid ]]; then
+        log "garage already running (pid $pid)"
+    else
+        check_port_free garage "$GARAGE_PORT"
+        check_port_free "garage RPC" "$GARAGE_RPC_PORT"
+        check_port_free "garage admin" "$GARAGE_ADMIN_PORT"
+        rm -rf "$GARAGE_DIR"
+        write_garage_config
+        pid=$(spawn "$logfile" "$STATE/garage.pid" "$GARAGE_BIN" -c "$GARAGE_CONF" server)
+        log "garage started (pid $pid, S3 http://$HOST:$GARAGE_PORT, log $logfile)"
+    fi
+    wait_for "garage S3 API on port $GARAGE_PORT" "$logfile" "$pid" port_open "$GARAGE_PORT"
+    setup_garage "$pid"
+}
+
+start_s3s() {
+    local pid logfile="$S3S_DIR/s3s.log"
+    pid=$(pid_of s3s "$S3S_BIN")
+    if [[ -n $pid ]]; then
+        log "s3s-fs already running (pid $pid)"
+    else
+        check_port_free s3s-fs "$S3S_PORT"
+        rm -rf "$S3S_DIR"
+        mkdir -p "$S3S_DIR/data"
+        pid=$(spawn "$logfile" "$STATE/s3s.pid" "$S3S_BIN" --host "$HOST" --port "$S3S_PORT" \
+            --access-key "$ACCESS_KEY" --secret-key "$SECRET_KEY" "$S3S_DIR/data")
+        log "s3s-fs started (pid $pid, S3 http://$HOST:$S3S_PORT, log $logfile)"
+    fi
+    # s3s-fs maps buckets to directories under its root.
+    mkdir -p "$S3S_DIR/data/$BUCKET"
+    wait_for "s3s-fs on port $S3S_PORT" "$logfile" "$pid" port_open "$S3S_PORT"
+}
+
+write_env() {
+    local garage_url="s3://$BUCKET?endpoint=http://$HOST:$GARAGE_PORT&region=$REGION&force-path-style=true"
+    local s3s_url="s3://$BUCKET?endpoint=http://$HOST:$S3S_PORT&region=$REGION&force-path-style=true"
+    (
+        umask 077
+        cat >"$ENV_FILE.tmp" <<EOF
+# Written by scripts/test-servers.sh; source it before running the tests.
+export AWS_ACCESS_KEY_ID=$ACCESS_KEY
+export AWS_SECRET_ACCESS_KEY=$SECRET_KEY
+export AWS_REGION=$REGION
+export OFFSITE_TEST_S3_TARGETS="garage=$garage_url;s3s=$s3s_url"
+EOF
+        mv "$ENV_FILE.tmp" "$ENV_FILE"
+    )
+}
+
+cmd_start() {
+    [[ -x $GARAGE_BIN && -x $S3S_BIN ]] ||
+        die "test servers are not installed in $BIN; run: $0 install"
+    mkdir -p "$STATE"
+    start_garage
+    start_s3s
+    write_env
+    log "ready. Now run: source $ENV_FILE"
+}
+
+# ---------------------------------------------------------------- stop / status
+
+stop_one() {
+    local name=$1 bin=$2 pid
+    pid=$(pid_of "$name" "$bin")
+    if [[ -z $pid ]]; then
+        log "$name not running"
+        rm -f "$STATE/$name.pid"
+        return 0
+    fi
+    kill "$pid" 2>/dev/null || true
+    local i
+    for i in $(seq 1 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "$name (pid $pid) did not exit after SIGTERM; sending SIGKILL"
+        kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$STATE/$name.pid"
+    log "$name stopped (pid $pid)"
+}
+
+cmd_stop() {
+    stop_one garage "$GARAGE_BIN"
+    stop_one s3s "$S3S_BIN"
+}
+
+cmd_status() {
+    local rc=0 pid
+    pid=$(pid_of garage "$GARAGE_BIN")
+    if [[ -n $pid ]]; then
+        echo "garage: running (pid $pid), S3 http://$HOST:$GARAGE_PORT, health $(http_status "$GARAGE_ADMIN_PORT" /health)"
+    else
+        echo "garage: stopped"
+        rc=3
+    fi
+    pid=$(pid_of s3s "$S3S_BIN")
+    if [[ -n $pid ]]; then
+        echo "s3s-fs: running (pid $pid), S3 http://$HOST:$S3S_PORT"
+    else
+        echo "s3s-fs: stopped"
+        rc=3
+    fi
+    if [[ -f $ENV_FILE ]]; then
+        echo "env file: $ENV_FILE"
+    fi
+    return $rc
+}
+
+usage() {
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+case "${1:-}" in
+install) cmd_install ;;
+start) cmd_start ;;
+stop) cmd_stop ;;
+restart)
+    cmd_stop
+    cmd_start
+    ;;
+status) cmd_status ;;
+env) echo "$ENV_FILE" ;;
+-h | --help | help) usage ;;
+*)
+    usage >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,363 @@
+//! Command-line interface: parses arguments and calls into the library.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::sync::watch;
+
+use crate::codec::Encryption;
+use crate::config::{parse_duration, Config};
+use crate::keys::{Identities, Recipients};
+use crate::layout::{self, Catalog, Target};
+use crate::replicate::{self, Replicator};
+use crate::restore::{self, RestoreOptions};
+use crate::storage::{self, ReplicaUrl};
+
+#[derive(Parser, Debug)]
+#[command(name = "offsite", version, about = "Continuous, encrypted, point-in-time backups of SQLite databases to S3-compatible storage")]
+pub struct Cli {
+    /// Log format: text (default on a terminal) or json.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Replicate a database (or every database in --config) until SIGINT/SIGTERM.
+    Replicate(ReplicateArgs),
+    /// Restore a database from a replica, to the latest state or to a txid/time.
+    Restore(RestoreArgs),
+    /// Show the restore window, lineages and snapshots of a replica.
+    List(ListArgs),
+    /// Generate an age identity; prints its public recipient.
+    Keygen(KeygenArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ReplicateArgs {
+    /// Database file (in WAL mode).
+    pub db_path: Option<PathBuf>,
+    /// file:///absolute/dir or s3://BUCKET/PREFIX[?endpoint=…&region=…&force-path-style=true]
+    pub replica_url: Option<String>,
+    /// Encrypt to this age recipient (age1…); repeatable.
+    #[arg(long = "age-recipient", value_name = "AGE_PUBLIC_KEY")]
+    pub age_recipient: Vec<String>,
+    /// File with age recipients, one per line.
+    #[arg(long, value_name = "PATH")]
+    pub age_recipients_file: Option<PathBuf>,
+    /// Store backups unencrypted (explicit opt-out; never the default).
+    #[arg(long)]
+    pub no_encryption: bool,
+    /// How often pending commits are uploaded (default 1s).
+    #[arg(long, value_name = "DURATION")]
+    pub sync_interval: Option<String>,
+    /// Replicate every database in this TOML config file.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["db_path", "replica_url", "age_recipient", "age_recipients_file", "no_encryption"])]
+    pub config: Option<PathBuf>,
+    /// Directory for staging files (default: the system temp dir).
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Checkpoint after this many WAL frames once everything is shipped.
+    #[arg(long, value_name = "FRAMES", default_value_t = 1000)]
+    pub checkpoint_frames: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// REPLICA_URL, or with --config the DB_PATH whose replica to use.
+    pub source: String,
+    /// Where to write the restored database (must not exist unless --force).
+    #[arg(short = 'o', long = "output", value_name = "OUTPUT")]
+    pub output: PathBuf,
+    /// Restore the state after the last commit observed at or before this instant (RFC 3339).
+    #[arg(long, value_name = "RFC3339", conflicts_with = "txid")]
+    pub timestamp: Option<String>,
+    /// Restore the state right after transaction N.
+    #[arg(long, value_name = "N")]
+    pub txid: Option<u64>,
+    /// age identity file; repeatable.
+    #[arg(long = "age-identity", value_name = "PATH")]
+    pub age_identity: Vec<PathBuf>,
+    /// Replace OUTPUT if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Take the replica from this config file (SOURCE is then the database path).
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Skip PRAGMA integrity_check on the result (on by default).
+    #[arg(long)]
+    pub no_integrity_check: bool,
+    /// Objects downloaded in parallel.
+    #[arg(long, default_value_t = 8)]
+    pub parallel: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// REPLICA_URL, or with --config the DB_PATH whose replica to list.
+    pub source: String,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// Write the identity here (mode 0600) instead of standard output.
+    #[arg(short = 'o', long = "output", value_name = "IDENTITY_FILE")]
+    pub output: Option<PathBuf>,
+}
+
+pub fn init_logging(format: Option<LogFormat>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("OFFSITE_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
+    let json = match format {
+        Some(f) => f == LogFormat::Json,
+        None => !std::io::stderr().is_terminal(),
+    };
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        let _ = b.json().try_init();
+    } else {
+        let _ = b.try_init();
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Replicate(a) => replicate(a).await,
+        Command::Restore(a) => restore_cmd(a).await,
+        Command::List(a) => list(a).await,
+        Command::Keygen(a) => keygen(a),
+    }
+}
+
+fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
+    match a.output {
+        Some(p) => {
+            let r = crate::keys::keygen_to_file(&p)?;
+            eprintln!("wrote identity to {} (keep it secret and off the database host); its recipient:", p.display());
+            println!("{r}");
+        }
+        None => {
+            let (id, r) = crate::keys::generate();
+            print!("{}", crate::keys::identity_file_text(&id));
+            eprintln!("Public key: {r}");
+        }
+    }
+    Ok(())
+}
+
+/// Resolve a shutdown signal into a watch channel.
+fn shutdown_channel() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("signal received; finishing");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
+    let mut jobs: Vec<(replicate::Options, ReplicaUrl, Encryption)> = Vec::new();
+    let spool_base;
+    if let Some(cfg_path) = &a.config {
+        let cfg = Config::load(cfg_path)?;
+        spool_base = a.spool_dir.clone().or(cfg.spool_dir.clone());
+        for d in cfg.databases {
+            let mut o = replicate::Options::new(d.path.clone(), PathBuf::new());
+            o.sync_interval = match &a.sync_interval {
+                Some(s) => parse_duration(s, "--sync-interval")?,
+                None => d.sync_interval,
+            };
+            o.checkpoint_frames = d.checkpoint_frames;
+            jobs.push((o, d.replica.url, d.replica.encryption));
+        }
+    } else {
+        let (Some(db), Some(url)) = (&a.db_path, &a.replica_url) else {
+            bail!("usage: offsite replicate DB_PATH REPLICA_URL [--age-recipient KEY | --no-encryption], or offsite replicate --config PATH");
+        };
+        spool_base = a.spool_dir.clone();
+        let url: ReplicaUrl = url.parse()?;
+        let mut recipients = Recipients::parse_list(&a.age_recipient)?;
+        if let Some(f) = &a.age_recipients_file {
+            recipients.extend(Recipients::read_file(f)?);
+        }
+        let enc = match (recipients.is_empty(), a.no_encryption) {
+            (false, false) => Encryption::Age(recipients),
+            (true, true) => Encryption::None,
+            (false, true) => bail!("--no-encryption contradicts the age recipients given; use one or the other"),
+            (true, false) => bail!(
+                "no encryption recipient: pass --age-recipient age1… (create a key with `offsite keygen -o key.txt`), or --no-encryption to store plaintext backups"
+            ),
+        };
+        let mut o = replicate::Options::new(db.clone(), PathBuf::new());
+        if let Some(s) = &a.sync_interval {
+            o.sync_interval = parse_duration(s, "--sync-interval")?;
+        }
+        o.checkpoint_frames = a.checkpoint_frames;
+        jobs.push((o, url, enc));
+    }
+    let spool = replicate::spool_dir(spool_base)?;
+    let shutdown = shutdown_channel();
+    let mut set = tokio::task::JoinSet::new();
+    for (mut o, url, enc) in jobs {
+        if matches!(enc, Encryption::None) {
+            tracing::warn!(db = %o.db_path.display(), replica = %url, "encryption is off: backups are stored in plaintext, as requested");
+        }
+        o.spool_dir = spool.path().to_path_buf();
+        o.poll_interval = o.sync_interval.min(Duration::from_millis(100));
+        let store = storage::open(&url).await?;
+        let rx = shutdown.clone();
+        let db = o.db_path.clone();
+        set.spawn(async move {
+            Replicator::new(o, store, enc)
+                .run(rx)
+                .await
+                .with_context(|| format!("replicating {}", db.display()))
+        });
+    }
+    let mut first_err = None;
+    while let Some(r) = set.join_next().await {
+        let r = r.context("replication task panicked").and_then(|x| x);
+        if let Err(e) = r {
+            if first_err.is_none() {
+                first_err = Some(e);
+                // One database failing stops the process (a supervisor restarts it).
+                set.abort_all();
+            }
+        }
+    }
+    drop(spool);
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// The replica URL and identities for restore/list, from args or config.
+fn resolve_source(
+    source: &str,
+    config: &Option<PathBuf>,
+    identities: &[PathBuf],
+) -> anyhow::Result<(ReplicaUrl, Vec<PathBuf>)> {
+    match config {
+        Some(p) => {
+            let cfg = Config::load(p)?;
+            let d = cfg.database(std::path::Path::new(source))?;
+            let ids = if identities.is_empty() {
+                d.replica.age_identity_files.clone()
+            } else {
+                identities.to_vec()
+            };
+            Ok((d.replica.url.clone(), ids))
+        }
+        None => Ok((source.parse()?, identities.to_vec())),
+    }
+}
+
+async fn restore_cmd(a: RestoreArgs) -> anyhow::Result<()> {
+    let (url, id_files) = resolve_source(&a.source, &a.config, &a.age_identity)?;
+    let target = match (&a.timestamp, a.txid) {
+        (Some(t), None) => Target::Time(layout::parse_time(t)?),
+        (None, Some(n)) => Target::Txid(n),
+        (None, None) => Target::Latest,
+        (Some(_), Some(_)) => bail!("give either --timestamp or --txid, not both"),
+    };
+    let identities = if id_files.is_empty() {
+        None
+    } else {
+        Some(Identities::read_files(&id_files)?)
+    };
+    let store = storage::open(&url).await?;
+    let started = std::time::Instant::now();
+    let rep = restore::restore(
+        store.as_ref(),
+        RestoreOptions {
+            target,
+            output: a.output.clone(),
+            force: a.force,
+            identities,
+            integrity_check: !a.no_integrity_check,
+            parallel: a.parallel,
+            progress: std::io::stderr().is_terminal(),
+        },
+    )
+    .await?;
+    eprintln!(
+        "restored {} to txid {} ({}) from lineage {}: {} objects, {} bytes, {:.2?}",
+        a.output.display(),
+        rep.txid,
+        layout::fmt_time_us(rep.time_us),
+        rep.lineage,
+        rep.objects,
+        rep.bytes_downloaded,
+        started.elapsed()
+    );
+    Ok(())
+}
+
+async fn list(a: ListArgs) -> anyhow::Result<()> {
+    let (url, _) = resolve_source(&a.source, &a.config, &[])?;
+    let store = storage::open(&url).await?;
+    let catalog = Catalog::load(store.as_ref()).await?;
+    let v = restore::describe(&catalog);
+    if a.json {
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    if catalog.is_empty() {
+        println!("{url}: no backups");
+        return Ok(());
+    }
+    let w = catalog.window().unwrap();
+    println!("replica  {url}");
+    println!(
+        "window   txid {} ({}) .. txid {} ({})",
+        w.0 .0,
+        layout::fmt_time_us(w.0 .1),
+        w.1 .0,
+        layout::fmt_time_us(w.1 .1)
+    );
+    for l in catalog.lineages.values() {
+        println!(
+            "lineage  {}  objects {}  bytes {}",
+            l.id,
+            l.object_count(),
+            l.bytes()
+        );
+        for s in &l.snapshots {
+            println!("  snapshot txid {} at {}", s.txid, layout::fmt_time_us(s.time_us));
+        }
+        if let Some(h) = l.head() {
+            println!("  latest   txid {} at {}", h.last_txid(), layout::fmt_time_us(h.last_time_us()));
+        }
+    }
+    if !catalog.ignored.is_empty() {
+        println!("ignored {} unrecognised objects", catalog.ignored.len());
+    }
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! The TOML configuration file. Strict: unknown keys are errors, `${VAR}`
+//! expands from the environment, validation says what to fix.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use crate::codec::Encryption;
+use crate::keys::Recipients;
+use crate::storage::ReplicaUrl;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawConfig {
+    sync_interval: Option<String>,
+    spool_dir: Option<String>,
+    #[serde(default)]
+    database: Vec<RawDatabase>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawDatabase {
+    path: String,
+    sync_interval: Option<String>,
+    checkpoint_frames: Option<u32>,
+    #[serde(default)]
+    replica: Vec<RawReplica>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawReplica {
+    url: String,
+    encryption: Option<String>,
+    #[serde(default)]
+    age_recipients: Vec<String>,
+    age_recipients_file: Option<String>,
+    #[serde(default)]
+    age_identity_files: Vec<String>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub spool_dir: Option<PathBuf>,
+    pub databases: Vec<DatabaseConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub path: PathBuf,
+    pub sync_interval: Duration,
+    pub checkpoint_frames: u32,
+    pub replica: ReplicaConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    pub url: ReplicaUrl,
+    pub encryption: Encryption,
+    pub age_identity_files: Vec<PathBuf>,
+}
+
+/// Expand `${VAR}` from the environment; `$$` is a literal `$`.
+pub fn expand_env(s: &str, what: &str) -> anyhow::Result<String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(a) = after.strip_prefix('$') {
+            out.push('$');
+            rest = a;
+        } else if let Some(a) = after.strip_prefix('{') {
+            let end = a
+                .find('}')
+                .with_context(|| format!("{what}: unterminated ${{ in {s:?}"))?;
+            let name = &a[..end];
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                bail!("{what}: invalid variable name {name:?} in {s:?}");
+            }
+            let v = std::env::var(name).map_err(|_| {
+                anyhow::anyhow!("{what}: environment variable {name} is not set (used as ${{{name}}})")
+            })?;
+            out.push_str(&v);
+            rest = &a[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+pub fn parse_duration(s: &str, what: &str) -> anyhow::Result<Duration> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| anyhow::anyhow!("{what}: invalid duration {s:?}: {e} (examples: 1s, 250ms, 5m)"))?;
+    if d.is_zero() {
+        bail!("{what}: duration must be greater than zero");
+    }
+    Ok(d)
+}
+
+impl Config {
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    pub fn parse(text: &str, file: &str) -> anyhow::Result<Config> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_string();
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            match line {
+                Some(l) => anyhow::anyhow!("{file}:{l}: {msg}"),
+                None => anyhow::anyhow!("{file}: {msg}"),
+            }
+        })?;
+        let x = |s: &str, what: &str| expand_env(s, &format!("{file}: {what}"));
+        let default_sync = match &raw.sync_interval {
+            Some(s) => parse_duration(&x(s, "sync-interval")?, &format!("{file}: sync-interval"))?,
+            None => Duration::from_secs(1),
+        };
+        if raw.database.is_empty() {
+            bail!("{file}: no [[database]] section; add one with `path = \"/data/app.db\"` and a [[database.replica]] with `url = ...`");
+        }
+        let mut dbs = Vec::new();
+        for (i, d) in raw.database.iter().enumerate() {
+            let what = format!("database #{} ({})", i + 1, d.path);
+            let path = PathBuf::from(x(&d.path, &what)?);
+            if !path.is_absolute() {
+                bail!("{file}: {what}: path must be absolute");
+            }
+            if dbs.iter().any(|o: &DatabaseConfig| o.path == path) {
+                bail!("{file}: {what}: the same database is listed twice");
+            }
+            let sync_interval = match &d.sync_interval {
+                Some(s) => parse_duration(&x(s, &what)?, &format!("{file}: {what}: sync-interval"))?,
+                None => default_sync,
+            };
+            let r = match d.replica.as_slice() {
+                [one] => one,
+                [] => bail!("{file}: {what}: no [[database.replica]]; add one with `url = \"s3://bucket/prefix\"` or `url = \"file:///backups/app\"`"),
+                _ => bail!("{file}: {what}: only one replica per database is supported by this version of offsite"),
+            };
+            let url: ReplicaUrl = x(&r.url, &format!("{what}: url"))?
+                .parse()
+                .with_context(|| format!("{file}: {what}: url"))?;
+            let mut recipients = Recipients::parse_list(
+                &r.age_recipients
+                    .iter()
+                    .map(|s| x(s, &format!("{what}: age-recipients")))
+                    .collect::<anyhow::Result<Vec<_>>>()?,
+            )
+            .with_context(|| format!("{file}: {what}: age-recipients"))?;
+            if let Some(f) = &r.age_recipients_file {
+                recipients.extend(
+                    Recipients::read_file(Path::new(&x(f, &what)?))
+                        .with_context(|| format!("{file}: {what}: age-recipients-file"))?,
+                );
+            }
+            let encryption = match r.encryption.as_deref().map(|s| x(s, &what)).transpose()?.as_deref() {
+                None | Some("age") => {
+                    if recipients.is_empty() {
+                        bail!("{file}: {what}: no age recipient; add `age-recipients = [\"age1…\"]` (see `offsite keygen`) or set `encryption = \"none\"` to store plaintext backups");
+                    }
+                    Encryption::Age(recipients)
+                }
+                Some("none") => {
+                    if !recipients.is_empty() {
+                        bail!("{file}: {what}: `encryption = \"none\"` contradicts the age recipients given; remove one of them");
+                    }
+                    Encryption::None
+                }
+                Some(other) => bail!("{file}: {what}: encryption = {other:?} is not valid; use \"age\" or \"none\""),
+            };
+            let age_identity_files = r
+                .age_identity_files
+                .iter()
+                .map(|s| x(s, &what).map(PathBuf::from))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            dbs.push(DatabaseConfig {
+                path,
+                sync_interval,
+                checkpoint_frames: d.checkpoint_frames.unwrap_or(1000),
+                replica: ReplicaConfig {
+                    url,
+                    encryption,
+                    age_identity_files,
+                },
+            });
+        }
+        Ok(Config {
+            spool_dir: raw
+                .spool_dir
+                .as_deref()
+                .map(|s| x(s, "spool-dir").map(PathBuf::from))
+                .transpose()?,
+            databases: dbs,
+        })
+    }
+
+    pub fn database(&self, path: &Path) -> anyhow::Result<&DatabaseConfig> {
+        let want = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        self.databases
+            .iter()
+            .find(|d| d.path == path || std::fs::canonicalize(&d.path).ok().as_deref() == Some(&want))
+            .with_context(|| {
+                format!(
+                    "database {} is not in the config file (it lists: {})",
+                    path.display(),
+                    self.databases.iter().map(|d| d.path.display().to_string()).collect::<Vec<_>>().join(", ")
+                )
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r() -> String {
+        crate::keys::generate().1
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it_and_the_file() {
+        let t = "[[database]]\npath = \"/a.db\"\nsync-intervall = \"1s\"\n";
+        let e = Config::parse(t, "x.toml").unwrap_err().to_string();
+        assert!(e.contains("x.toml:3") && e.contains("sync-intervall"), "{e}");
+    }
+
+    #[test]
+    fn env_expansion_and_defaults() {
+        std::env::set_var("OFFSITE_TEST_BUCKET", "bkt");
+        let t = format!(
+            "[[database]]\npath = \"/a.db\"\n[[database.replica]]\nurl = \"s3://${{OFFSITE_TEST_BUCKET}}/p\"\nage-recipients = [\"{}\"]\n",
+            r()
+        );
+        let c = Config::parse(&t, "x.toml").unwrap();
+        assert_eq!(c.databases[0].sync_interval, Duration::from_secs(1));
+        assert!(c.databases[0].replica.url.to_string().starts_with("s3://bkt/p"));
+        assert!(matches!(c.databases[0].replica.encryption, Encryption::Age(_)));
+        let e = expand_env("${OFFSITE_SURELY_UNSET_VAR}", "f").unwrap_err().to_string();
+        assert!(e.contains("OFFSITE_SURELY_UNSET_VAR is not set"), "{e}");
+        assert_eq!(expand_env("a$$b", "f").unwrap(), "a$b");
+    }
+
+    #[test]
+    fn encryption_must_be_explicit() {
+        let base = "[[database]]\npath = \"/a.db\"\n[[database.replica]]\nurl = \"file:///tmp/x\"\n";
+        let e = Config::parse(base, "x.toml").unwrap_err().to_string();
+        assert!(e.contains("no age recipient"), "{e}");
+        let c = Config::parse(&format!("{base}encryption = \"none\"\n"), "x.toml").unwrap();
+        assert!(matches!(c.databases[0].replica.encryption, Encryption::None));
+        let e = Config::parse(&format!("{base}encryption = \"nope\"\n"), "x.toml").unwrap_err();
+        assert!(e.to_string().contains("not valid"));
+        let e = Config::parse(&format!("{base}encryption = \"none\"\nage-recipients = [\"{}\"]\n", r()), "x.toml")
+            .unwrap_err();
+        assert!(e.to_string().contains("contradicts"));
+    }
+
+    #[test]
+    fn bad_duration_and_relative_path() {
+        let t = "sync-interval = \"soon\"\n[[database]]\npath = \"/a.db\"\n";
+        assert!(Config::parse(t, "x.toml").unwrap_err().to_string().contains("invalid duration"));
+        let t = "[[database]]\npath = \"a.db\"\n[[database.replica]]\nurl = \"file:///x\"\nencryption = \"none\"\n";
+        assert!(Config::parse(t, "x.toml").unwrap_err().to_string().contains("absolute"));
+    }
+}

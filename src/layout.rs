@@ -1,0 +1,439 @@
+//! Bucket layout (docs/FORMAT.md, "Bucket layout"): object names, and the
+//! catalog of restore points built from one listing.
+
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context};
+
+use crate::storage::{ObjectMeta, Storage};
+
+pub const LINEAGES: &str = "lineages/";
+
+pub fn new_lineage_id(start_txid: u64) -> String {
+    format!("{start_txid:016x}-{:016x}", rand::random::<u64>())
+}
+
+pub fn snapshot_key(lineage: &str, txid: u64, time_us: i64) -> String {
+    format!("{LINEAGES}{lineage}/snapshots/{txid:016x}-{:016x}.snap", time_us as u64)
+}
+
+pub fn segment_key(lineage: &str, level: u8, first: u64, last: u64, t_first: i64, t_last: i64) -> String {
+    format!(
+        "{LINEAGES}{lineage}/segments/{level}/{first:016x}-{last:016x}-{:016x}-{:016x}.seg",
+        t_first as u64, t_last as u64
+    )
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotEntry {
+    pub key: String,
+    pub lineage: String,
+    pub txid: u64,
+    pub time_us: i64,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentEntry {
+    pub key: String,
+    pub lineage: String,
+    pub level: u8,
+    pub first_txid: u64,
+    pub last_txid: u64,
+    pub first_time_us: i64,
+    pub last_time_us: i64,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    Snapshot(SnapshotEntry),
+    Segment(SegmentEntry),
+}
+
+fn hex_u64(s: &str) -> Option<u64> {
+    if s.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(s, 16).ok()
+}
+
+fn valid_lineage(s: &str) -> bool {
+    let mut parts = s.split('-');
+    matches!((parts.next().and_then(hex_u64), parts.next().and_then(hex_u64), parts.next()), (Some(_), Some(_), None))
+}
+
+pub fn lineage_start(lineage: &str) -> u64 {
+    lineage.split('-').next().and_then(hex_u64).unwrap_or(0)
+}
+
+/// Parse a key relative to the replica root. `None` for keys that are not ours.
+pub fn parse_key(key: &str, size: u64) -> Option<Entry> {
+    let rest = key.strip_prefix(LINEAGES)?;
+    let mut parts = rest.split('/');
+    let lineage = parts.next()?;
+    if !valid_lineage(lineage) {
+        return None;
+    }
+    match (parts.next()?, parts.next(), parts.next(), parts.next()) {
+        ("snapshots", Some(name), None, None) => {
+            let stem = name.strip_suffix(".snap")?;
+            let (a, b) = stem.split_once('-')?;
+            Some(Entry::Snapshot(SnapshotEntry {
+                key: key.to_string(),
+                lineage: lineage.to_string(),
+                txid: hex_u64(a)?,
+                time_us: hex_u64(b)? as i64,
+                size,
+            }))
+        }
+        ("segments", Some(level), Some(name), None) => {
+            let stem = name.strip_suffix(".seg")?;
+            let f: Vec<&str> = stem.split('-').collect();
+            if f.len() != 4 {
+                return None;
+            }
+            let e = SegmentEntry {
+                key: key.to_string(),
+                lineage: lineage.to_string(),
+                level: level.parse().ok()?,
+                first_txid: hex_u64(f[0])?,
+                last_txid: hex_u64(f[1])?,
+                first_time_us: hex_u64(f[2])? as i64,
+                last_time_us: hex_u64(f[3])? as i64,
+                size,
+            };
+            if e.last_txid < e.first_txid {
+                return None;
+            }
+            Some(Entry::Segment(e))
+        }
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Lineage {
+    pub id: String,
+    pub snapshots: Vec<SnapshotEntry>,
+    /// Level-0 segments by first txid; more than one entry for a txid means
+    /// conflicting writers.
+    pub segments: BTreeMap<u64, Vec<SegmentEntry>>,
+}
+
+impl Lineage {
+    pub fn start_txid(&self) -> u64 {
+        lineage_start(&self.id)
+    }
+
+    /// Highest txid stored in this lineage (snapshot or segment).
+    pub fn max_txid(&self) -> Option<u64> {
+        let s = self.snapshots.iter().map(|s| s.txid).max();
+        let g = self.segments.values().flatten().map(|s| s.last_txid).max();
+        s.max(g)
+    }
+
+    /// The newest object (the one whose last commit is the lineage's head).
+    pub fn head(&self) -> Option<HeadObject> {
+        let snap = self.snapshots.iter().max_by_key(|s| s.txid);
+        let seg = self.segments.values().flatten().max_by_key(|s| s.last_txid);
+        match (snap, seg) {
+            (Some(s), Some(g)) if g.last_txid > s.txid => Some(HeadObject::Segment(g.clone())),
+            (Some(s), _) => Some(HeadObject::Snapshot(s.clone())),
+            (None, Some(g)) => Some(HeadObject::Segment(g.clone())),
+            (None, None) => None,
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.snapshots.iter().map(|s| s.size).sum::<u64>()
+            + self.segments.values().flatten().map(|s| s.size).sum::<u64>()
+    }
+
+    pub fn object_count(&self) -> usize {
+        self.snapshots.len() + self.segments.values().map(|v| v.len()).sum::<usize>()
+    }
+
+    /// Walk the chain from `snap` forward, following first_txid = previous
+    /// last + 1, while `want(segment)` says to continue. Fails on a gap
+    /// before `until_txid` and on conflicting segments.
+    pub fn chain(
+        &self,
+        snap: &SnapshotEntry,
+        until_txid: u64,
+    ) -> anyhow::Result<Vec<SegmentEntry>> {
+        let mut out = Vec::new();
+        let mut at = snap.txid;
+        while at < until_txid {
+            match self.segments.get(&(at + 1)).map(|v| v.as_slice()) {
+                Some([one]) => {
+                    at = one.last_txid;
+                    out.push(one.clone());
+                }
+                Some(many) => bail!(
+                    "conflicting segments start at txid {} in lineage {} ({}); were two offsite processes shipping to this replica?",
+                    at + 1,
+                    self.id,
+                    many.iter().map(|s| s.key.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+                None => bail!(
+                    "replica has a gap: no segment starts at txid {} in lineage {} (needed to reach txid {until_txid}); the object after {} is missing",
+                    at + 1,
+                    self.id,
+                    out.last().map(|s: &SegmentEntry| s.key.clone()).unwrap_or_else(|| snap.key.clone())
+                ),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum HeadObject {
+    Snapshot(SnapshotEntry),
+    Segment(SegmentEntry),
+}
+
+impl HeadObject {
+    pub fn key(&self) -> &str {
+        match self {
+            HeadObject::Snapshot(s) => &s.key,
+            HeadObject::Segment(s) => &s.key,
+        }
+    }
+    pub fn last_txid(&self) -> u64 {
+        match self {
+            HeadObject::Snapshot(s) => s.txid,
+            HeadObject::Segment(s) => s.last_txid,
+        }
+    }
+    pub fn last_time_us(&self) -> i64 {
+        match self {
+            HeadObject::Snapshot(s) => s.time_us,
+            HeadObject::Segment(s) => s.last_time_us,
+        }
+    }
+}
+
+/// Everything in a replica, from one LIST.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    pub lineages: BTreeMap<String, Lineage>,
+    pub ignored: Vec<String>,
+}
+
+/// What to restore to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Latest,
+    Txid(u64),
+    /// Unix microseconds: the state after the last commit observed at or before it.
+    Time(i64),
+}
+
+/// A restore plan: a snapshot, the segments after it, and where to stop.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub lineage: String,
+    pub snapshot: SnapshotEntry,
+    pub segments: Vec<SegmentEntry>,
+    /// Stop after this txid (for Time targets: an upper bound; commits after
+    /// the target time are not applied).
+    pub stop_txid: u64,
+    pub stop_time_us: Option<i64>,
+}
+
+impl Catalog {
+    pub fn from_list(objects: &[ObjectMeta]) -> Catalog {
+        let mut c = Catalog::default();
+        for o in objects {
+            match parse_key(&o.key, o.size) {
+                Some(Entry::Snapshot(s)) => c
+                    .lineages
+                    .entry(s.lineage.clone())
+                    .or_insert_with(|| Lineage { id: s.lineage.clone(), ..Default::default() })
+                    .snapshots
+                    .push(s),
+                Some(Entry::Segment(g)) => {
+                    let l = c
+                        .lineages
+                        .entry(g.lineage.clone())
+                        .or_insert_with(|| Lineage { id: g.lineage.clone(), ..Default::default() });
+                    if g.level == 0 {
+                        l.segments.entry(g.first_txid).or_default().push(g);
+                    } else {
+                        c.ignored.push(g.key);
+                    }
+                }
+                None => c.ignored.push(o.key.clone()),
+            }
+        }
+        for l in c.lineages.values_mut() {
+            l.snapshots.sort_by_key(|s| s.txid);
+        }
+        c
+    }
+
+    pub async fn load(store: &dyn Storage) -> anyhow::Result<Catalog> {
+        let objects = store
+            .list(LINEAGES)
+            .await
+            .with_context(|| format!("cannot list replica {}", store.describe()))?;
+        Ok(Catalog::from_list(&objects))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lineages.is_empty()
+    }
+
+    pub fn max_txid(&self) -> Option<u64> {
+        self.lineages.values().filter_map(|l| l.max_txid()).max()
+    }
+
+    /// The lineage holding the highest txid.
+    pub fn newest_lineage(&self) -> Option<&Lineage> {
+        self.lineages
+            .values()
+            .filter(|l| l.max_txid().is_some())
+            .max_by_key(|l| (l.max_txid(), l.start_txid()))
+    }
+
+    /// Earliest and latest restorable (txid, time_us).
+    pub fn window(&self) -> Option<((u64, i64), (u64, i64))> {
+        let earliest = self
+            .lineages
+            .values()
+            .flat_map(|l| l.snapshots.iter())
+            .min_by_key(|s| s.txid)
+            .map(|s| (s.txid, s.time_us))?;
+        let head = self.newest_lineage()?.head()?;
+        Some((earliest, (head.last_txid(), head.last_time_us())))
+    }
+
+    pub fn plan(&self, target: Target) -> anyhow::Result<Plan> {
+        let Some(((etx, et), (ltx, lt))) = self.window() else {
+            bail!("the replica holds no snapshot: nothing to restore (is the URL right, and has offsite replicate run?)");
+        };
+        let window = format!(
+            "the replica holds txids {etx}..={ltx}, times {}..{}",
+            fmt_time_us(et),
+            fmt_time_us(lt)
+        );
+        // Choose the lineage and the stop txid.
+        let (lineage, stop_txid, stop_time) = match target {
+            Target::Latest => {
+                let l = self.newest_lineage().unwrap();
+                (l, l.max_txid().unwrap(), None)
+            }
+            Target::Txid(t) => {
+                let l = self
+                    .lineages
+                    .values()
+                    .filter(|l| l.snapshots.iter().any(|s| s.txid <= t) && l.max_txid() >= Some(t))
+                    .max_by_key(|l| l.start_txid())
+                    .with_context(|| format!("txid {t} is not restorable: {window}"))?;
+                (l, t, None)
+            }
+            Target::Time(t) => {
+                // The newest lineage whose first snapshot was taken at or before t.
+                let l = self
+                    .lineages
+                    .values()
+                    .filter(|l| l.snapshots.first().is_some_and(|s| s.time_us <= t))
+                    .max_by_key(|l| l.start_txid())
+                    .with_context(|| {
+                        format!("no restore point at or before {}: {window}", fmt_time_us(t))
+                    })?;
+                (l, l.max_txid().unwrap(), Some(t))
+            }
+        };
+        let snapshot = lineage
+            .snapshots
+            .iter()
+            .rev()
+            .find(|s| s.txid <= stop_txid && stop_time.is_none_or(|t| s.time_us <= t))
+            .cloned()
+            .with_context(|| format!("no snapshot at or before the target in lineage {}", lineage.id))?;
+        let mut segments = lineage.chain(&snapshot, stop_txid)?;
+        if let Some(t) = stop_time {
+            // Segments that start after the target time are not needed.
+            segments.retain(|s| s.first_time_us <= t);
+        }
+        Ok(Plan {
+            lineage: lineage.id.clone(),
+            snapshot,
+            segments,
+            stop_txid,
+            stop_time_us: stop_time,
+        })
+    }
+}
+
+pub fn fmt_time_us(t: i64) -> String {
+    let dt = time::OffsetDateTime::from_unix_timestamp_nanos(t as i128 * 1000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    dt.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+pub fn parse_time(s: &str) -> anyhow::Result<i64> {
+    let dt = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .with_context(|| format!("invalid timestamp {s:?}: expected RFC 3339, e.g. 2026-11-25T12:00:00Z"))?;
+    // Floor to microseconds: a commit observed at t_us is at or before the instant.
+    let ns = dt.unix_timestamp_nanos();
+    Ok(ns.div_euclid(1000) as i64)
+}
+
+pub fn now_us() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    d.as_micros() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn om(key: String) -> ObjectMeta {
+        ObjectMeta { key, size: 10 }
+    }
+
+    #[test]
+    fn keys_roundtrip_and_plan() {
+        let l1 = "0000000000000001-00000000000000aa".to_string();
+        let l2 = "0000000000000006-00000000000000bb".to_string();
+        let objs = vec![
+            om(snapshot_key(&l1, 1, 100)),
+            om(segment_key(&l1, 0, 2, 3, 200, 300)),
+            om(segment_key(&l1, 0, 4, 5, 400, 500)),
+            om(snapshot_key(&l2, 6, 600)),
+            om(segment_key(&l2, 0, 7, 9, 700, 900)),
+            om("lineages/junk".into()),
+        ];
+        let c = Catalog::from_list(&objs);
+        assert_eq!(c.ignored, vec!["lineages/junk".to_string()]);
+        assert_eq!(c.window(), Some(((1, 100), (9, 900))));
+        let p = c.plan(Target::Latest).unwrap();
+        assert_eq!((p.lineage.as_str(), p.stop_txid, p.segments.len()), (l2.as_str(), 9, 1));
+        let p = c.plan(Target::Txid(3)).unwrap();
+        assert_eq!((p.lineage.as_str(), p.segments.len()), (l1.as_str(), 1));
+        let p = c.plan(Target::Time(450)).unwrap();
+        assert_eq!((p.lineage.as_str(), p.segments.len()), (l1.as_str(), 2));
+        let p = c.plan(Target::Time(650)).unwrap();
+        assert_eq!((p.lineage.as_str(), p.segments.len()), (l2.as_str(), 0));
+        assert!(c.plan(Target::Time(50)).is_err());
+        assert!(c.plan(Target::Txid(10)).is_err());
+        // A missing middle segment is a gap, reported with the txid.
+        let mut objs2 = objs.clone();
+        objs2.remove(1);
+        let err = Catalog::from_list(&objs2).plan(Target::Txid(5)).unwrap_err().to_string();
+        assert!(err.contains("gap") && err.contains("txid 2"), "{err}");
+    }
+
+    #[test]
+    fn parse_time_floors_to_micros() {
+        assert_eq!(parse_time("1970-01-01T00:00:01.0000019Z").unwrap(), 1_000_001);
+        assert!(parse_time("yesterday").is_err());
+    }
+}

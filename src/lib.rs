@@ -1,0 +1,17 @@
+//! offsite: continuous, encrypted, point-in-time backups of SQLite databases
+//! to S3-compatible object storage.
+//!
+//! Data flows one way: `source` → `segment` → `codec` → `storage`;
+//! `restore` is the mirror image. See docs/FORMAT.md and docs/SQLITE.md.
+
+pub mod checksum;
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod keys;
+pub mod layout;
+pub mod replicate;
+pub mod restore;
+pub mod segment;
+pub mod source;
+pub mod storage;

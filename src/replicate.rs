@@ -1,0 +1,585 @@
+//! Replication of one database to one replica: source → segment → codec →
+//! storage. The replica is the cursor: nothing is acknowledged (shipped
+//! position advanced) before the object is durable in the store.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::checksum::{Checksum, PageState};
+use crate::codec::{Encryption, Envelope, EnvelopeMeta, ObjectKind, ObjectWriter};
+use crate::layout::{self, Catalog, HeadObject};
+use crate::segment::{
+    CommitHead, SegmentHeader, SegmentWriter, SnapshotHeader, SnapshotWriter, PAYLOAD_SQLITE_PAGES,
+};
+use crate::source::sqlite::{Break, SqliteSource, WalPos};
+use crate::storage::{Body, DynStorage, StorageError};
+
+/// Settings for replicating one database.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub db_path: PathBuf,
+    pub sync_interval: Duration,
+    /// How often the WAL is read for new commits (commit times have this resolution).
+    pub poll_interval: Duration,
+    /// Checkpoint once the WAL holds this many frames and everything is shipped.
+    pub checkpoint_frames: u32,
+    /// Upper bound of page bytes in one segment (a bigger single transaction
+    /// still goes into one segment, streamed through a spool file).
+    pub max_segment_bytes: u64,
+    /// Where segment/snapshot objects are staged before upload.
+    pub spool_dir: PathBuf,
+    /// How long shutdown may spend shipping what is pending.
+    pub shutdown_timeout: Duration,
+}
+
+impl Options {
+    pub fn new(db_path: PathBuf, spool_dir: PathBuf) -> Options {
+        Options {
+            db_path,
+            sync_interval: Duration::from_secs(1),
+            poll_interval: Duration::from_millis(100),
+            checkpoint_frames: 1000,
+            max_segment_bytes: 64 << 20,
+            spool_dir,
+            shutdown_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Objects up to this size are staged in memory, larger ones in a spool file.
+const SPOOL_MEMORY_LIMIT: usize = 8 << 20;
+
+/// A staging buffer that starts in memory and moves to a file when large.
+struct Spool {
+    dir: PathBuf,
+    mem: Vec<u8>,
+    file: Option<(tempfile::NamedTempFile, std::io::BufWriter<std::fs::File>)>,
+}
+
+impl Spool {
+    fn new(dir: PathBuf) -> Spool {
+        Spool {
+            dir,
+            mem: Vec::new(),
+            file: None,
+        }
+    }
+
+    fn into_body(self) -> anyhow::Result<(Body, Option<tempfile::NamedTempFile>)> {
+        match self.file {
+            None => Ok((Body::Bytes(Bytes::from(self.mem)), None)),
+            Some((tmp, mut w)) => {
+                w.flush()?;
+                drop(w);
+                Ok((Body::File(tmp.path().to_path_buf()), Some(tmp)))
+            }
+        }
+    }
+}
+
+impl Write for Spool {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some((_, w)) = &mut self.file {
+            return w.write(buf);
+        }
+        if self.mem.len() + buf.len() > SPOOL_MEMORY_LIMIT {
+            // The temp file is removed when dropped, on every path (Litestream #784).
+            let tmp = tempfile::Builder::new()
+                .prefix("offsite-spool-")
+                .tempfile_in(&self.dir)
+                .map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("cannot create a spool file in {}: {e}", self.dir.display()),
+                    )
+                })?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.reopen()?);
+            w.write_all(&self.mem)?;
+            self.mem = Vec::new();
+            self.file = Some((tmp, w));
+            return self.write(buf);
+        }
+        self.mem.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.file {
+            Some((_, w)) => w.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A finished object ready for upload.
+struct Staged {
+    key: String,
+    body: Body,
+    _tmp: Option<tempfile::NamedTempFile>,
+    raw_bytes: u64,
+}
+
+pub struct Replicator {
+    opts: Options,
+    store: DynStorage,
+    enc: Encryption,
+    source: Option<SqliteSource>,
+    lineage: Option<String>,
+    next_txid: u64,
+    state: Option<PageState>,
+    last_ship: Instant,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// Stats of one shipped object, for logs (and later, metrics).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shipped {
+    pub commits: usize,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+impl Replicator {
+    pub fn new(opts: Options, store: DynStorage, enc: Encryption) -> Replicator {
+        Replicator {
+            opts,
+            store,
+            enc,
+            source: None,
+            lineage: None,
+            next_txid: 1,
+            state: None,
+            last_ship: Instant::now(),
+            failures: 0,
+            retry_at: None,
+        }
+    }
+
+    fn db(&self) -> String {
+        self.opts.db_path.display().to_string()
+    }
+
+    /// Replicate until `shutdown` turns true, then ship what is pending.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        self.start().await?;
+        let mut tick = tokio::time::interval(self.opts.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => {}
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            if let Err(e) = self.step(false).await {
+                // Local errors (I/O on the database, lost read lock): start over
+                // with a fresh lineage rather than risk a wrong replica.
+                tracing::error!(db = %self.db(), error = format!("{e:#}"), "replication step failed; will take a new snapshot");
+                self.source = None;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        self.shutdown().await
+    }
+
+    async fn shutdown(mut self) -> anyhow::Result<()> {
+        tracing::info!(db = %self.db(), "shutting down: shipping pending commits");
+        let deadline = Instant::now() + self.opts.shutdown_timeout;
+        loop {
+            self.retry_at = None;
+            match self.step(true).await {
+                Ok(()) if self.source.as_ref().is_some_and(|s| s.pending().is_empty()) => {
+                    tracing::info!(db = %self.db(), next_txid = self.next_txid, "all commits shipped");
+                    return Ok(());
+                }
+                Ok(()) => {}
+                Err(e) => tracing::warn!(db = %self.db(), error = format!("{e:#}"), "final ship failed"),
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "could not ship the last commits of {} to {} within {:?}; they are still in the WAL and will be shipped when offsite runs again",
+                    self.db(),
+                    self.store.describe(),
+                    self.opts.shutdown_timeout
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Startup: read the replica once and continue its newest lineage if the
+    /// local database provably matches, else start a new lineage.
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        let objects =
+            with_retries("list the replica", || self.store.list(layout::LINEAGES)).await?;
+        let catalog = Catalog::from_list(&objects);
+        self.next_txid = catalog.max_txid().map_or(1, |t| t + 1);
+        let src = blocking(|| SqliteSource::open(&self.opts.db_path))?;
+        self.source = Some(src);
+        let Some(l) = catalog.newest_lineage() else {
+            return self.new_lineage("the replica is empty").await;
+        };
+        let head = l.head().expect("lineage with objects");
+        let env = read_envelope(&self.store, head.key()).await?;
+        if env.encrypted != matches!(self.enc, Encryption::Age(_)) {
+            bail!(
+                "the replica at {} holds {} objects but offsite is configured {}; refusing to mix encrypted and plaintext backups in one replica (use another prefix, or fix the encryption settings)",
+                self.store.describe(),
+                if env.encrypted { "encrypted" } else { "plaintext" },
+                if env.encrypted { "without encryption" } else { "with age encryption" },
+            );
+        }
+        match self.try_resume(&l.id, &head, env.meta.resume_at, &env.meta.resume_tag)? {
+            Ok(()) => Ok(()),
+            Err(Break(why)) => self.new_lineage(&why).await,
+        }
+    }
+
+
+    fn try_resume(
+        &mut self,
+        lineage: &str,
+        head: &HeadObject,
+        resume_at: u64,
+        tag: &str,
+    ) -> anyhow::Result<Result<(), Break>> {
+        // Find the local WAL position with the replica's frame count, then
+        // prove it (and the database state there) against the tag.
+        let src = self.source.as_mut().unwrap();
+        let candidates = blocking(|| candidate_positions(src))?;
+        for pos in candidates.into_iter().filter(|p| p.frames as u64 == resume_at) {
+            let r = blocking(|| src.resume(&pos, |p, ck| p.resume_tag(ck) == tag))?;
+            if let Ok(state) = r {
+                tracing::info!(db = %self.opts.db_path.display(), lineage, txid = head.last_txid(), frames = pos.frames, "resuming replication");
+                self.state = Some(state);
+                self.lineage = Some(lineage.to_string());
+                return Ok(Ok(()));
+            }
+        }
+        Ok(Err(Break(
+            "the local database is not at the replica's newest state (the WAL was checkpointed or changed while offsite was not running)"
+                .into(),
+        )))
+    }
+
+    async fn new_lineage(&mut self, why: &str) -> anyhow::Result<()> {
+        let txid = self.next_txid;
+        let lineage = layout::new_lineage_id(txid);
+        tracing::warn!(db = %self.db(), %lineage, txid, reason = why, "starting a new lineage with a snapshot");
+        if self.source.is_none() {
+            self.source = Some(blocking(|| SqliteSource::open(&self.opts.db_path))?);
+        }
+        let time_us = layout::now_us();
+        let enc = self.enc.clone();
+        let spool_dir = self.opts.spool_dir.clone();
+        let src = self.source.as_mut().unwrap();
+        let (staged, state) = blocking(|| -> anyhow::Result<_> {
+            let view = src.snapshot_begin()?;
+            let page_size = src.page_size();
+            // Pass 1: the checksum (the envelope's resume tag needs it first).
+            let mut st = PageState::new(page_size as usize);
+            src.snapshot_read(&view, |pgno, page| {
+                st.set_page(pgno, page);
+                Ok(())
+            })?;
+            st.resize(view.db_pages);
+            let ck = st.checksum();
+            let env = Envelope::new(
+                ObjectKind::Snapshot,
+                &enc,
+                EnvelopeMeta {
+                    lineage: lineage.clone(),
+                    first_txid: txid,
+                    last_txid: txid,
+                    resume_at: view.pos.frames as u64,
+                    resume_tag: view.pos.resume_tag(&ck),
+                },
+            );
+            let header = SnapshotHeader {
+                kind: "snapshot".into(),
+                payload: PAYLOAD_SQLITE_PAGES.into(),
+                lineage: lineage.clone(),
+                page_size,
+                envelope_blake3: env.blake3_hex(),
+                txid,
+                time_us,
+                db_pages: view.db_pages,
+            };
+            let ow = ObjectWriter::new(Spool::new(spool_dir), &env, &enc)?;
+            let mut sw = SnapshotWriter::new(ow, &header)?;
+            // Pass 2: the pages themselves, streamed.
+            src.snapshot_read(&view, |_, page| Ok(sw.write_page(page)?))?;
+            let (ow, state2) = sw.finish()?;
+            if state2.checksum() != ck {
+                bail!("the database changed under the snapshot's read lock (checksum {ck} vs {}); this is a bug, please report it", state2.checksum());
+            }
+            let spool = ow.finish()?;
+            let (body, tmp) = spool.into_body()?;
+            Ok((
+                Staged {
+                    key: layout::snapshot_key(&lineage, txid, time_us),
+                    body,
+                    _tmp: tmp,
+                    raw_bytes: view.db_pages as u64 * page_size as u64,
+                },
+                st,
+            ))
+        })?;
+        let stored = staged.body.len().await?;
+        with_retries("upload the snapshot", || self.store.put(&staged.key, staged.body.clone()))
+            .await?;
+        tracing::info!(db = %self.db(), key = %staged.key, txid, raw_bytes = staged.raw_bytes, stored_bytes = stored, "snapshot uploaded");
+        self.state = Some(state);
+        self.lineage = Some(lineage);
+        self.next_txid = txid + 1;
+        self.last_ship = Instant::now();
+        Ok(())
+    }
+
+    /// One iteration: poll, ship when due, checkpoint when useful.
+    pub async fn step(&mut self, force_ship: bool) -> anyhow::Result<()> {
+        if self.source.is_none() || self.lineage.is_none() {
+            self.source = None;
+            self.new_lineage("restarting after an error").await?;
+        }
+        let now = layout::now_us();
+        let mut next = self.next_txid;
+        let src = self.source.as_mut().unwrap();
+        let polled = blocking(|| src.poll(&mut next, now))?;
+        self.next_txid = next;
+        if let Err(Break(why)) = polled {
+            self.source = None;
+            self.lineage = None;
+            // Txids observed but not shipped are skipped, never reused.
+            return self.new_lineage(&why).await;
+        }
+        let pending = self.source.as_ref().unwrap().pending().len();
+        let due = force_ship || self.last_ship.elapsed() >= self.opts.sync_interval;
+        let backoff = self.retry_at.is_some_and(|t| Instant::now() < t);
+        if pending > 0 && due && !backoff {
+            match self.ship_pending().await {
+                Ok(()) => {
+                    self.failures = 0;
+                    self.retry_at = None;
+                }
+                Err(e) => {
+                    self.failures += 1;
+                    let wait = Duration::from_millis(500 * 2u64.pow(self.failures.min(7)));
+                    tracing::error!(db = %self.db(), replica = %self.store.describe(), error = format!("{e:#}"), retry_in = ?wait, "upload failed; commits stay in the WAL and will be retried");
+                    self.retry_at = Some(Instant::now() + wait);
+                    return Ok(());
+                }
+            }
+        }
+        let src = self.source.as_mut().unwrap();
+        if src.pending().is_empty() && src.wal_frames() >= self.opts.checkpoint_frames {
+            let done = blocking(|| src.checkpoint())?;
+            tracing::debug!(db = %self.db(), done, "checkpoint attempt");
+        }
+        Ok(())
+    }
+
+    /// Ship every pending commit, in segments of bounded size.
+    async fn ship_pending(&mut self) -> anyhow::Result<()> {
+        while !self.source.as_ref().unwrap().pending().is_empty() {
+            let n = self.next_batch();
+            let staged = {
+                let src = self.source.as_ref().unwrap();
+                let state = self.state.as_mut().unwrap();
+                let lineage = self.lineage.as_deref().unwrap();
+                let enc = &self.enc;
+                let spool = self.opts.spool_dir.clone();
+                state.begin();
+                match blocking(|| build_segment(src, n, state, lineage, enc, spool)) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        state.rollback();
+                        return Err(e);
+                    }
+                }
+            };
+            let stored = staged.body.len().await.unwrap_or(0);
+            let put = self.store.put(&staged.key, staged.body.clone()).await;
+            let state = self.state.as_mut().unwrap();
+            match put {
+                Ok(()) => {
+                    state.commit();
+                    self.source.as_mut().unwrap().mark_shipped(n);
+                    self.last_ship = Instant::now();
+                    tracing::debug!(db = %self.db(), key = %staged.key, commits = n, raw_bytes = staged.raw_bytes, stored_bytes = stored, "segment uploaded");
+                }
+                Err(e) => {
+                    state.rollback();
+                    return Err(anyhow::Error::new(e).context(format!("cannot upload {}", staged.key)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// How many pending commits go into the next segment.
+    fn next_batch(&self) -> usize {
+        let src = self.source.as_ref().unwrap();
+        let ps = src.page_size() as u64;
+        let mut bytes = 0u64;
+        let mut n = 0;
+        for p in src.pending() {
+            let b = p.commit.frames.len() as u64 * ps;
+            if n > 0 && (bytes + b > self.opts.max_segment_bytes || n >= 100_000) {
+                break;
+            }
+            bytes += b;
+            n += 1;
+        }
+        n
+    }
+}
+
+async fn read_envelope(store: &DynStorage, key: &str) -> anyhow::Result<Envelope> {
+    let head = with_retries("read the newest object", || store.get_range(key, 0, 4096)).await?;
+    Envelope::read_from(&mut &head[..]).with_context(|| format!("object {key} is damaged"))
+}
+
+/// Positions the local WAL offers for resuming: each commit end, and the start.
+fn candidate_positions(src: &mut SqliteSource) -> anyhow::Result<Vec<WalPos>> {
+    let mut next = 0u64;
+    let mut v = vec![src.shipped()];
+    if src.poll(&mut next, 0)?.is_err() {
+        return Ok(v);
+    }
+    for i in 1..=src.pending().len() {
+        v.push(src.position_after(i));
+    }
+    // Newest first: the common case after a clean shutdown.
+    v.reverse();
+    Ok(v)
+}
+
+fn build_segment(
+    src: &SqliteSource,
+    n: usize,
+    state: &mut PageState,
+    lineage: &str,
+    enc: &Encryption,
+    spool_dir: PathBuf,
+) -> anyhow::Result<Staged> {
+    let commits = &src.pending()[..n];
+    let ps = src.page_size() as usize;
+    let prev = state.checksum();
+    let mut buf = vec![0u8; ps];
+    // Pass 1: per-commit state checksums (the state is journaled by the caller).
+    let mut sums: Vec<Checksum> = Vec::with_capacity(n);
+    let mut raw = 0u64;
+    for c in commits {
+        for (pgno, idx) in c.page_frames() {
+            src.read_frame(idx, &mut buf)?;
+            state.set_page(pgno, &buf);
+            raw += ps as u64;
+        }
+        state.resize(c.commit.db_pages);
+        sums.push(state.checksum());
+    }
+    let first = commits[0].txid;
+    let last = commits[n - 1].txid;
+    let pos = src.position_after(n);
+    let env = Envelope::new(
+        ObjectKind::Segment,
+        enc,
+        EnvelopeMeta {
+            lineage: lineage.to_string(),
+            first_txid: first,
+            last_txid: last,
+            resume_at: pos.frames as u64,
+            resume_tag: pos.resume_tag(sums.last().unwrap()),
+        },
+    );
+    let header = SegmentHeader {
+        kind: "segment".into(),
+        payload: PAYLOAD_SQLITE_PAGES.into(),
+        lineage: lineage.to_string(),
+        page_size: ps as u32,
+        envelope_blake3: env.blake3_hex(),
+        first_txid: first,
+        last_txid: last,
+        commit_count: n as u32,
+        prev_checksum: prev.to_hex(),
+    };
+    let ow = ObjectWriter::new(Spool::new(spool_dir), &env, enc)?;
+    let mut sw = SegmentWriter::new(ow, &header)?;
+    // Pass 2: write the records.
+    for (c, ck) in commits.iter().zip(&sums) {
+        let frames = c.page_frames();
+        sw.begin_commit(CommitHead {
+            txid: c.txid,
+            time_us: c.time_us,
+            db_pages: c.commit.db_pages,
+            records: frames.len() as u32,
+        })?;
+        for (pgno, idx) in frames {
+            src.read_frame(idx, &mut buf)?;
+            sw.write_record(pgno, &buf)?;
+        }
+        sw.end_commit(ck)?;
+    }
+    let spool = sw.finish()?.finish()?;
+    let (body, tmp) = spool.into_body()?;
+    Ok(Staged {
+        key: layout::segment_key(
+            lineage,
+            0,
+            first,
+            last,
+            commits[0].time_us,
+            commits[n - 1].time_us,
+        ),
+        body,
+        _tmp: tmp,
+        raw_bytes: raw,
+    })
+}
+
+/// Retry an operation on a store that is unavailable (connection refused,
+/// 5xx, throttling) with backoff for up to ~1 minute; other errors fail at once.
+async fn with_retries<T, F, Fut>(what: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T, StorageError>>,
+{
+    let mut wait = Duration::from_millis(250);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(StorageError::Unavailable(m)) if Instant::now() < deadline => {
+                tracing::warn!(error = %m, retry_in = ?wait, "cannot {what}; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot {what}"))),
+        }
+    }
+}
+
+/// Keep the replica's spool directory alive for the process.
+pub fn spool_dir(base: Option<PathBuf>) -> anyhow::Result<tempfile::TempDir> {
+    let base = base.unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&base)
+        .with_context(|| format!("cannot create spool directory {}", base.display()))?;
+    tempfile::Builder::new()
+        .prefix("offsite-spool-")
+        .tempdir_in(&base)
+        .with_context(|| format!("cannot create a spool directory in {}", base.display()))
+}
+
+pub type SharedStore = Arc<dyn crate::storage::Storage>;

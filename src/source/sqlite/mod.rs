@@ -1,0 +1,627 @@
+//! The SQLite source: follows one database's WAL, holds the read lock that
+//! keeps unshipped frames alive, takes consistent snapshots and checkpoints.
+//! The invariants are explained in docs/SQLITE.md; comments below point there.
+//!
+//! This module knows SQLite and nothing about storage: it hands out commits
+//! (page images with boundaries) and snapshots (page streams).
+
+pub mod wal;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rusqlite::{Connection, OpenFlags};
+
+use self::wal::{WalCommit, WalHeader};
+use crate::checksum::{Checksum, PageState};
+
+/// A position in the WAL: everything up to and including frame `frames` of
+/// the WAL with these salts. `frames == 0`: the database file alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalPos {
+    pub page_size: u32,
+    pub salt1: u32,
+    pub salt2: u32,
+    pub ckpt_seq: u32,
+    pub frames: u32,
+    pub cksum: (u32, u32),
+}
+
+impl WalPos {
+    fn start_of(hdr: Option<&WalHeader>, page_size: u32) -> WalPos {
+        match hdr {
+            Some(h) => WalPos {
+                page_size,
+                salt1: h.salt1,
+                salt2: h.salt2,
+                ckpt_seq: h.ckpt_seq,
+                frames: 0,
+                cksum: (h.cksum1, h.cksum2),
+            },
+            None => WalPos {
+                page_size,
+                salt1: 0,
+                salt2: 0,
+                ckpt_seq: 0,
+                frames: 0,
+                cksum: (0, 0),
+            },
+        }
+    }
+
+    fn after(&self, c: &WalCommit) -> WalPos {
+        WalPos {
+            frames: c.end_frame,
+            cksum: c.end_cksum,
+            ..*self
+        }
+    }
+
+    /// The resume tag (docs/FORMAT.md, "Resume tag").
+    pub fn resume_tag(&self, state: &Checksum) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(b"offsite-resume-v1");
+        let z = self.frames == 0;
+        for v in [
+            self.page_size,
+            if z { 0 } else { self.salt1 },
+            if z { 0 } else { self.salt2 },
+            if z { 0 } else { self.ckpt_seq },
+            self.frames,
+            if z { 0 } else { self.cksum.0 },
+            if z { 0 } else { self.cksum.1 },
+        ] {
+            h.update(&v.to_le_bytes());
+        }
+        h.update(&state.0);
+        hex::encode(&h.finalize().as_bytes()[..16])
+    }
+}
+
+/// A commit observed in the WAL and not yet shipped.
+#[derive(Debug, Clone)]
+pub struct PendingCommit {
+    pub commit: WalCommit,
+    pub txid: u64,
+    pub time_us: i64,
+}
+
+impl PendingCommit {
+    /// Distinct pages of this commit (newest frame of each), in page order,
+    /// excluding pages past the database size after the commit.
+    pub fn page_frames(&self) -> Vec<(u32, u32)> {
+        let mut latest: HashMap<u32, u32> = HashMap::new();
+        for &(idx, pgno) in &self.commit.frames {
+            if pgno <= self.commit.db_pages {
+                latest.insert(pgno, idx);
+            }
+        }
+        let mut v: Vec<(u32, u32)> = latest.into_iter().map(|(p, i)| (p, i)).collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// A snapshot fixed by `snapshot_begin`.
+pub struct SnapshotView {
+    hdr: Option<WalHeader>,
+    commits: Vec<WalCommit>,
+    pub db_pages: u32,
+    pub pos: WalPos,
+}
+
+/// Why the chain cannot continue (docs/SQLITE.md, "Continuity breaks").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Break(pub String);
+
+pub struct SqliteSource {
+    db_path: PathBuf,
+    wal_path: PathBuf,
+    /// R: holds the long-lived read transaction (docs/SQLITE.md, "The read lock").
+    r: Connection,
+    /// W: takes the write lock for snapshots and checkpoints.
+    w: Connection,
+    /// X: runs checkpoints (must not be in a transaction).
+    x: Connection,
+    db_file: File,
+    db_ino: (u64, u64),
+    wal_file: Option<(File, (u64, u64))>,
+    page_size: u32,
+    /// Header of the WAL that `shipped`/`pending` refer to (None: no valid WAL).
+    hdr: Option<WalHeader>,
+    shipped: WalPos,
+    pending: Vec<PendingCommit>,
+    /// One WAL restart may be accepted as a continuation (docs/SQLITE.md).
+    restart_ok: bool,
+    /// Valid committed frames seen in the current WAL (for the checkpoint threshold).
+    wal_frames: u32,
+    pub busy_timeout: Duration,
+}
+
+fn ino(md: &std::fs::Metadata) -> (u64, u64) {
+    (md.dev(), md.ino())
+}
+
+fn open_conn(path: &Path, busy: Duration) -> anyhow::Result<Connection> {
+    let c = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open database {}", path.display()))?;
+    c.busy_timeout(busy)?;
+    // Our connections never checkpoint on their own and never checkpoint or
+    // delete the WAL when they close: the WAL is what proves continuity on restart.
+    c.pragma_update(None, "wal_autocheckpoint", 0)?;
+    c.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )?;
+    Ok(c)
+}
+
+impl SqliteSource {
+    /// Open the database, check it is in WAL mode and start holding the read lock.
+    pub fn open(db_path: &Path) -> anyhow::Result<SqliteSource> {
+        let db_path = db_path.to_path_buf();
+        let md = std::fs::metadata(&db_path).with_context(|| {
+            format!(
+                "cannot open database {}: does it exist and is it readable?",
+                db_path.display()
+            )
+        })?;
+        if !md.is_file() {
+            bail!("{} is not a regular file", db_path.display());
+        }
+        let db_file = File::open(&db_path)
+            .with_context(|| format!("cannot read database {}", db_path.display()))?;
+        let r = open_conn(&db_path, Duration::from_secs(5))?;
+        let mode: String = r
+            .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+            .with_context(|| format!("{} is not a readable SQLite database", db_path.display()))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            bail!(
+                "database {} is in journal_mode={mode}, not WAL; offsite replicates WAL databases: switch it once with `sqlite3 {} 'PRAGMA journal_mode=WAL'` (the setting is persistent)",
+                db_path.display(),
+                db_path.display()
+            );
+        }
+        let w = open_conn(&db_path, Duration::from_secs(5))?;
+        let x = open_conn(&db_path, Duration::from_millis(0))?;
+        let mut wal_path = db_path.clone().into_os_string();
+        wal_path.push("-wal");
+        let page_size: u32 = r.query_row("PRAGMA page_size", [], |row| row.get(0))?;
+        let mut s = SqliteSource {
+            db_ino: ino(&md),
+            db_path,
+            wal_path: PathBuf::from(wal_path),
+            r,
+            w,
+            x,
+            db_file,
+            wal_file: None,
+            page_size,
+            hdr: None,
+            shipped: WalPos::start_of(None, page_size),
+            pending: Vec::new(),
+            restart_ok: false,
+            wal_frames: 0,
+            busy_timeout: Duration::from_secs(5),
+        };
+        s.begin_read()?;
+        Ok(s)
+    }
+
+    pub fn db_path(&self) -> &Path {
+        &self.db_path
+    }
+
+    pub fn page_size(&self) -> u32 {
+        self.page_size
+    }
+
+    pub fn shipped(&self) -> WalPos {
+        self.shipped
+    }
+
+    pub fn pending(&self) -> &[PendingCommit] {
+        &self.pending
+    }
+
+    pub fn wal_frames(&self) -> u32 {
+        self.wal_frames
+    }
+
+    fn begin_read(&mut self) -> anyhow::Result<()> {
+        // A read transaction only takes its WAL read mark when it reads.
+        self.r
+            .execute_batch("BEGIN DEFERRED; SELECT count(*) FROM sqlite_schema;")
+            .context("cannot start the read transaction that protects unshipped WAL frames")
+    }
+
+    fn end_read(&mut self) -> anyhow::Result<()> {
+        if !self.r.is_autocommit() {
+            self.r.execute_batch("ROLLBACK")?;
+        }
+        Ok(())
+    }
+
+    /// Restart R while W holds the write lock: nothing can commit in between,
+    /// so R's snapshot is exactly the committed end of the WAL.
+    fn renew_read_locked(&mut self) -> anyhow::Result<()> {
+        self.end_read()?;
+        self.begin_read()
+    }
+
+    fn lock_writer(&mut self, busy: Duration) -> anyhow::Result<bool> {
+        self.w.busy_timeout(busy)?;
+        match self.w.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => Ok(true),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn unlock_writer(&mut self) -> anyhow::Result<()> {
+        if !self.w.is_autocommit() {
+            self.w.execute_batch("ROLLBACK")?;
+        }
+        Ok(())
+    }
+
+    /// Open (or re-open, if it was replaced) the WAL file and read its header.
+    fn wal_header(&mut self) -> anyhow::Result<Option<WalHeader>> {
+        let md = match std::fs::metadata(&self.wal_path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.wal_file = None;
+                return Ok(None);
+            }
+            Err(e) => return Err(e).context("cannot stat the WAL"),
+        };
+        let id = ino(&md);
+        if self.wal_file.as_ref().map(|(_, i)| *i) != Some(id) {
+            let f = File::open(&self.wal_path)
+                .with_context(|| format!("cannot open {}", self.wal_path.display()))?;
+            self.wal_file = Some((f, id));
+        }
+        let f = &self.wal_file.as_ref().unwrap().0;
+        Ok(wal::read_header(f)?)
+    }
+
+    fn wal(&self) -> &File {
+        &self.wal_file.as_ref().expect("WAL open").0
+    }
+
+    /// Database size in pages according to the database file alone.
+    fn db_file_pages(&self) -> anyhow::Result<u32> {
+        let mut h = [0u8; 100];
+        let len = self.db_file.metadata()?.len();
+        if len < 100 {
+            return Ok(0);
+        }
+        self.db_file.read_exact_at(&mut h, 0)?;
+        let change = u32::from_be_bytes(h[24..28].try_into().unwrap());
+        let in_header = u32::from_be_bytes(h[28..32].try_into().unwrap());
+        let valid_for = u32::from_be_bytes(h[92..96].try_into().unwrap());
+        if in_header > 0 && change == valid_for {
+            Ok(in_header)
+        } else {
+            Ok((len / self.page_size as u64) as u32)
+        }
+    }
+
+    fn read_db_page(&self, pgno: u32, buf: &mut [u8]) -> anyhow::Result<()> {
+        let off = (pgno as u64 - 1) * self.page_size as u64;
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self.db_file.read_at(&mut buf[done..], off + done as u64)?;
+            if n == 0 {
+                // Past the end of the file: zeros.
+                buf[done..].fill(0);
+                break;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Stream the state "database file + WAL frames 1..=end" page by page.
+    /// Correct while R is held at a mark ≤ end (docs/SQLITE.md, "Snapshots", step 5).
+    fn read_state(
+        &self,
+        hdr: Option<&WalHeader>,
+        commits: &[WalCommit],
+        mut each: impl FnMut(u32, &[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<u32> {
+        let mut latest: HashMap<u32, u32> = HashMap::new();
+        for c in commits {
+            for &(idx, pgno) in &c.frames {
+                latest.insert(pgno, idx);
+            }
+        }
+        let db_pages = match commits.last() {
+            Some(c) => c.db_pages,
+            None => self.db_file_pages()?,
+        };
+        let mut buf = vec![0u8; self.page_size as usize];
+        for pgno in 1..=db_pages {
+            match (latest.get(&pgno), hdr) {
+                (Some(&idx), Some(h)) => wal::read_frame_page(self.wal(), h, idx, &mut buf)?,
+                _ => self.read_db_page(pgno, &mut buf)?,
+            }
+            each(pgno, &buf)?;
+        }
+        Ok(db_pages)
+    }
+
+    /// Try to continue after `pos` (the replica's newest position): rebuild
+    /// the state at `pos` from the local files and let `matches` compare it
+    /// with what the replica says. Returns the page state on success.
+    pub fn resume(
+        &mut self,
+        pos: &WalPos,
+        matches: impl Fn(&WalPos, &Checksum) -> bool,
+    ) -> anyhow::Result<Result<PageState, Break>> {
+        if pos.page_size != self.page_size {
+            return Ok(Err(Break(format!(
+                "page size changed from {} to {}",
+                pos.page_size, self.page_size
+            ))));
+        }
+        let hdr = self.wal_header()?;
+        let (commits, at) = if pos.frames == 0 {
+            (Vec::new(), WalPos::start_of(hdr.as_ref(), self.page_size))
+        } else {
+            let Some(h) = hdr else {
+                return Ok(Err(Break("the WAL was removed or reset while offsite was not running".into())));
+            };
+            if (h.salt1, h.salt2, h.ckpt_seq) != (pos.salt1, pos.salt2, pos.ckpt_seq) {
+                return Ok(Err(Break(
+                    "the WAL was checkpointed and restarted while offsite was not running".into(),
+                )));
+            }
+            let scan = wal::scan(self.wal(), &h, 0, (h.cksum1, h.cksum2))?;
+            let upto: Vec<WalCommit> = scan
+                .commits
+                .iter()
+                .take_while(|c| c.end_frame <= pos.frames)
+                .cloned()
+                .collect();
+            match upto.last() {
+                Some(c) if c.end_frame == pos.frames && c.end_cksum == pos.cksum => {}
+                _ => {
+                    return Ok(Err(Break(
+                        "the WAL no longer contains the shipped position".into(),
+                    )))
+                }
+            }
+            (upto, *pos)
+        };
+        let mut state = PageState::new(self.page_size as usize);
+        let pages = self.read_state(hdr.as_ref(), &commits, |pgno, page| {
+            state.set_page(pgno, page);
+            Ok(())
+        })?;
+        state.resize(pages);
+        if !matches(pos, &state.checksum()) {
+            return Ok(Err(Break(
+                "the local database differs from the replica's newest state (changed or checkpointed while offsite was not running)"
+                    .into(),
+            )));
+        }
+        self.hdr = hdr;
+        self.shipped = at;
+        self.pending.clear();
+        // Safe to accept one restart only if nothing past `pos` existed.
+        let end = match &self.hdr {
+            Some(h) => wal::scan(self.wal(), h, at.frames, at.cksum)?.end().is_none(),
+            None => true,
+        };
+        self.restart_ok = end;
+        Ok(Ok(state))
+    }
+
+    /// Fix a consistent snapshot (docs/SQLITE.md, "Snapshots", steps 1-4).
+    /// Its pages can then be read, as often as needed, with `snapshot_read`
+    /// until the next call that moves the read lock.
+    pub fn snapshot_begin(&mut self) -> anyhow::Result<SnapshotView> {
+        let mut tries = 0;
+        while !self.lock_writer(self.busy_timeout)? {
+            tries += 1;
+            if tries >= 12 {
+                bail!(
+                    "could not take the write lock of {} for a snapshot within {:?} (12 tries); is a writer holding a transaction open?",
+                    self.db_path.display(),
+                    self.busy_timeout * 12
+                );
+            }
+        }
+        let res = (|| {
+            self.renew_read_locked()?;
+            let hdr = self.wal_header()?;
+            let commits = match &hdr {
+                Some(h) => wal::scan(self.wal(), h, 0, (h.cksum1, h.cksum2))?.commits,
+                None => Vec::new(),
+            };
+            Ok::<_, anyhow::Error>((hdr, commits))
+        })();
+        self.unlock_writer()?;
+        let (hdr, commits) = res?;
+        if let Some(h) = &hdr {
+            if h.page_size != self.page_size {
+                bail!("WAL page size {} differs from the database's {}", h.page_size, self.page_size);
+            }
+        }
+        let db_pages = match commits.last() {
+            Some(c) => c.db_pages,
+            None => self.db_file_pages()?,
+        };
+        let start = WalPos::start_of(hdr.as_ref(), self.page_size);
+        let pos = match commits.last() {
+            Some(c) => start.after(c),
+            None => start,
+        };
+        self.hdr = hdr;
+        self.shipped = pos;
+        self.pending.clear();
+        self.wal_frames = pos.frames;
+        self.restart_ok = true;
+        Ok(SnapshotView {
+            hdr,
+            commits,
+            db_pages,
+            pos,
+        })
+    }
+
+    /// Stream the snapshot's pages 1..=db_pages (step 5). R stays held.
+    pub fn snapshot_read(
+        &self,
+        view: &SnapshotView,
+        each: impl FnMut(u32, &[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        self.read_state(view.hdr.as_ref(), &view.commits, each)?;
+        Ok(())
+    }
+
+    /// Look for new commits. Each gets the next txid (from `next_txid`) and
+    /// the observation time `now_us`.
+    pub fn poll(&mut self, next_txid: &mut u64, now_us: i64) -> anyhow::Result<Result<usize, Break>> {
+        match std::fs::metadata(&self.db_path) {
+            Ok(md) if ino(&md) == self.db_ino => {}
+            Ok(_) => return Ok(Err(Break("the database file was replaced".into()))),
+            Err(_) => return Ok(Err(Break("the database file was removed".into()))),
+        }
+        let cur = self.wal_header()?;
+        let same = match (&cur, &self.hdr) {
+            (Some(a), Some(b)) => a == b,
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            // A header change is acceptable only as the one restart we
+            // allowed, with nothing pending (docs/SQLITE.md).
+            let one_restart = match (&cur, &self.hdr) {
+                (Some(n), Some(o)) => {
+                    n.salt1 == o.salt1.wrapping_add(1) && n.ckpt_seq == o.ckpt_seq.wrapping_add(1)
+                }
+                _ => true,
+            };
+            if !self.pending.is_empty()
+                || !(self.shipped.frames == 0 || (self.restart_ok && one_restart))
+            {
+                return Ok(Err(Break(
+                    "the WAL was restarted or truncated by another process before offsite shipped it"
+                        .into(),
+                )));
+            }
+            if let Some(h) = &cur {
+                if h.page_size != self.page_size {
+                    return Ok(Err(Break("the page size changed".into())));
+                }
+            }
+            tracing::debug!(db = %self.db_path.display(), "WAL restarted after a full checkpoint; continuing");
+            self.hdr = cur;
+            self.shipped = WalPos::start_of(cur.as_ref(), self.page_size);
+            self.wal_frames = 0;
+            if cur.is_some() {
+                self.restart_ok = false;
+            }
+        }
+        let Some(h) = self.hdr else {
+            return Ok(Ok(0));
+        };
+        let (from, from_ck) = match self.pending.last() {
+            Some(p) => (p.commit.end_frame, p.commit.end_cksum),
+            None => (self.shipped.frames, self.shipped.cksum),
+        };
+        if from > 0 && !wal::frame_matches(self.wal(), &h, from, from_ck)? {
+            return Ok(Err(Break(
+                "WAL frames offsite already read were truncated or overwritten".into(),
+            )));
+        }
+        let scan = wal::scan(self.wal(), &h, from, from_ck)?;
+        let n = scan.commits.len();
+        for c in scan.commits {
+            self.wal_frames = c.end_frame;
+            self.pending.push(PendingCommit {
+                commit: c,
+                txid: *next_txid,
+                time_us: now_us,
+            });
+            *next_txid += 1;
+        }
+        Ok(Ok(n))
+    }
+
+    /// Read the page stored in WAL frame `idx` (pending commits only).
+    pub fn read_frame(&self, idx: u32, buf: &mut [u8]) -> anyhow::Result<()> {
+        let h = self.hdr.as_ref().expect("pending commits imply a WAL");
+        Ok(wal::read_frame_page(self.wal(), h, idx, buf)?)
+    }
+
+    /// The first `n` pending commits are durable remotely.
+    pub fn mark_shipped(&mut self, n: usize) {
+        let done: Vec<PendingCommit> = self.pending.drain(..n).collect();
+        if let Some(last) = done.last() {
+            self.shipped = self.shipped.after(&last.commit);
+        }
+    }
+
+    /// Position after the first `n` pending commits (for resume tags).
+    pub fn position_after(&self, n: usize) -> WalPos {
+        if n == 0 {
+            self.shipped
+        } else {
+            self.shipped.after(&self.pending[n - 1].commit)
+        }
+    }
+
+    /// Checkpoint on the application's behalf (docs/SQLITE.md, "Checkpoints").
+    /// Call only with nothing pending. Returns false if skipped.
+    pub fn checkpoint(&mut self) -> anyhow::Result<bool> {
+        if !self.pending.is_empty() {
+            return Ok(false);
+        }
+        if !self.lock_writer(Duration::from_millis(50))? {
+            return Ok(false);
+        }
+        let res = (|| {
+            // A commit may have slipped in between shipping and the lock.
+            let hdr = self.wal_header()?;
+            if hdr != self.hdr {
+                return Ok(false);
+            }
+            if let Some(h) = &hdr {
+                let more = wal::scan(self.wal(), h, self.shipped.frames, self.shipped.cksum)?;
+                if !more.commits.is_empty() {
+                    return Ok(false);
+                }
+            }
+            self.end_read()?;
+            let ck: rusqlite::Result<(i64, i64, i64)> = self
+                .x
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                });
+            // Re-take R before W is released, whatever the checkpoint did.
+            self.begin_read()?;
+            let (busy, log, done) = ck.context("checkpoint failed")?;
+            tracing::debug!(db = %self.db_path.display(), busy, log, done, "checkpoint");
+            self.restart_ok = true;
+            Ok::<_, anyhow::Error>(true)
+        })();
+        let unlock = self.unlock_writer();
+        let r = res?;
+        unlock?;
+        Ok(r)
+    }
+}

@@ -1,0 +1,531 @@
+//! Local-directory backend (`file:///abs/dir`).
+//!
+//! Each object is one file under the root; `/` in keys becomes directories.
+//! Writes are atomic and durable: the body goes to a hidden temp file in the
+//! target directory, which is fsynced, renamed over the final name, and then
+//! the directory is fsynced (as are any directories created on the way).
+//! Temp files are named `.tmp-*`, are never listed, and are removed when a
+//! write fails.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{check_key, Body, ObjectMeta, Result, Storage, StorageError};
+
+/// Names starting with this are in-flight writes, never objects.
+const TMP_PREFIX: &str = ".tmp-";
+
+#[derive(Debug, Clone)]
+pub struct FileStorage {
+    root: PathBuf,
+}
+
+impl FileStorage {
+    /// Use (and create, if needed) the directory `root`.
+    pub fn new(root: PathBuf) -> anyhow::Result<Self> {
+        fs::create_dir_all(&root)
+            .with_context(|| format!("creating replica directory {}", root.display()))?;
+        let meta = fs::metadata(&root)
+            .with_context(|| format!("reading replica directory {}", root.display()))?;
+        if !meta.is_dir() {
+            anyhow::bail!(
+                "replica path {} exists but is not a directory",
+                root.display()
+            );
+        }
+        Ok(Self { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path_for(&self, key: &str) -> Result<PathBuf> {
+        check_key(key)?;
+        if key.split('/').any(|seg| seg.starts_with(TMP_PREFIX)) {
+            return Err(StorageError::Other(format!(
+                "invalid object key {key:?}: path segments starting with `{TMP_PREFIX}` are \
+                 reserved for temporary files"
+            )));
+        }
+        Ok(self.root.join(key))
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Path) -> Result<T> + Send + 'static,
+    {
+        let root = self.root.clone();
+        match tokio::task::spawn_blocking(move || f(&root)).await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(StorageError::Other(format!(
+                "file storage task was cancelled: {e}"
+            ))),
+        }
+    }
+}
+
+fn io_err(what: &str, path: &Path, e: io::Error) -> StorageError {
+    StorageError::Other(format!("{what} {}: {e}", path.display()))
+}
+
+/// Is this error "there is no such object" (missing file, missing parent,
+/// a parent that is a file, or the key names a directory)?
+fn is_missing(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory | io::ErrorKind::IsADirectory
+    )
+}
+
+/// Open an existing object file for reading; `NotFound` if it is absent or a directory.
+fn open_object(key: &str, path: &Path) -> Result<File> {
+    let not_found = || StorageError::NotFound {
+        key: key.to_string(),
+    };
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if is_missing(&e) => return Err(not_found()),
+        Err(e) => return Err(io_err("opening", path, e)),
+    };
+    let meta = f.metadata().map_err(|e| io_err("reading metadata of", path, e))?;
+    if !meta.is_file() {
+        return Err(not_found());
+    }
+    Ok(f)
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err("fsyncing directory", dir, e))
+}
+
+/// Create `dir` (a descendant of `root`) and any missing ancestors, fsyncing
+/// the parent of every directory created so the new entries are durable.
+/// Errors carry the failing path.
+fn ensure_dir(root: &Path, dir: &Path) -> std::result::Result<(), (PathBuf, io::Error)> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut cur = dir;
+    while cur != root && !cur.is_dir() {
+        missing.push(cur.to_path_buf());
+        match cur.parent() {
+            Some(p) => cur = p,
+            None => break,
+        }
+    }
+    for d in missing.iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => continue,
+            Err(e) => return Err((d.clone(), e)),
+        }
+        if let Some(parent) = d.parent() {
+            File::open(parent)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| (parent.to_path_buf(), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes the temp file on drop unless disarmed (error or panic mid-write).
+struct TempGuard {
+    path: PathBuf,
+    armed: bool,
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn put_sync(root: &Path, key: &str, path: &Path, body: Body) -> Result<()> {
+    let dir = path.parent().expect("object path has a parent").to_path_buf();
+
+    // Open the source first so a missing spool file fails before we touch the store.
+    let mut src = match &body {
+        Body::File(p) => Some(File::open(p).map_err(|e| io_err("opening upload source", p, e))?),
+        Body::Bytes(_) => None,
+    };
+
+    // A concurrent delete may prune the (then empty) directories between
+    // ensure_dir and creating the temp file; retry a few times.
+    let mut attempt = 0;
+    let (mut tmp_file, guard) = loop {
+        attempt += 1;
+        match ensure_dir(root, &dir) {
+            Ok(()) => {}
+            Err((_, e)) if e.kind() == io::ErrorKind::NotFound && attempt < 5 => continue,
+            Err((p, e)) => return Err(io_err("creating directory", &p, e)),
+        }
+        let tmp = dir.join(format!("{TMP_PREFIX}{:016x}", rand::random::<u64>()));
+        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(f) => {
+                break (
+                    f,
+                    TempGuard {
+                        path: tmp,
+                        armed: true,
+                    },
+                )
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < 5 => continue,
+            Err(e) => return Err(io_err("creating temporary file", &tmp, e)),
+        }
+    };
+    let tmp = guard.path.clone();
+
+    match (&body, src.as_mut()) {
+        (Body::Bytes(b), _) => tmp_file
+            .write_all(b)
+            .map_err(|e| io_err(&format!("writing {key:?} to"), &tmp, e))?,
+        (Body::File(p), Some(src)) => {
+            io::copy(src, &mut tmp_file).map_err(|e| {
+                StorageError::Other(format!(
+                    "copying {} to {}: {e}",
+                    p.display(),
+                    tmp.display()
+                ))
+            })?;
+        }
+        (Body::File(_), None) => unreachable!("source opened above"),
+    }
+    tmp_file
+        .sync_all()
+        .map_err(|e| io_err("fsyncing", &tmp, e))?;
+    drop(tmp_file);
+
+    fs::rename(&tmp, path).map_err(|e| {
+        StorageError::Other(format!(
+            "renaming {} to {}: {e}",
+            tmp.display(),
+            path.display()
+        ))
+    })?;
+    let mut guard = guard;
+    guard.armed = false;
+    fsync_dir(&dir)
+}
+
+fn list_sync(root: &Path, prefix: &str) -> Result<Vec<ObjectMeta>> {
+    if prefix.starts_with('/') || prefix.split('/').any(|s| s == "..") {
+        return Err(StorageError::Other(format!(
+            "invalid list prefix {prefix:?}: must be relative and must not contain `..`"
+        )));
+    }
+    // Only walk the deepest directory the prefix fully names.
+    let (start_rel, _) = prefix.rsplit_once('/').unwrap_or(("", prefix));
+    let start = if start_rel.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(start_rel)
+    };
+    let mut out = Vec::new();
+    let mut stack = vec![(start, start_rel.to_string())];
+    while let Some((dir, rel)) = stack.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if is_missing(&e) => continue,
+            Err(e) => return Err(io_err("listing directory", &dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err("listing directory", &dir, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                tracing::warn!(
+                    "ignoring non-UTF-8 file name {:?} in {}",
+                    name,
+                    dir.display()
+                );
+                continue;
+            };
+            if name.starts_with(TMP_PREFIX) {
+                continue;
+            }
+            let key = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let path = entry.path();
+            let ft = entry
+                .file_type()
+                .map_err(|e| io_err("reading file type of", &path, e))?;
+            if ft.is_dir() {
+                // Descend only if keys below can still match the prefix.
+                let dir_key = format!("{key}/");
+                if dir_key.starts_with(prefix) || prefix.starts_with(&dir_key) {
+                    stack.push((path, key));
+                }
+                continue;
+            }
+            if !key.starts_with(prefix) {
+                continue;
+            }
+            let meta = match fs::metadata(&path) {
+                Ok(m) => m,
+                // Deleted concurrently, or a dangling symlink.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("reading metadata of", &path, e)),
+            };
+            if meta.is_file() {
+                out.push(ObjectMeta {
+                    key,
+                    size: meta.len(),
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
+#[async_trait]
+impl Storage for FileStorage {
+    fn describe(&self) -> String {
+        match ::url::Url::from_file_path(&self.root) {
+            Ok(u) => u.to_string(),
+            Err(()) => format!("file://{}", self.root.display()),
+        }
+    }
+
+    async fn put(&self, key: &str, body: Body) -> Result<()> {
+        let path = self.path_for(key)?;
+        let key = key.to_string();
+        self.blocking(move |root| put_sync(root, &key, &path, body))
+            .await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes> {
+        let path = self.path_for(key)?;
+        let key = key.to_string();
+        self.blocking(move |_| {
+            let mut f = open_object(&key, &path)?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)
+                .map_err(|e| io_err("reading", &path, e))?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Bytes> {
+        let path = self.path_for(key)?;
+        let key = key.to_string();
+        self.blocking(move |_| {
+            let mut f = open_object(&key, &path)?;
+            let size = f
+                .metadata()
+                .map_err(|e| io_err("reading metadata of", &path, e))?
+                .len();
+            if start >= size || len == 0 {
+                return Ok(Bytes::new());
+            }
+            let want = len.min(size - start);
+            f.seek(SeekFrom::Start(start))
+                .map_err(|e| io_err("seeking in", &path, e))?;
+            let mut buf = Vec::with_capacity(want as usize);
+            f.take(want)
+                .read_to_end(&mut buf)
+                .map_err(|e| io_err("reading", &path, e))?;
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64> {
+        let path = self.path_for(key)?;
+        let key = key.to_string();
+        let dest = dest.to_path_buf();
+        self.blocking(move |_| {
+            let mut src = open_object(&key, &path)?;
+            let mut out = File::create(&dest).map_err(|e| io_err("creating", &dest, e))?;
+            io::copy(&mut src, &mut out).map_err(|e| {
+                StorageError::Other(format!(
+                    "copying {} to {}: {e}",
+                    path.display(),
+                    dest.display()
+                ))
+            })
+        })
+        .await
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
+        let path = self.path_for(key)?;
+        let key = key.to_string();
+        self.blocking(move |_| match fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some(ObjectMeta { key, size: m.len() })),
+            Ok(_) => Ok(None),
+            Err(e) if is_missing(&e) => Ok(None),
+            Err(e) => Err(io_err("reading metadata of", &path, e)),
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let prefix = prefix.to_string();
+        self.blocking(move |root| list_sync(root, &prefix)).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path_for(key)?;
+        self.blocking(move |root| {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if is_missing(&e) => return Ok(()),
+                Err(e) => return Err(io_err("deleting", &path, e)),
+            }
+            // Tidy up directories this delete emptied (never the root). Fails
+            // harmlessly when a directory is not empty; put() copes with a
+            // directory vanishing under it.
+            let mut dir = path.parent();
+            while let Some(d) = dir {
+                if d == root || !d.starts_with(root) || fs::remove_dir(d).is_err() {
+                    break;
+                }
+                dir = d.parent();
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, FileStorage) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStorage::new(dir.path().join("replica")).unwrap();
+        (dir, s)
+    }
+
+    #[tokio::test]
+    async fn rejects_bad_keys() {
+        let (_d, s) = store();
+        for key in [
+            "",
+            "/abs",
+            "../escape",
+            "a/../../b",
+            "a//b",
+            "a/",
+            ".",
+            "a/./b",
+            ".tmp-123",
+            "d/.tmp-x",
+        ] {
+            let e = s
+                .put(key, Body::Bytes(Bytes::from_static(b"x")))
+                .await
+                .expect_err(key);
+            assert!(
+                matches!(e, StorageError::Other(ref m) if m.contains("invalid object key")),
+                "{key}: {e}"
+            );
+            assert!(s.get(key).await.is_err(), "{key}");
+        }
+        assert!(s.list("").await.unwrap().is_empty());
+        assert!(s.list("../").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn temp_files_are_not_listed_and_failed_puts_leave_nothing() {
+        let (d, s) = store();
+        s.put("a/b", Body::Bytes(Bytes::from_static(b"hello")))
+            .await
+            .unwrap();
+        // A stray temp file (e.g. from a crash) is invisible.
+        fs::write(s.root().join("a/.tmp-deadbeef"), b"partial").unwrap();
+        fs::write(s.root().join(".tmp-top"), b"partial").unwrap();
+        let keys: Vec<_> = s
+            .list("")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
+        assert_eq!(keys, vec!["a/b".to_string()]);
+
+        // Upload from a missing spool file fails and leaves no temp file.
+        let e = s
+            .put("a/c", Body::File(d.path().join("nope")))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+        // Upload from a directory (read fails mid-copy) removes its temp file.
+        let e = s
+            .put("a/c", Body::File(d.path().to_path_buf()))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("copying"), "{e}");
+        let mut names: Vec<_> = fs::read_dir(s.root().join("a"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec![".tmp-deadbeef".to_string(), "b".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn delete_prunes_empty_dirs_but_not_root() {
+        let (_d, s) = store();
+        s.put("x/y/z", Body::Bytes(Bytes::from_static(b"1")))
+            .await
+            .unwrap();
+        s.put("x/w", Body::Bytes(Bytes::from_static(b"2")))
+            .await
+            .unwrap();
+        s.delete("x/y/z").await.unwrap();
+        assert!(!s.root().join("x/y").exists());
+        assert!(s.root().join("x").is_dir());
+        s.delete("x/w").await.unwrap();
+        assert!(!s.root().join("x").exists());
+        assert!(s.root().is_dir());
+        // The store still works after its directories were pruned.
+        s.put("x/y/z", Body::Bytes(Bytes::from_static(b"3")))
+            .await
+            .unwrap();
+        assert_eq!(&s.get("x/y/z").await.unwrap()[..], b"3");
+    }
+
+    #[tokio::test]
+    async fn directories_are_not_objects() {
+        let (_d, s) = store();
+        s.put("dir/obj", Body::Bytes(Bytes::from_static(b"1")))
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.get("dir").await,
+            Err(StorageError::NotFound { .. })
+        ));
+        assert!(s.head("dir").await.unwrap().is_none());
+        assert!(s.head("dir/obj/more").await.unwrap().is_none());
+        s.delete("dir").await.unwrap();
+        assert!(s.head("dir/obj").await.unwrap().is_some());
+    }
+
+    #[test]
+    fn new_rejects_a_file_as_root() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("file");
+        fs::write(&f, b"x").unwrap();
+        assert!(FileStorage::new(f).is_err());
+    }
+}

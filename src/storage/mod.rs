@@ -1,0 +1,133 @@
+//! Storage backends: one small async trait, several implementations.
+//!
+//! The trait speaks objects (keys relative to the replica's root), not S3 or
+//! directories. Everything above this module (segment format, replication,
+//! restore) only ever sees `dyn Storage`. Every backend passes the same
+//! conformance suite (`conformance.rs`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub mod conformance;
+pub mod file;
+pub mod s3;
+mod url;
+
+pub use self::url::{ReplicaUrl, S3Config};
+
+/// Errors a caller can branch on. Everything else is `Other` with a message
+/// that already says what failed and what the user can do.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("object not found: {key}")]
+    NotFound { key: String },
+    /// A conditional write found the object already present.
+    #[error("object already exists: {key}")]
+    AlreadyExists { key: String },
+    /// The store is unreachable or answered with a retryable failure after
+    /// all retries (connection refused, 5xx, throttling).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// One listed object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Key relative to the replica root (no leading slash), e.g. `lineages/x/y.seg`.
+    pub key: String,
+    pub size: u64,
+}
+
+/// The body of an upload: small objects come from memory, large ones from a
+/// (spool) file so memory stays bounded.
+#[derive(Debug, Clone)]
+pub enum Body {
+    Bytes(Bytes),
+    File(PathBuf),
+}
+
+impl Body {
+    pub async fn len(&self) -> std::io::Result<u64> {
+        match self {
+            Body::Bytes(b) => Ok(b.len() as u64),
+            Body::File(p) => Ok(tokio::fs::metadata(p).await?.len()),
+        }
+    }
+}
+
+#[async_trait]
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Human-readable location for messages, e.g. `s3://bucket/prefix`.
+    fn describe(&self) -> String;
+
+    /// Store `body` under `key`, replacing any existing object. Returns only
+    /// once the object is durable in the store.
+    async fn put(&self, key: &str, body: Body) -> Result<()>;
+
+    /// Whole object into memory.
+    async fn get(&self, key: &str) -> Result<Bytes>;
+
+    /// Bytes `[start, start+len)` of the object (fewer if the object is shorter).
+    async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Bytes>;
+
+    /// Stream the object into a local file (created/truncated), returning its size.
+    async fn get_to_file(&self, key: &str, path: &Path) -> Result<u64>;
+
+    /// `None` if the object does not exist.
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>>;
+
+    /// Every object whose key starts with `prefix` ("" = everything), sorted by key.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
+
+    /// Delete; deleting a missing object is not an error.
+    async fn delete(&self, key: &str) -> Result<()>;
+}
+
+pub type DynStorage = Arc<dyn Storage>;
+
+/// Reject keys that are not plain relative object names: empty keys, a
+/// leading or trailing `/`, empty segments (`a//b`), `.`/`..` segments,
+/// backslashes and control characters. Every backend calls this, so a key
+/// that works on one backend works on all of them.
+pub fn check_key(key: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(StorageError::Other(format!(
+            "invalid object key {key:?}: {why} (keys are relative names like `dir/file.ext`)"
+        )))
+    };
+    if key.is_empty() {
+        return bad("the key is empty");
+    }
+    if key.starts_with('/') {
+        return bad("keys must not start with `/`");
+    }
+    if key.len() > 900 {
+        return bad("the key is longer than 900 bytes");
+    }
+    if key.chars().any(|c| c.is_control() || c == '\\') {
+        return bad("keys must not contain control characters or `\\`");
+    }
+    for seg in key.split('/') {
+        match seg {
+            "" => return bad("keys must not contain empty segments (`//`) or end with `/`"),
+            "." | ".." => return bad("keys must not contain `.` or `..` segments"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Open the backend a replica URL names.
+pub async fn open(url: &ReplicaUrl) -> anyhow::Result<DynStorage> {
+    match url {
+        ReplicaUrl::File { path } => Ok(Arc::new(file::FileStorage::new(path.clone())?)),
+        ReplicaUrl::S3(cfg) => Ok(Arc::new(s3::S3Storage::new(cfg.clone()).await?)),
+    }
+}
