@@ -117,7 +117,7 @@ impl Config {
             let msg = e.message().to_string();
             let line = e
                 .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
             match line {
                 Some(l) => anyhow::anyhow!("{file}:{l}: {msg}"),
                 None => anyhow::anyhow!("{file}: {msg}"),

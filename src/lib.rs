@@ -15,3 +15,4 @@ pub mod restore;
 pub mod segment;
 pub mod source;
 pub mod storage;
+pub mod workload;

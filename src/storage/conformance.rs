@@ -68,7 +68,13 @@ async fn put_bytes(store: &dyn Storage, key: &str, data: &Bytes) {
     store
         .put(key, Body::Bytes(data.clone()))
         .await
-        .unwrap_or_else(|e| panic!("{}: put {key:?} ({} bytes): {e}", store.describe(), data.len()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: put {key:?} ({} bytes): {e}",
+                store.describe(),
+                data.len()
+            )
+        });
 }
 
 async fn get_ok(store: &dyn Storage, key: &str) -> Bytes {
@@ -360,7 +366,11 @@ pub async fn put_file_body(store: &dyn Storage) {
         .put(&key, Body::File(src.clone()))
         .await
         .unwrap_or_else(|e| panic!("{}: put {key:?} from file: {e}", store.describe()));
-    assert_same("get of a file-body upload", &get_ok(store, &key).await, &data);
+    assert_same(
+        "get of a file-body upload",
+        &get_ok(store, &key).await,
+        &data,
+    );
 
     // get_to_file truncates an existing, longer destination.
     let dest = dir.path().join("dest");
@@ -523,7 +533,9 @@ pub async fn concurrent_puts(store: &dyn Storage) {
     let more: Vec<(String, Bytes)> = (0..6)
         .map(|i| (format!("{s}/c/{}/new-{i}", i % 3), random_bytes(50)))
         .collect();
-    let deletes = items.iter().map(|(k, _)| async move { delete_ok(store, k).await });
+    let deletes = items
+        .iter()
+        .map(|(k, _)| async move { delete_ok(store, k).await });
     let puts = more
         .iter()
         .map(|(k, d)| async move { put_bytes(store, k, d).await });

@@ -95,7 +95,9 @@ fn open_object(key: &str, path: &Path) -> Result<File> {
         Err(e) if is_missing(&e) => return Err(not_found()),
         Err(e) => return Err(io_err("opening", path, e)),
     };
-    let meta = f.metadata().map_err(|e| io_err("reading metadata of", path, e))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| io_err("reading metadata of", path, e))?;
     if !meta.is_file() {
         return Err(not_found());
     }
@@ -154,7 +156,10 @@ impl Drop for TempGuard {
 }
 
 fn put_sync(root: &Path, key: &str, path: &Path, body: Body) -> Result<()> {
-    let dir = path.parent().expect("object path has a parent").to_path_buf();
+    let dir = path
+        .parent()
+        .expect("object path has a parent")
+        .to_path_buf();
 
     // Open the source first so a missing spool file fails before we touch the store.
     let mut src = match &body {
@@ -195,11 +200,7 @@ fn put_sync(root: &Path, key: &str, path: &Path, body: Body) -> Result<()> {
             .map_err(|e| io_err(&format!("writing {key:?} to"), &tmp, e))?,
         (Body::File(p), Some(src)) => {
             io::copy(src, &mut tmp_file).map_err(|e| {
-                StorageError::Other(format!(
-                    "copying {} to {}: {e}",
-                    p.display(),
-                    tmp.display()
-                ))
+                StorageError::Other(format!("copying {} to {}: {e}", p.display(), tmp.display()))
             })?;
         }
         (Body::File(_), None) => unreachable!("source opened above"),
@@ -355,6 +356,9 @@ impl Storage for FileStorage {
             let mut src = open_object(&key, &path)?;
             let mut out = File::create(&dest).map_err(|e| io_err("creating", &dest, e))?;
             io::copy(&mut src, &mut out).map_err(|e| {
+                // Do not leave a truncated copy behind.
+                drop(out);
+                let _ = fs::remove_file(&dest);
                 StorageError::Other(format!(
                     "copying {} to {}: {e}",
                     path.display(),

@@ -250,10 +250,9 @@ impl S3Storage {
                 "could not connect or the connection broke ({})",
                 chain(&err)
             )),
-            SdkError::ResponseError(_) => unavailable(format!(
-                "the response could not be read ({})",
-                chain(&err)
-            )),
+            SdkError::ResponseError(_) => {
+                unavailable(format!("the response could not be read ({})", chain(&err)))
+            }
             _ => {
                 let detail = chain(&err);
                 let hint = if detail.to_ascii_lowercase().contains("credential") {
@@ -352,10 +351,7 @@ impl S3Storage {
                 .send()
                 .await
             {
-                tracing::warn!(
-                    "could not abort multipart upload of {key:?}: {}",
-                    chain(&e)
-                );
+                tracing::warn!("could not abort multipart upload of {key:?}: {}", chain(&e));
             }
         }
         result
@@ -428,7 +424,11 @@ fn env_nonempty(name: &str) -> Option<String> {
 }
 
 fn source_err(p: &Path, e: impl std::error::Error) -> StorageError {
-    StorageError::Other(format!("reading upload source {}: {}", p.display(), chain(&e)))
+    StorageError::Other(format!(
+        "reading upload source {}: {}",
+        p.display(),
+        chain(&e)
+    ))
 }
 
 /// An error and all its causes, `a: b: c`. (`DisplayErrorContext` prints the
@@ -489,7 +489,9 @@ impl Storage for S3Storage {
             Body::Bytes(b) => b.len() as u64,
             Body::File(p) => tokio::fs::metadata(p)
                 .await
-                .map_err(|e| StorageError::Other(format!("reading upload source {}: {e}", p.display())))?
+                .map_err(|e| {
+                    StorageError::Other(format!("reading upload source {}: {e}", p.display()))
+                })?
                 .len(),
         };
         if len >= self.multipart_threshold && len > 0 {
@@ -577,28 +579,39 @@ impl Storage for S3Storage {
         let file_err =
             |e: std::io::Error| StorageError::Other(format!("writing {}: {e}", path.display()));
         let mut file = tokio::fs::File::create(path).await.map_err(file_err)?;
-        let mut written = 0u64;
-        while let Some(chunk) = out
-            .body
-            .try_next()
-            .await
-            .map_err(|e| self.stream_err("GetObject", key, e))?
-        {
-            file.write_all(&chunk).await.map_err(file_err)?;
-            written += chunk.len() as u64;
-        }
-        file.flush().await.map_err(file_err)?;
-        if let Some(exp) = expected {
-            if exp != written {
-                return Err(StorageError::Unavailable(format!(
-                    "S3 GetObject of {key:?} from {}: body ended after {written} of {exp} bytes",
-                    self.endpoint_desc()
-                )));
+        let copied: Result<u64> = async {
+            let mut written = 0u64;
+            while let Some(chunk) = out
+                .body
+                .try_next()
+                .await
+                .map_err(|e| self.stream_err("GetObject", key, e))?
+            {
+                file.write_all(&chunk).await.map_err(file_err)?;
+                written += chunk.len() as u64;
             }
+            file.flush().await.map_err(file_err)?;
+            if let Some(exp) = expected {
+                if exp != written {
+                    return Err(StorageError::Unavailable(format!(
+                        "S3 GetObject of {key:?} from {}: body ended after {written} of {exp} bytes",
+                        self.endpoint_desc()
+                    )));
+                }
+            }
+            Ok(written)
         }
-        Ok(written)
+        .await;
+        if copied.is_err() {
+            // Do not leave a truncated object behind.
+            drop(file);
+            let _ = tokio::fs::remove_file(path).await;
+        }
+        copied
     }
 
+    // HeadObject responses have no body, so a missing bucket (404) looks
+    // like a missing object here; list/get/put report it properly.
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
         let full = self.full_key(key)?;
         match self

@@ -75,9 +75,7 @@ fn parse_file(s: &str) -> anyhow::Result<ReplicaUrl> {
     // `file:/x`, `file:x`: no authority part at all.
     let rest = &s[s.find(':').expect("scheme checked") + 1..];
     let Some(after) = rest.strip_prefix("//") else {
-        bail!(
-            "invalid file URL {s:?}: write file:///absolute/dir (three slashes, absolute path)"
-        );
+        bail!("invalid file URL {s:?}: write file:///absolute/dir (three slashes, absolute path)");
     };
     if !after.starts_with('/') {
         // `file://host/x` or `file://relative/dir`.
@@ -89,7 +87,10 @@ fn parse_file(s: &str) -> anyhow::Result<ReplicaUrl> {
             if path.is_empty() { "" } else { "/" },
         );
     }
-    if after.split('/').any(|seg| seg == ".." || seg.eq_ignore_ascii_case("%2e%2e")) {
+    if after
+        .split('/')
+        .any(|seg| seg == ".." || seg.eq_ignore_ascii_case("%2e%2e"))
+    {
         bail!("invalid file URL {s:?}: the path must not contain `..`");
     }
     if after.contains('?') || after.contains('#') {
@@ -98,11 +99,12 @@ fn parse_file(s: &str) -> anyhow::Result<ReplicaUrl> {
              write file:///absolute/dir"
         );
     }
-    let parsed = ::url::Url::parse(s).with_context(|| {
-        format!("invalid file URL {s:?}: write file:///absolute/dir")
-    })?;
+    let parsed = ::url::Url::parse(s)
+        .with_context(|| format!("invalid file URL {s:?}: write file:///absolute/dir"))?;
     let path = parsed.to_file_path().map_err(|()| {
-        anyhow!("invalid file URL {s:?}: cannot convert to a local path; write file:///absolute/dir")
+        anyhow!(
+            "invalid file URL {s:?}: cannot convert to a local path; write file:///absolute/dir"
+        )
     })?;
     if !path.is_absolute() {
         bail!("invalid file URL {s:?}: the path must be absolute; write file:///absolute/dir");
@@ -152,8 +154,7 @@ fn parse_s3(s: &str) -> anyhow::Result<S3Config> {
         bail!("invalid S3 URL {s:?}: bucket name is longer than 255 characters");
     }
 
-    let prefix = normalize_prefix(prefix)
-        .with_context(|| format!("invalid S3 URL {s:?}"))?;
+    let prefix = normalize_prefix(prefix).with_context(|| format!("invalid S3 URL {s:?}"))?;
 
     let mut cfg = S3Config {
         bucket: bucket.to_string(),
@@ -322,12 +323,16 @@ mod tests {
     fn file_absolute() {
         assert_eq!(
             parse("file:///var/backups/db").unwrap(),
-            ReplicaUrl::File { path: PathBuf::from("/var/backups/db") }
+            ReplicaUrl::File {
+                path: PathBuf::from("/var/backups/db")
+            }
         );
         // Percent-encoding is decoded.
         assert_eq!(
             parse("file:///var/my%20backups").unwrap(),
-            ReplicaUrl::File { path: PathBuf::from("/var/my backups") }
+            ReplicaUrl::File {
+                path: PathBuf::from("/var/my backups")
+            }
         );
     }
 
@@ -374,10 +379,15 @@ mod tests {
         assert!(!c.force_path_style);
         assert_eq!(s3("s3://b/").prefix, "");
         assert_eq!(s3("s3://b//x//y/").prefix, "x/y");
-        assert_eq!(s3("s3://b?region=eu-west-1").region.as_deref(), Some("eu-west-1"));
+        assert_eq!(
+            s3("s3://b?region=eu-west-1").region.as_deref(),
+            Some("eu-west-1")
+        );
         assert!(!s3("s3://b?force-path-style=false").force_path_style);
         assert_eq!(
-            s3("s3://b?endpoint=https://s3.example.com/").endpoint.as_deref(),
+            s3("s3://b?endpoint=https://s3.example.com/")
+                .endpoint
+                .as_deref(),
             Some("https://s3.example.com")
         );
     }

@@ -1,0 +1,99 @@
+//! Deterministic SQLite writer for offsite's tests and benchmarks
+//! (see `offsite::workload`). Prints nothing but errors; with --log, appends
+//! "commit_number unix_micros" after every commit.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use offsite::workload::{self, Params};
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum Mode {
+    Passive,
+    Full,
+    Restart,
+    Truncate,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Write a deterministic workload into a SQLite database (WAL mode)")]
+struct Args {
+    db: PathBuf,
+    /// Number of commits to make.
+    #[arg(long)]
+    count: u64,
+    /// Commits per second (0 = as fast as possible).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Every Nth commit writes a big payload (0 = never).
+    #[arg(long, default_value_t = 0)]
+    big_every: u64,
+    #[arg(long, default_value_t = 4 << 20)]
+    big_bytes: usize,
+    /// Run `PRAGMA wal_checkpoint(MODE)` every N commits (0 = never).
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: u64,
+    #[arg(long, value_enum, default_value = "passive")]
+    checkpoint_mode: Mode,
+    /// Run VACUUM after these commit numbers.
+    #[arg(long, value_delimiter = ',')]
+    vacuum_at: Vec<u64>,
+    /// Disable SQLite's automatic checkpoints.
+    #[arg(long)]
+    no_autocheckpoint: bool,
+    /// Append "commit unix_micros" lines here.
+    #[arg(long)]
+    log: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let p = Params {
+        big_every: a.big_every,
+        big_bytes: a.big_bytes,
+    };
+    let mut c = workload::open(&a.db, &p)?;
+    if a.no_autocheckpoint {
+        c.pragma_update(None, "wal_autocheckpoint", 0)?;
+    }
+    let mut log = match &a.log {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("open {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let start = workload::last_commit(&c)? + 1;
+    let t0 = Instant::now();
+    for (i, s) in (start..start + a.count).enumerate() {
+        if a.rate > 0.0 {
+            let due = t0 + Duration::from_secs_f64(i as f64 / a.rate);
+            if let Some(d) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(d);
+            }
+        }
+        workload::commit(&mut c, &p, s)?;
+        if let Some(l) = &mut log {
+            let us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_micros();
+            writeln!(l, "{s} {us}")?;
+        }
+        if a.checkpoint_every > 0 && s % a.checkpoint_every == 0 {
+            let mode = format!("{:?}", a.checkpoint_mode).to_uppercase();
+            let _: (i64, i64, i64) = c.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+        }
+        if a.vacuum_at.contains(&s) {
+            c.execute_batch("VACUUM")?;
+        }
+    }
+    Ok(())
+}
