@@ -135,6 +135,7 @@ pub struct Replicator {
     last_ship: Instant,
     failures: u32,
     retry_at: Option<Instant>,
+    last_time_us: i64,
 }
 
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -162,6 +163,7 @@ impl Replicator {
             last_ship: Instant::now(),
             failures: 0,
             retry_at: None,
+            last_time_us: 0,
         }
     }
 
@@ -280,12 +282,14 @@ impl Replicator {
         if self.source.is_none() {
             self.source = Some(blocking(|| SqliteSource::open(&self.opts.db_path))?);
         }
-        let time_us = layout::now_us();
+        let floor = self.last_time_us;
         let enc = self.enc.clone();
         let spool_dir = self.opts.spool_dir.clone();
         let src = self.source.as_mut().unwrap();
-        let (staged, state) = blocking(|| -> anyhow::Result<_> {
+        let (staged, state, time_us) = blocking(|| -> anyhow::Result<_> {
             let view = src.snapshot_begin()?;
+            // Stamped after the state was fixed: it holds no later commit.
+            let time_us = layout::now_us().max(floor);
             let page_size = src.page_size();
             // Pass 1: the checksum (the envelope's resume tag needs it first).
             let mut st = PageState::new(page_size as usize);
@@ -334,6 +338,7 @@ impl Replicator {
                     raw_bytes: view.db_pages as u64 * page_size as u64,
                 },
                 st,
+                time_us,
             ))
         })?;
         let stored = staged.body.len().await?;
@@ -343,6 +348,7 @@ impl Replicator {
         self.state = Some(state);
         self.lineage = Some(lineage);
         self.next_txid = txid + 1;
+        self.last_time_us = time_us;
         self.last_ship = Instant::now();
         Ok(())
     }
@@ -353,10 +359,14 @@ impl Replicator {
             self.source = None;
             self.new_lineage("restarting after an error").await?;
         }
-        let now = layout::now_us();
         let mut next = self.next_txid;
         let src = self.source.as_mut().unwrap();
-        let polled = blocking(|| src.poll(&mut next, now))?;
+        // Commit times never go backwards, even if the clock does.
+        let floor = self.last_time_us;
+        let polled = blocking(|| src.poll(&mut next, || layout::now_us().max(floor)))?;
+        if let Some(p) = src.pending().last() {
+            self.last_time_us = self.last_time_us.max(p.time_us);
+        }
         self.next_txid = next;
         if let Err(Break(why)) = polled {
             self.source = None;
@@ -455,7 +465,7 @@ async fn read_envelope(store: &DynStorage, key: &str) -> anyhow::Result<Envelope
 fn candidate_positions(src: &mut SqliteSource) -> anyhow::Result<Vec<WalPos>> {
     let mut next = 0u64;
     let mut v = vec![src.shipped()];
-    if src.poll(&mut next, 0)?.is_err() {
+    if src.poll(&mut next, || 0)?.is_err() {
         return Ok(v);
     }
     for i in 1..=src.pending().len() {

@@ -4,7 +4,8 @@
 //! `s % 3 == 0` and deletes row `s-5` when `s % 10 == 0`. Payloads are a pure
 //! function of (row, version), so the exact table content after commit `m`
 //! is known (`expected_rows`) and a restored database can be checked row by
-//! row. Every `big_every`-th commit writes a `big_bytes` payload.
+//! row. Every `big_every`-th commit writes a `big_bytes` payload; a payload's
+//! bytes are determined by (row, version, length).
 
 use std::path::Path;
 
@@ -25,14 +26,18 @@ fn splitmix(mut x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Payload of `row` at `version`: partly compressible, like real data.
-pub fn payload(p: &Params, row: u64, version: u64) -> Vec<u8> {
-    let seed = splitmix(row.wrapping_mul(2).wrapping_add(version));
-    let len = if p.big_every > 0 && row % p.big_every == 0 {
+/// Length of a new payload for `row` under the writer's parameters.
+pub fn payload_len(p: &Params, row: u64, version: u64) -> usize {
+    if p.big_every > 0 && row % p.big_every == 0 && version == 0 {
         p.big_bytes
     } else {
-        50 + (seed % 1950) as usize
-    };
+        50 + (splitmix(row.wrapping_mul(2).wrapping_add(version)) % 1950) as usize
+    }
+}
+
+/// Payload of `row` at `version` and length `len`: partly compressible, like real data.
+pub fn payload(row: u64, version: u64, len: usize) -> Vec<u8> {
+    let seed = splitmix(row.wrapping_mul(2).wrapping_add(version));
     let mut out = Vec::with_capacity(len);
     let mut s = seed;
     while out.len() < len {
@@ -58,13 +63,9 @@ pub fn open(db: &Path, p: &Params) -> anyhow::Result<Connection> {
     c.busy_timeout(std::time::Duration::from_secs(30))?;
     c.pragma_update(None, "journal_mode", "wal")?;
     c.execute_batch(
-        "CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, version INTEGER NOT NULL, payload BLOB NOT NULL);
-         CREATE TABLE IF NOT EXISTS params(k TEXT PRIMARY KEY, v INTEGER NOT NULL);",
+        "CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, version INTEGER NOT NULL, payload BLOB NOT NULL);",
     )?;
-    c.execute(
-        "INSERT OR IGNORE INTO params VALUES ('big_every', ?1), ('big_bytes', ?2)",
-        params![p.big_every as i64, p.big_bytes as i64],
-    )?;
+    let _ = p;
     Ok(c)
 }
 
@@ -73,12 +74,12 @@ pub fn commit(c: &mut Connection, p: &Params, s: u64) -> anyhow::Result<()> {
     let tx = c.transaction()?;
     tx.execute(
         "INSERT INTO t(id, version, payload) VALUES (?1, 0, ?2)",
-        params![s as i64, payload(p, s, 0)],
+        params![s as i64, payload(s, 0, payload_len(p, s, 0))],
     )?;
     if s % 3 == 0 && s > 1 {
         tx.execute(
             "UPDATE t SET version = 1, payload = ?2 WHERE id = ?1",
-            params![(s - 1) as i64, payload(p, s - 1, 1)],
+            params![(s - 1) as i64, payload(s - 1, 1, payload_len(p, s - 1, 1))],
         )?;
     }
     if s % 10 == 0 && s > 5 {
@@ -101,13 +102,6 @@ pub fn verify(db: &Path) -> anyhow::Result<u64> {
         .with_context(|| format!("open {}", db.display()))?;
     let ic: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
     anyhow::ensure!(ic == "ok", "integrity_check: {ic}");
-    let get = |k: &str| -> anyhow::Result<i64> {
-        Ok(c.query_row("SELECT v FROM params WHERE k = ?1", [k], |r| r.get(0))?)
-    };
-    let p = Params {
-        big_every: get("big_every")? as u64,
-        big_bytes: get("big_bytes")? as usize,
-    };
     let m = last_commit(&c)?;
     let want = expected_rows(m);
     let mut stmt = c.prepare("SELECT id, version, payload FROM t ORDER BY id")?;
@@ -124,7 +118,8 @@ pub fn verify(db: &Path) -> anyhow::Result<u64> {
             (id as u64, v as u64) == (wid, wv),
             "row {id} v{v}, expected row {wid} v{wv} (state after commit {m})"
         );
-        anyhow::ensure!(pl == payload(&p, wid, wv), "row {id} payload differs");
+        // The length is the writer's choice (big or small); the bytes are not.
+        anyhow::ensure!(pl == payload(wid, wv, pl.len()), "row {id} payload differs");
         i += 1;
     }
     anyhow::ensure!(i == want.len(), "{} rows, expected {} (state after commit {m})", i, want.len());

@@ -1,6 +1,6 @@
 //! Deterministic SQLite writer for offsite's tests and benchmarks
 //! (see `offsite::workload`). Prints nothing but errors; with --log, appends
-//! "commit_number unix_micros" after every commit.
+//! "commit_number started_unix_micros committed_unix_micros" after every commit.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -44,9 +44,16 @@ struct Args {
     /// Disable SQLite's automatic checkpoints.
     #[arg(long)]
     no_autocheckpoint: bool,
-    /// Append "commit unix_micros" lines here.
+    /// Append "commit started_micros committed_micros" lines here.
     #[arg(long)]
     log: Option<PathBuf>,
+}
+
+fn now_us() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_micros()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,12 +85,10 @@ fn main() -> anyhow::Result<()> {
                 std::thread::sleep(d);
             }
         }
+        let before = now_us();
         workload::commit(&mut c, &p, s)?;
         if let Some(l) = &mut log {
-            let us = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_micros();
-            writeln!(l, "{s} {us}")?;
+            writeln!(l, "{s} {before} {}", now_us())?;
         }
         if a.checkpoint_every > 0 && s % a.checkpoint_every == 0 {
             let mode = format!("{:?}", a.checkpoint_mode).to_uppercase();

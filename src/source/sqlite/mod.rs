@@ -493,8 +493,13 @@ impl SqliteSource {
     }
 
     /// Look for new commits. Each gets the next txid (from `next_txid`) and
-    /// the observation time `now_us`.
-    pub fn poll(&mut self, next_txid: &mut u64, now_us: i64) -> anyhow::Result<Result<usize, Break>> {
+    /// the observation time, taken from `now_us` after the WAL was read (a
+    /// commit is never stamped earlier than it happened).
+    pub fn poll(
+        &mut self,
+        next_txid: &mut u64,
+        now_us: impl FnOnce() -> i64,
+    ) -> anyhow::Result<Result<usize, Break>> {
         match std::fs::metadata(&self.db_path) {
             Ok(md) if ino(&md) == self.db_ino => {}
             Ok(_) => return Ok(Err(Break("the database file was replaced".into()))),
@@ -550,6 +555,7 @@ impl SqliteSource {
         }
         let scan = wal::scan(self.wal(), &h, from, from_ck)?;
         let n = scan.commits.len();
+        let now_us = if n > 0 { now_us() } else { 0 };
         for c in scan.commits {
             self.wal_frames = c.end_frame;
             self.pending.push(PendingCommit {

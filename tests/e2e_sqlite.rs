@@ -1,0 +1,316 @@
+//! End to end: a real writer process, the real `offsite` binary, a real
+//! store (`file://`, Garage, s3s-fs). Restores are compared row by row with
+//! the state the writer committed (see `offsite::workload`).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use support::harness::*;
+
+fn verify(path: &Path) -> u64 {
+    offsite::workload::verify(path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()))
+}
+
+/// Writer commit times from the workload log: commit number → unix micros
+/// at which the commit's transaction started (a lower bound of its commit time).
+fn commit_log(p: &Path) -> BTreeMap<u64, i64> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn rfc3339_us(s: &str) -> i64 {
+    offsite::layout::parse_time(s).unwrap()
+}
+
+/// Restore many txids and timestamps of `url` and check each against the
+/// writer's deterministic state. Returns the number of restores checked.
+fn check_replica(url: &str, dir: &Path, key: &Path, final_commit: u64, log: &Path) -> usize {
+    let id = key.to_str().unwrap();
+    let l = list_json(url);
+    let earliest = l["earliest"]["txid"].as_u64().unwrap();
+    let latest = l["latest"]["txid"].as_u64().unwrap();
+    let out = dir.join("latest.db");
+    let r = restore(url, &out, &["--age-identity", id]);
+    assert!(r.ok(), "restore latest: {}", r.stderr());
+    assert_eq!(r.txid, Some(latest));
+    assert_eq!(verify(&out), final_commit, "latest restore must hold the last commit");
+
+    // Sample txids: the ends, runs of consecutive txids, and a spread.
+    let mut txids: Vec<u64> = vec![earliest, latest];
+    let span = latest - earliest;
+    for k in 0..12 {
+        txids.push(earliest + span * k / 12);
+    }
+    for start in [earliest + span / 3, earliest + 2 * span / 3] {
+        for d in 0..4 {
+            txids.push((start + d).min(latest));
+        }
+    }
+    txids.sort();
+    txids.dedup();
+    let mut by_txid: BTreeMap<u64, (u64, String)> = BTreeMap::new();
+    for &t in &txids {
+        let out = dir.join(format!("txid-{t}.db"));
+        let r = restore(url, &out, &["--txid", &t.to_string(), "--age-identity", id]);
+        if !r.ok() {
+            // A txid in the gap between lineages does not exist; nothing else may fail.
+            let lineage_gap = r.stderr().contains("is not restorable");
+            assert!(lineage_gap, "restore --txid {t}: {}", r.stderr());
+            continue;
+        }
+        assert_eq!(r.txid, Some(t), "restore --txid {t} stopped elsewhere");
+        let m = verify(&out);
+        by_txid.insert(t, (m, r.time.clone().unwrap()));
+        std::fs::remove_file(&out).unwrap();
+    }
+    // Commit numbers never go backwards with txids, and one txid is one commit.
+    let v: Vec<(&u64, &(u64, String))> = by_txid.iter().collect();
+    for w in v.windows(2) {
+        let ((t1, (m1, _)), (t2, (m2, _))) = (w[0], w[1]);
+        assert!(m2 >= m1, "txid {t2} holds commit {m2} < commit {m1} of txid {t1}");
+        if *t2 == t1 + 1 {
+            assert!(m2 - m1 <= 1, "txids {t1},{t2} differ by {} commits: not per-commit", m2 - m1);
+        }
+    }
+    // Timestamps: restoring at a txid's time gives a state at or after it, at
+    // that same time; never a commit the writer had not made by then.
+    let commits = commit_log(log);
+    let mut n = by_txid.len() + 1;
+    for (t, (m, time)) in by_txid.iter().step_by(3) {
+        let out = dir.join(format!("ts-{t}.db"));
+        let r = restore(url, &out, &["--timestamp", time, "--age-identity", id]);
+        assert!(r.ok(), "restore --timestamp {time}: {}", r.stderr());
+        assert!(r.txid.unwrap() >= *t);
+        assert_eq!(r.time.as_deref(), Some(time.as_str()));
+        let m2 = verify(&out);
+        assert!(m2 >= *m);
+        let committed_by = commits
+            .iter()
+            .filter(|(_, &us)| us <= rfc3339_us(time))
+            .map(|(s, _)| *s)
+            .max()
+            .unwrap_or(0);
+        assert!(m2 <= committed_by, "restore at {time} holds commit {m2}, writer had only reached {committed_by}");
+        std::fs::remove_file(&out).unwrap();
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn live_writer_checkpoints_vacuum_big_transactions() {
+    let tmp = tempfile::tempdir().unwrap();
+    for target in targets(tmp.path()) {
+        let dir = tmp.path().join(&target.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("app.db");
+        let log = dir.join("commits.log");
+        let (key, rcpt) = keygen(&dir);
+        let logs = log.to_str().unwrap();
+        workload(&db, &["--count", "5", "--log", logs]);
+        let s = Shipper::start(&db, &target.url, &["--age-recipient", &rcpt, "--checkpoint-frames", "300"]);
+        // Phase 1: steady writes, multi-MB transactions, the app's PASSIVE checkpoints.
+        workload(
+            &db,
+            &["--count", "250", "--rate", "300", "--big-every", "60", "--big-bytes", "1500000",
+              "--checkpoint-every", "40", "--checkpoint-mode", "passive", "--log", logs],
+        );
+        // Phase 2: the app's TRUNCATE checkpoints (busy while offsite holds its
+        // read lock) and a VACUUM.
+        workload(
+            &db,
+            &["--count", "120", "--rate", "400", "--checkpoint-every", "25",
+              "--checkpoint-mode", "truncate", "--vacuum-at", "300", "--log", logs],
+        );
+        let (st, out) = s.stop();
+        assert!(st.success(), "{}: shipper exit {st}: {out}", target.name);
+        assert!(!out.contains("new lineage") || out.matches("starting a new lineage").count() == 1,
+            "{}: unexpected continuity break:\n{out}", target.name);
+        let n = check_replica(&target.url, &dir, &key, 375, &log);
+        eprintln!("{}: {n} restores verified", target.name);
+    }
+}
+
+#[test]
+fn kill9_restart_resumes_without_gap_or_duplicate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = targets(tmp.path());
+    for target in all.iter().filter(|t| t.name == "file" || t.name == "garage") {
+        let dir = tmp.path().join(&target.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("app.db");
+        let log = dir.join("commits.log");
+        let logs = log.to_str().unwrap();
+        let (key, rcpt) = keygen(&dir);
+        workload(&db, &["--count", "3", "--log", logs]);
+        let args = ["--age-recipient", rcpt.as_str()];
+        // The writer never checkpoints, so after each kill the WAL still
+        // proves where the replica stopped: offsite must resume, not re-snapshot.
+        let mut writer = workload_cmd(&db)
+            .args(["--count", "400", "--rate", "150", "--no-autocheckpoint", "--log", logs])
+            .spawn()
+            .unwrap();
+        for round in 0..3 {
+            let s = Shipper::start(&db, &target.url, &args);
+            std::thread::sleep(Duration::from_millis(700 + 300 * round));
+            let out = s.kill9();
+            if round > 0 {
+                assert!(out.contains("resuming replication"), "round {round}: did not resume:\n{out}");
+            }
+        }
+        assert!(wait_timeout(&mut writer, Duration::from_secs(60)).success());
+        let s = Shipper::start(&db, &target.url, &args);
+        wait_for("shipper to catch up", Duration::from_secs(60), || {
+            s.log_text().contains("resuming replication") && latest_txid(&target.url).is_some()
+        });
+        let (st, out) = s.stop();
+        assert!(st.success(), "{out}");
+        let l = list_json(&target.url);
+        assert_eq!(l["lineages"].as_array().unwrap().len(), 1, "kill -9 must not break the lineage: {l}");
+        check_replica(&target.url, &dir, &key, 403, &log);
+    }
+}
+
+#[test]
+fn wal_reset_while_offsite_is_down_starts_a_new_lineage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let url = format!("file://{}", dir.join("replica").display());
+    let db = dir.join("app.db");
+    let log = dir.join("commits.log");
+    let logs = log.to_str().unwrap();
+    let (key, rcpt) = keygen(dir);
+    workload(&db, &["--count", "20", "--log", logs]);
+    let s = Shipper::start(&db, &url, &["--age-recipient", &rcpt]);
+    workload(&db, &["--count", "30", "--rate", "200", "--log", logs]);
+    let (st, _) = s.stop();
+    assert!(st.success());
+    let before = latest_txid(&url).unwrap();
+    // While offsite is down the application checkpoints and resets the WAL.
+    workload(&db, &["--count", "15", "--checkpoint-every", "5", "--checkpoint-mode", "truncate", "--log", logs]);
+    let s = Shipper::start(&db, &url, &["--age-recipient", &rcpt]);
+    workload(&db, &["--count", "10", "--rate", "100", "--log", logs]);
+    let (st, out) = s.stop();
+    assert!(st.success(), "{out}");
+    assert!(out.contains("starting a new lineage"), "{out}");
+    let l = list_json(&url);
+    let lineages = l["lineages"].as_array().unwrap();
+    assert_eq!(lineages.len(), 2, "{l}");
+    // The new lineage continues the txids of the old one.
+    assert_eq!(lineages[1]["earliest"]["txid"].as_u64(), Some(before + 1), "{l}");
+    // The old lineage is still restorable, and the new one holds everything.
+    let out = dir.join("old.db");
+    let r = restore(&url, &out, &["--txid", &before.to_string(), "--age-identity", key.to_str().unwrap()]);
+    assert!(r.ok(), "{}", r.stderr());
+    assert_eq!(verify(&out), 50);
+    check_replica(&url, dir, &key, 75, &log);
+}
+
+#[test]
+fn database_replaced_while_running_starts_a_new_lineage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let url = format!("file://{}", dir.join("replica").display());
+    let db = dir.join("app.db");
+    workload(&db, &["--count", "10"]);
+    let s = Shipper::start(&db, &url, &["--no-encryption"]);
+    wait_for("first snapshot", Duration::from_secs(30), || latest_txid(&url).is_some());
+    // Build a different database and move it over the original.
+    let other = dir.join("other.db");
+    workload(&other, &["--count", "42"]);
+    {
+        let c = rusqlite::Connection::open(&other).unwrap();
+        let _: i64 = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0)).unwrap();
+    }
+    std::fs::rename(&other, &db).unwrap();
+    let _ = std::fs::remove_file(dir.join("app.db-wal"));
+    let _ = std::fs::remove_file(dir.join("app.db-shm"));
+    wait_for("new lineage", Duration::from_secs(30), || {
+        s.log_text().contains("the database file was replaced")
+    });
+    let (st, out) = s.stop();
+    assert!(st.success(), "{out}");
+    let out_db = dir.join("restored.db");
+    let r = restore(&url, &out_db, &[]);
+    assert!(r.ok(), "{}", r.stderr());
+    assert_eq!(verify(&out_db), 42);
+}
+
+#[test]
+fn replicate_from_config_file_with_env_expansion() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (key, rcpt) = keygen(dir);
+    let a = dir.join("a.db");
+    let b = dir.join("b.db");
+    workload(&a, &["--count", "7"]);
+    workload(&b, &["--count", "9"]);
+    let cfg = dir.join("offsite.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"sync-interval = "200ms"
+[[database]]
+path = "{a}"
+[[database.replica]]
+url = "file://${{OFFSITE_TEST_DIR}}/ra"
+age-recipients = ["${{OFFSITE_TEST_RCPT}}"]
+age-identity-files = ["{key}"]
+
+[[database]]
+path = "{b}"
+[[database.replica]]
+url = "file://${{OFFSITE_TEST_DIR}}/rb"
+age-recipients = ["{rcpt}"]
+"#,
+            a = a.display(),
+            b = b.display(),
+            key = key.display(),
+        ),
+    )
+    .unwrap();
+    let mut child = offsite()
+        .args(["replicate", "--config"])
+        .arg(&cfg)
+        .env("OFFSITE_TEST_DIR", dir)
+        .env("OFFSITE_TEST_RCPT", &rcpt)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    workload(&a, &["--count", "5", "--rate", "50"]);
+    workload(&b, &["--count", "5", "--rate", "50"]);
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    assert!(wait_timeout(&mut child, Duration::from_secs(30)).success());
+    // restore --config DB_PATH takes URL and identity from the config file.
+    let out = offsite()
+        .args(["restore", "--config"])
+        .arg(&cfg)
+        .arg(&a)
+        .arg("-o")
+        .arg(dir.join("ra.db"))
+        .env("OFFSITE_TEST_DIR", dir)
+        .env("OFFSITE_TEST_RCPT", &rcpt)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(verify(&dir.join("ra.db")), 12);
+    let r = restore(
+        &format!("file://{}/rb", dir.display()),
+        &dir.join("rb.db"),
+        &["--age-identity", key.to_str().unwrap()],
+    );
+    assert!(r.ok(), "{}", r.stderr());
+    assert_eq!(verify(&dir.join("rb.db")), 14);
+}

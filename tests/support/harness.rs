@@ -1,0 +1,187 @@
+//! Running the real `offsite` and `offsite-workload` binaries in tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn offsite() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_offsite"));
+    c.env("OFFSITE_LOG", "info,offsite=debug");
+    c
+}
+
+pub fn workload_cmd(db: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_offsite-workload"));
+    c.arg(db);
+    c
+}
+
+/// Run the workload to completion; panics on failure.
+pub fn workload(db: &Path, args: &[&str]) {
+    let out = workload_cmd(db).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "workload failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Where a test replicates to.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub url: String,
+}
+
+/// A `file://` replica in `dir` plus every configured S3 server (each with a
+/// fresh prefix).
+pub fn targets(dir: &Path) -> Vec<Target> {
+    let mut v = vec![Target {
+        name: "file".into(),
+        url: format!("file://{}", dir.join("replica").display()),
+    }];
+    for t in super::s3_targets() {
+        v.push(Target {
+            name: t.name.clone(),
+            url: t.url.clone(),
+        });
+    }
+    v
+}
+
+/// A new identity; returns (identity file, recipient).
+pub fn keygen(dir: &Path) -> (PathBuf, String) {
+    let p = dir.join(format!("key-{:08x}.txt", rand::random::<u32>()));
+    let out = offsite().arg("keygen").arg("-o").arg(&p).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(r.starts_with("age1"), "recipient {r}");
+    (p, r)
+}
+
+pub struct Shipper {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Shipper {
+    pub fn start(db: &Path, url: &str, args: &[&str]) -> Shipper {
+        let log = db.with_extension(format!("shipper-{:08x}.log", rand::random::<u32>()));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = offsite()
+            .arg("replicate")
+            .arg(db)
+            .arg(url)
+            .args(["--sync-interval", "200ms", "--log-format", "text"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        Shipper { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait (at most 60 s).
+    pub fn stop(mut self) -> (ExitStatus, String) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let st = wait_timeout(&mut self.child, Duration::from_secs(60));
+        (st, self.log_text())
+    }
+
+    pub fn kill9(mut self) -> String {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.log_text()
+    }
+}
+
+impl Drop for Shipper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, t: Duration) -> ExitStatus {
+    let end = Instant::now() + t;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("process did not exit within {t:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn list_json(url: &str) -> serde_json::Value {
+    let out = offsite().args(["list", url, "--json"]).output().unwrap();
+    assert!(out.status.success(), "list failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+pub fn latest_txid(url: &str) -> Option<u64> {
+    list_json(url)["latest"]["txid"].as_u64()
+}
+
+/// Wait until `f` holds (polling), or panic after `t`.
+pub fn wait_for(what: &str, t: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + t;
+    while !f() {
+        if Instant::now() > end {
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub struct Restored {
+    pub output: Output,
+    pub txid: Option<u64>,
+    pub time: Option<String>,
+}
+
+impl Restored {
+    pub fn ok(&self) -> bool {
+        self.output.status.success()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+}
+
+/// `offsite restore URL -o OUT ARGS…`; parses "to txid N (TIME)" from stderr.
+pub fn restore(url: &str, out: &Path, args: &[&str]) -> Restored {
+    let output = offsite()
+        .args(["restore", url, "-o"])
+        .arg(out)
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    let mut txid = None;
+    let mut time = None;
+    if let Some(i) = err.find(" to txid ") {
+        let rest = &err[i + 9..];
+        let n: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        txid = n.parse().ok();
+        if let (Some(a), Some(b)) = (rest.find('('), rest.find(')')) {
+            time = Some(rest[a + 1..b].to_string());
+        }
+    }
+    Restored { output, txid, time }
+}
+
+/// The last line of stderr (the one-line error of a failed command).
+pub fn last_line(s: &str) -> String {
+    s.lines().last().unwrap_or("").to_string()
+}
