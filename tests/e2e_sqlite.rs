@@ -129,7 +129,8 @@ fn live_writer_checkpoints_vacuum_big_transactions() {
         workload(
             &db,
             &["--count", "120", "--rate", "400", "--checkpoint-every", "25",
-              "--checkpoint-mode", "truncate", "--vacuum-at", "300", "--log", logs],
+              "--checkpoint-mode", "truncate", "--checkpoint-busy-ms", "300", "--vacuum-at", "300",
+              "--log", logs],
         );
         let (st, out) = s.stop();
         assert!(st.success(), "{}: shipper exit {st}: {out}", target.name);

@@ -38,6 +38,9 @@ struct Args {
     checkpoint_every: u64,
     #[arg(long, value_enum, default_value = "passive")]
     checkpoint_mode: Mode,
+    /// Busy timeout for the checkpoints only (ms); writes wait up to 30 s.
+    #[arg(long, default_value_t = 30_000)]
+    checkpoint_busy_ms: u64,
     /// Run VACUUM after these commit numbers.
     #[arg(long, value_delimiter = ',')]
     vacuum_at: Vec<u64>,
@@ -92,9 +95,11 @@ fn main() -> anyhow::Result<()> {
         }
         if a.checkpoint_every > 0 && s % a.checkpoint_every == 0 {
             let mode = format!("{:?}", a.checkpoint_mode).to_uppercase();
+            c.busy_timeout(Duration::from_millis(a.checkpoint_busy_ms))?;
             let _: (i64, i64, i64) = c.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })?;
+            c.busy_timeout(Duration::from_secs(30))?;
         }
         if a.vacuum_at.contains(&s) {
             c.execute_batch("VACUUM")?;
