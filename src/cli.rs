@@ -17,7 +17,11 @@ use crate::restore::{self, RestoreOptions};
 use crate::storage::{self, ReplicaUrl};
 
 #[derive(Parser, Debug)]
-#[command(name = "offsite", version, about = "Continuous, encrypted, point-in-time backups of SQLite databases to S3-compatible storage")]
+#[command(
+    name = "offsite",
+    version,
+    about = "Continuous, encrypted, point-in-time backups of SQLite databases to S3-compatible storage"
+)]
 pub struct Cli {
     /// Log format: text (default on a terminal) or json.
     #[arg(long, global = true, value_enum)]
@@ -153,7 +157,10 @@ fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
     match a.output {
         Some(p) => {
             let r = crate::keys::keygen_to_file(&p)?;
-            eprintln!("wrote identity to {} (keep it secret and off the database host); its recipient:", p.display());
+            eprintln!(
+                "wrote identity to {} (keep it secret and off the database host); its recipient:",
+                p.display()
+            );
             println!("{r}");
         }
         None => {
@@ -350,10 +357,18 @@ async fn list(a: ListArgs) -> anyhow::Result<()> {
             l.bytes()
         );
         for s in &l.snapshots {
-            println!("  snapshot txid {} at {}", s.txid, layout::fmt_time_us(s.time_us));
+            println!(
+                "  snapshot txid {} at {}",
+                s.txid,
+                layout::fmt_time_us(s.time_us)
+            );
         }
         if let Some(h) = l.head() {
-            println!("  latest   txid {} at {}", h.last_txid(), layout::fmt_time_us(h.last_time_us()));
+            println!(
+                "  latest   txid {} at {}",
+                h.last_txid(),
+                layout::fmt_time_us(h.last_time_us())
+            );
         }
     }
     if !catalog.ignored.is_empty() {

@@ -251,7 +251,9 @@ mod tests {
         for enc in [Encryption::None, Encryption::Age(recipients)] {
             let env = Envelope::new(ObjectKind::Segment, &enc, meta());
             let mut w = ObjectWriter::new(Vec::new(), &env, &enc).unwrap();
-            let data: Vec<u8> = (0..100_000u32).flat_map(|i| (i % 7).to_le_bytes()).collect();
+            let data: Vec<u8> = (0..100_000u32)
+                .flat_map(|i| (i % 7).to_le_bytes())
+                .collect();
             w.write_all(&data).unwrap();
             let obj = w.finish().unwrap();
             let (e2, mut body) = open_object(&obj[..], Some(&ids)).unwrap();
@@ -262,12 +264,18 @@ mod tests {
             assert_eq!(out, data);
             if matches!(enc, Encryption::Age(_)) {
                 // Ciphertext must not contain the plaintext run.
-                assert!(!obj.windows(16).any(|w| w == &data[..16]) || data[..16].iter().all(|b| *b == 0));
+                assert!(
+                    !obj.windows(16).any(|w| w == &data[..16])
+                        || data[..16].iter().all(|b| *b == 0)
+                );
                 // Wrong identity → clear error.
                 let (other, _) = keys::generate();
                 let wrong = keys::Identities::from_x25519(vec![other]);
                 let err = open_object(&obj[..], Some(&wrong)).err().unwrap();
-                assert!(err.to_string().contains("none of the given age identities"), "{err}");
+                assert!(
+                    err.to_string().contains("none of the given age identities"),
+                    "{err}"
+                );
                 let err = open_object(&obj[..], None).err().unwrap();
                 assert!(err.to_string().contains("--age-identity"), "{err}");
             }

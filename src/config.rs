@@ -83,7 +83,9 @@ pub fn expand_env(s: &str, what: &str) -> anyhow::Result<String> {
                 bail!("{what}: invalid variable name {name:?} in {s:?}");
             }
             let v = std::env::var(name).map_err(|_| {
-                anyhow::anyhow!("{what}: environment variable {name} is not set (used as ${{{name}}})")
+                anyhow::anyhow!(
+                    "{what}: environment variable {name} is not set (used as ${{{name}}})"
+                )
             })?;
             out.push_str(&v);
             rest = &a[end + 1..];
@@ -97,8 +99,9 @@ pub fn expand_env(s: &str, what: &str) -> anyhow::Result<String> {
 }
 
 pub fn parse_duration(s: &str, what: &str) -> anyhow::Result<Duration> {
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| anyhow::anyhow!("{what}: invalid duration {s:?}: {e} (examples: 1s, 250ms, 5m)"))?;
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        anyhow::anyhow!("{what}: invalid duration {s:?}: {e} (examples: 1s, 250ms, 5m)")
+    })?;
     if d.is_zero() {
         bail!("{what}: duration must be greater than zero");
     }
@@ -142,7 +145,9 @@ impl Config {
                 bail!("{file}: {what}: the same database is listed twice");
             }
             let sync_interval = match &d.sync_interval {
-                Some(s) => parse_duration(&x(s, &what)?, &format!("{file}: {what}: sync-interval"))?,
+                Some(s) => {
+                    parse_duration(&x(s, &what)?, &format!("{file}: {what}: sync-interval"))?
+                }
                 None => default_sync,
             };
             let r = match d.replica.as_slice() {
@@ -166,7 +171,13 @@ impl Config {
                         .with_context(|| format!("{file}: {what}: age-recipients-file"))?,
                 );
             }
-            let encryption = match r.encryption.as_deref().map(|s| x(s, &what)).transpose()?.as_deref() {
+            let encryption = match r
+                .encryption
+                .as_deref()
+                .map(|s| x(s, &what))
+                .transpose()?
+                .as_deref()
+            {
                 None | Some("age") => {
                     if recipients.is_empty() {
                         bail!("{file}: {what}: no age recipient; add `age-recipients = [\"age1…\"]` (see `offsite keygen`) or set `encryption = \"none\"` to store plaintext backups");
@@ -179,7 +190,9 @@ impl Config {
                     }
                     Encryption::None
                 }
-                Some(other) => bail!("{file}: {what}: encryption = {other:?} is not valid; use \"age\" or \"none\""),
+                Some(other) => bail!(
+                    "{file}: {what}: encryption = {other:?} is not valid; use \"age\" or \"none\""
+                ),
             };
             let age_identity_files = r
                 .age_identity_files
@@ -211,12 +224,18 @@ impl Config {
         let want = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         self.databases
             .iter()
-            .find(|d| d.path == path || std::fs::canonicalize(&d.path).ok().as_deref() == Some(&want))
+            .find(|d| {
+                d.path == path || std::fs::canonicalize(&d.path).ok().as_deref() == Some(&want)
+            })
             .with_context(|| {
                 format!(
                     "database {} is not in the config file (it lists: {})",
                     path.display(),
-                    self.databases.iter().map(|d| d.path.display().to_string()).collect::<Vec<_>>().join(", ")
+                    self.databases
+                        .iter()
+                        .map(|d| d.path.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )
             })
     }
@@ -234,7 +253,10 @@ mod tests {
     fn unknown_key_is_an_error_naming_it_and_the_file() {
         let t = "[[database]]\npath = \"/a.db\"\nsync-intervall = \"1s\"\n";
         let e = Config::parse(t, "x.toml").unwrap_err().to_string();
-        assert!(e.contains("x.toml:3") && e.contains("sync-intervall"), "{e}");
+        assert!(
+            e.contains("x.toml:3") && e.contains("sync-intervall"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -246,32 +268,68 @@ mod tests {
         );
         let c = Config::parse(&t, "x.toml").unwrap();
         assert_eq!(c.databases[0].sync_interval, Duration::from_secs(1));
-        assert!(c.databases[0].replica.url.to_string().starts_with("s3://bkt/p"));
-        assert!(matches!(c.databases[0].replica.encryption, Encryption::Age(_)));
-        let e = expand_env("${OFFSITE_SURELY_UNSET_VAR}", "f").unwrap_err().to_string();
+        assert!(c.databases[0]
+            .replica
+            .url
+            .to_string()
+            .starts_with("s3://bkt/p"));
+        assert!(matches!(
+            c.databases[0].replica.encryption,
+            Encryption::Age(_)
+        ));
+        let e = expand_env("${OFFSITE_SURELY_UNSET_VAR}", "f")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("OFFSITE_SURELY_UNSET_VAR is not set"), "{e}");
         assert_eq!(expand_env("a$$b", "f").unwrap(), "a$b");
     }
 
     #[test]
     fn encryption_must_be_explicit() {
-        let base = "[[database]]\npath = \"/a.db\"\n[[database.replica]]\nurl = \"file:///tmp/x\"\n";
+        let base =
+            "[[database]]\npath = \"/a.db\"\n[[database.replica]]\nurl = \"file:///tmp/x\"\n";
         let e = Config::parse(base, "x.toml").unwrap_err().to_string();
         assert!(e.contains("no age recipient"), "{e}");
         let c = Config::parse(&format!("{base}encryption = \"none\"\n"), "x.toml").unwrap();
-        assert!(matches!(c.databases[0].replica.encryption, Encryption::None));
+        assert!(matches!(
+            c.databases[0].replica.encryption,
+            Encryption::None
+        ));
         let e = Config::parse(&format!("{base}encryption = \"nope\"\n"), "x.toml").unwrap_err();
         assert!(e.to_string().contains("not valid"));
-        let e = Config::parse(&format!("{base}encryption = \"none\"\nage-recipients = [\"{}\"]\n", r()), "x.toml")
-            .unwrap_err();
+        let e = Config::parse(
+            &format!(
+                "{base}encryption = \"none\"\nage-recipients = [\"{}\"]\n",
+                r()
+            ),
+            "x.toml",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("contradicts"));
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        std::env::set_var("OFFSITE_BUCKET", "backups");
+        std::env::set_var("OFFSITE_S3_ENDPOINT", "http://127.0.0.1:9000");
+        std::env::set_var("OFFSITE_AGE_RECIPIENT", r());
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/offsite.toml");
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.databases.len(), 2);
+        assert_eq!(c.databases[1].sync_interval, Duration::from_millis(250));
     }
 
     #[test]
     fn bad_duration_and_relative_path() {
         let t = "sync-interval = \"soon\"\n[[database]]\npath = \"/a.db\"\n";
-        assert!(Config::parse(t, "x.toml").unwrap_err().to_string().contains("invalid duration"));
+        assert!(Config::parse(t, "x.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("invalid duration"));
         let t = "[[database]]\npath = \"a.db\"\n[[database.replica]]\nurl = \"file:///x\"\nencryption = \"none\"\n";
-        assert!(Config::parse(t, "x.toml").unwrap_err().to_string().contains("absolute"));
+        assert!(Config::parse(t, "x.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("absolute"));
     }
 }

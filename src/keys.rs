@@ -36,12 +36,13 @@ impl Recipients {
                     i + 1
                 );
             }
-            v.push(
-                parse_recipient(line).with_context(|| format!("{}:{}", path.display(), i + 1))?,
-            );
+            v.push(parse_recipient(line).with_context(|| format!("{}:{}", path.display(), i + 1))?);
         }
         if v.is_empty() {
-            bail!("age recipients file {} contains no recipient", path.display());
+            bail!(
+                "age recipients file {} contains no recipient",
+                path.display()
+            );
         }
         Ok(Recipients(v))
     }
@@ -68,7 +69,9 @@ fn parse_recipient(s: &str) -> anyhow::Result<age::x25519::Recipient> {
         bail!("an age secret key was given where a public recipient (age1…) is expected; never give the shipper the identity");
     }
     s.parse::<age::x25519::Recipient>().map_err(|e| {
-        anyhow::anyhow!("invalid age recipient {s:?}: {e} (expected an X25519 public key starting with age1)")
+        anyhow::anyhow!(
+            "invalid age recipient {s:?}: {e} (expected an X25519 public key starting with age1)"
+        )
     })
 }
 

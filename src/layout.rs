@@ -14,10 +14,20 @@ pub fn new_lineage_id(start_txid: u64) -> String {
 }
 
 pub fn snapshot_key(lineage: &str, txid: u64, time_us: i64) -> String {
-    format!("{LINEAGES}{lineage}/snapshots/{txid:016x}-{:016x}.snap", time_us as u64)
+    format!(
+        "{LINEAGES}{lineage}/snapshots/{txid:016x}-{:016x}.snap",
+        time_us as u64
+    )
 }
 
-pub fn segment_key(lineage: &str, level: u8, first: u64, last: u64, t_first: i64, t_last: i64) -> String {
+pub fn segment_key(
+    lineage: &str,
+    level: u8,
+    first: u64,
+    last: u64,
+    t_first: i64,
+    t_last: i64,
+) -> String {
     format!(
         "{LINEAGES}{lineage}/segments/{level}/{first:016x}-{last:016x}-{:016x}-{:016x}.seg",
         t_first as u64, t_last as u64
@@ -60,7 +70,14 @@ fn hex_u64(s: &str) -> Option<u64> {
 
 fn valid_lineage(s: &str) -> bool {
     let mut parts = s.split('-');
-    matches!((parts.next().and_then(hex_u64), parts.next().and_then(hex_u64), parts.next()), (Some(_), Some(_), None))
+    matches!(
+        (
+            parts.next().and_then(hex_u64),
+            parts.next().and_then(hex_u64),
+            parts.next()
+        ),
+        (Some(_), Some(_), None)
+    )
 }
 
 pub fn lineage_start(lineage: &str) -> u64 {
@@ -147,7 +164,12 @@ impl Lineage {
 
     pub fn bytes(&self) -> u64 {
         self.snapshots.iter().map(|s| s.size).sum::<u64>()
-            + self.segments.values().flatten().map(|s| s.size).sum::<u64>()
+            + self
+                .segments
+                .values()
+                .flatten()
+                .map(|s| s.size)
+                .sum::<u64>()
     }
 
     pub fn object_count(&self) -> usize {
@@ -251,14 +273,20 @@ impl Catalog {
                 Some(Entry::Snapshot(s)) => c
                     .lineages
                     .entry(s.lineage.clone())
-                    .or_insert_with(|| Lineage { id: s.lineage.clone(), ..Default::default() })
+                    .or_insert_with(|| Lineage {
+                        id: s.lineage.clone(),
+                        ..Default::default()
+                    })
                     .snapshots
                     .push(s),
                 Some(Entry::Segment(g)) => {
                     let l = c
                         .lineages
                         .entry(g.lineage.clone())
-                        .or_insert_with(|| Lineage { id: g.lineage.clone(), ..Default::default() });
+                        .or_insert_with(|| Lineage {
+                            id: g.lineage.clone(),
+                            ..Default::default()
+                        });
                     if g.level == 0 {
                         l.segments.entry(g.first_txid).or_default().push(g);
                     } else {
@@ -353,7 +381,12 @@ impl Catalog {
             .rev()
             .find(|s| s.txid <= stop_txid && stop_time.is_none_or(|t| s.time_us <= t))
             .cloned()
-            .with_context(|| format!("no snapshot at or before the target in lineage {}", lineage.id))?;
+            .with_context(|| {
+                format!(
+                    "no snapshot at or before the target in lineage {}",
+                    lineage.id
+                )
+            })?;
         let mut segments = lineage.chain(&snapshot, stop_txid)?;
         if let Some(t) = stop_time {
             // Segments that start after the target time are not needed.
@@ -378,7 +411,9 @@ pub fn fmt_time_us(t: i64) -> String {
 
 pub fn parse_time(s: &str) -> anyhow::Result<i64> {
     let dt = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .with_context(|| format!("invalid timestamp {s:?}: expected RFC 3339, e.g. 2026-11-25T12:00:00Z"))?;
+        .with_context(|| {
+            format!("invalid timestamp {s:?}: expected RFC 3339, e.g. 2026-11-25T12:00:00Z")
+        })?;
     // Floor to microseconds: a commit observed at t_us is at or before the instant.
     let ns = dt.unix_timestamp_nanos();
     Ok(ns.div_euclid(1000) as i64)
@@ -415,7 +450,10 @@ mod tests {
         assert_eq!(c.ignored, vec!["lineages/junk".to_string()]);
         assert_eq!(c.window(), Some(((1, 100), (9, 900))));
         let p = c.plan(Target::Latest).unwrap();
-        assert_eq!((p.lineage.as_str(), p.stop_txid, p.segments.len()), (l2.as_str(), 9, 1));
+        assert_eq!(
+            (p.lineage.as_str(), p.stop_txid, p.segments.len()),
+            (l2.as_str(), 9, 1)
+        );
         let p = c.plan(Target::Txid(3)).unwrap();
         assert_eq!((p.lineage.as_str(), p.segments.len()), (l1.as_str(), 1));
         let p = c.plan(Target::Time(450)).unwrap();
@@ -427,13 +465,19 @@ mod tests {
         // A missing middle segment is a gap, reported with the txid.
         let mut objs2 = objs.clone();
         objs2.remove(1);
-        let err = Catalog::from_list(&objs2).plan(Target::Txid(5)).unwrap_err().to_string();
+        let err = Catalog::from_list(&objs2)
+            .plan(Target::Txid(5))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("gap") && err.contains("txid 2"), "{err}");
     }
 
     #[test]
     fn parse_time_floors_to_micros() {
-        assert_eq!(parse_time("1970-01-01T00:00:01.0000019Z").unwrap(), 1_000_001);
+        assert_eq!(
+            parse_time("1970-01-01T00:00:01.0000019Z").unwrap(),
+            1_000_001
+        );
         assert!(parse_time("yesterday").is_err());
     }
 }

@@ -206,7 +206,9 @@ impl Replicator {
                     return Ok(());
                 }
                 Ok(()) => {}
-                Err(e) => tracing::warn!(db = %self.db(), error = format!("{e:#}"), "final ship failed"),
+                Err(e) => {
+                    tracing::warn!(db = %self.db(), error = format!("{e:#}"), "final ship failed")
+                }
             }
             if Instant::now() >= deadline {
                 bail!(
@@ -248,7 +250,6 @@ impl Replicator {
         }
     }
 
-
     fn try_resume(
         &mut self,
         lineage: &str,
@@ -260,7 +261,10 @@ impl Replicator {
         // prove it (and the database state there) against the tag.
         let src = self.source.as_mut().unwrap();
         let candidates = blocking(|| candidate_positions(src))?;
-        for pos in candidates.into_iter().filter(|p| p.frames as u64 == resume_at) {
+        for pos in candidates
+            .into_iter()
+            .filter(|p| p.frames as u64 == resume_at)
+        {
             let r = blocking(|| src.resume(&pos, |p, ck| p.resume_tag(ck) == tag))?;
             if let Ok(state) = r {
                 tracing::info!(db = %self.opts.db_path.display(), lineage, txid = head.last_txid(), frames = pos.frames, "resuming replication");
@@ -342,8 +346,10 @@ impl Replicator {
             ))
         })?;
         let stored = staged.body.len().await?;
-        with_retries("upload the snapshot", || self.store.put(&staged.key, staged.body.clone()))
-            .await?;
+        with_retries("upload the snapshot", || {
+            self.store.put(&staged.key, staged.body.clone())
+        })
+        .await?;
         tracing::info!(db = %self.db(), key = %staged.key, txid, raw_bytes = staged.raw_bytes, stored_bytes = stored, "snapshot uploaded");
         self.state = Some(state);
         self.lineage = Some(lineage);
@@ -431,7 +437,9 @@ impl Replicator {
                 }
                 Err(e) => {
                     state.rollback();
-                    return Err(anyhow::Error::new(e).context(format!("cannot upload {}", staged.key)));
+                    return Err(
+                        anyhow::Error::new(e).context(format!("cannot upload {}", staged.key))
+                    );
                 }
             }
         }

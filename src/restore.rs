@@ -87,7 +87,10 @@ async fn download(
 ) -> anyhow::Result<Downloaded> {
     let res = if size > MEMORY_LIMIT {
         let tmp = tempfile::NamedTempFile::new_in(tmpdir)?;
-        store.get_to_file(key, tmp.path()).await.map(|_| Downloaded::File(tmp))
+        store
+            .get_to_file(key, tmp.path())
+            .await
+            .map(|_| Downloaded::File(tmp))
     } else {
         store.get(key).await.map(Downloaded::Mem)
     };
@@ -124,7 +127,9 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
 
     let tmp_path = dir.join(format!(
         ".{}.offsite-restore-{:08x}",
-        out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        out.file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         rand::random::<u32>()
     ));
     let mut guard = TempOutput {
@@ -190,7 +195,9 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
             b.inc(seg.size);
         }
         let r = tokio::task::block_in_place(|| {
-            apply_segment(&plan, &seg, &d, ids, encrypted, &mut state, &mut outf, at_txid)
+            apply_segment(
+                &plan, &seg, &d, ids, encrypted, &mut state, &mut outf, at_txid,
+            )
         })
         .with_context(|| format!("segment {} failed verification", seg.key))?;
         let (applied, stop) = r;
@@ -221,7 +228,9 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("cannot remove stale {}", p.display())),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot remove stale {}", p.display()))
+                }
             }
         }
     }
@@ -298,7 +307,11 @@ fn apply_segment(
     ensure!(
         env.encrypted == encrypted,
         "object is {} but the snapshot is {}: refusing to mix encrypted and plaintext objects",
-        if env.encrypted { "encrypted" } else { "plaintext" },
+        if env.encrypted {
+            "encrypted"
+        } else {
+            "plaintext"
+        },
         if encrypted { "encrypted" } else { "plaintext" }
     );
     let (mut br, header) = BodyReader::open(body, &env)?;
@@ -312,7 +325,10 @@ fn apply_segment(
         h.first_txid,
         h.last_txid
     );
-    ensure!(h.first_txid == at_txid + 1, "segment does not continue txid {at_txid}");
+    ensure!(
+        h.first_txid == at_txid + 1,
+        "segment does not continue txid {at_txid}"
+    );
     ensure!(
         h.page_size as usize == state.page_size(),
         "page size {} differs from the snapshot's {}",
@@ -330,12 +346,21 @@ fn apply_segment(
     let mut last = None;
     for i in 0..h.commit_count {
         let head = br.read_commit_head()?;
-        ensure!(head.txid == h.first_txid + i as u64, "commit txids are not consecutive");
+        ensure!(
+            head.txid == h.first_txid + i as u64,
+            "commit txids are not consecutive"
+        );
         if i == 0 {
-            ensure!(head.time_us == seg.first_time_us, "first commit time differs from the object name");
+            ensure!(
+                head.time_us == seg.first_time_us,
+                "first commit time differs from the object name"
+            );
         }
         if i + 1 == h.commit_count {
-            ensure!(head.time_us == seg.last_time_us, "last commit time differs from the object name");
+            ensure!(
+                head.time_us == seg.last_time_us,
+                "last commit time differs from the object name"
+            );
         }
         if let Some(t) = plan.stop_time_us {
             if head.time_us > t {
@@ -345,7 +370,10 @@ fn apply_segment(
         }
         for _ in 0..head.records {
             let pgno = br.read_record(&mut buf)?;
-            ensure!(pgno >= 1 && pgno <= head.db_pages, "record for page {pgno} outside the database");
+            ensure!(
+                pgno >= 1 && pgno <= head.db_pages,
+                "record for page {pgno} outside the database"
+            );
             out.write_all_at(&buf, (pgno as u64 - 1) * ps as u64)?;
             state.set_page(pgno, &buf);
         }

@@ -139,7 +139,11 @@ impl<W: Write> SnapshotWriter<W> {
     /// Returns the sink and the page state of the snapshot (the shipper keeps
     /// it to checksum the segments that follow).
     pub fn finish(mut self) -> io::Result<(W, PageState)> {
-        assert_eq!(self.next_pgno, self.db_pages + 1, "fewer pages than announced");
+        assert_eq!(
+            self.next_pgno,
+            self.db_pages + 1,
+            "fewer pages than announced"
+        );
         let ck = self.state.checksum();
         self.w.write_all(&ck.0)?;
         Ok((self.w.finish()?, self.state))
@@ -175,7 +179,10 @@ impl<W: Write> SegmentWriter<W> {
 
     pub fn write_record(&mut self, pgno: u32, page: &[u8]) -> io::Result<()> {
         let (head, n) = self.open.as_mut().expect("begin_commit first");
-        assert!(pgno >= 1 && pgno <= head.db_pages, "page {pgno} outside the database");
+        assert!(
+            pgno >= 1 && pgno <= head.db_pages,
+            "page {pgno} outside the database"
+        );
         *n += 1;
         self.w.write_all(&pgno.to_le_bytes())?;
         self.w.write_all(page)
@@ -232,7 +239,11 @@ impl<R: Read> BodyReader<R> {
             ObjectKind::Snapshot => {
                 let h: SnapshotHeader =
                     serde_json::from_slice(&json).context("snapshot header is not valid")?;
-                ensure!(h.kind == "snapshot", "body kind {:?} differs from envelope", h.kind);
+                ensure!(
+                    h.kind == "snapshot",
+                    "body kind {:?} differs from envelope",
+                    h.kind
+                );
                 ensure!(
                     h.txid == env.meta.first_txid && h.txid == env.meta.last_txid,
                     "snapshot txid differs from its envelope"
@@ -244,7 +255,11 @@ impl<R: Read> BodyReader<R> {
             ObjectKind::Segment => {
                 let h: SegmentHeader =
                     serde_json::from_slice(&json).context("segment header is not valid")?;
-                ensure!(h.kind == "segment", "body kind {:?} differs from envelope", h.kind);
+                ensure!(
+                    h.kind == "segment",
+                    "body kind {:?} differs from envelope",
+                    h.kind
+                );
                 ensure!(
                     h.first_txid == env.meta.first_txid && h.last_txid == env.meta.last_txid,
                     "segment txid range differs from its envelope"

@@ -42,7 +42,11 @@ fn check_replica(url: &str, dir: &Path, key: &Path, final_commit: u64, log: &Pat
     let r = restore(url, &out, &["--age-identity", id]);
     assert!(r.ok(), "restore latest: {}", r.stderr());
     assert_eq!(r.txid, Some(latest));
-    assert_eq!(verify(&out), final_commit, "latest restore must hold the last commit");
+    assert_eq!(
+        verify(&out),
+        final_commit,
+        "latest restore must hold the last commit"
+    );
 
     // Sample txids: the ends, runs of consecutive txids, and a spread.
     let mut txids: Vec<u64> = vec![earliest, latest];
@@ -76,9 +80,16 @@ fn check_replica(url: &str, dir: &Path, key: &Path, final_commit: u64, log: &Pat
     let v: Vec<(&u64, &(u64, String))> = by_txid.iter().collect();
     for w in v.windows(2) {
         let ((t1, (m1, _)), (t2, (m2, _))) = (w[0], w[1]);
-        assert!(m2 >= m1, "txid {t2} holds commit {m2} < commit {m1} of txid {t1}");
+        assert!(
+            m2 >= m1,
+            "txid {t2} holds commit {m2} < commit {m1} of txid {t1}"
+        );
         if *t2 == t1 + 1 {
-            assert!(m2 - m1 <= 1, "txids {t1},{t2} differ by {} commits: not per-commit", m2 - m1);
+            assert!(
+                m2 - m1 <= 1,
+                "txids {t1},{t2} differ by {} commits: not per-commit",
+                m2 - m1
+            );
         }
     }
     // Timestamps: restoring at a txid's time gives a state at or after it, at
@@ -99,7 +110,10 @@ fn check_replica(url: &str, dir: &Path, key: &Path, final_commit: u64, log: &Pat
             .map(|(s, _)| *s)
             .max()
             .unwrap_or(0);
-        assert!(m2 <= committed_by, "restore at {time} holds commit {m2}, writer had only reached {committed_by}");
+        assert!(
+            m2 <= committed_by,
+            "restore at {time} holds commit {m2}, writer had only reached {committed_by}"
+        );
         std::fs::remove_file(&out).unwrap();
         n += 1;
     }
@@ -117,25 +131,59 @@ fn live_writer_checkpoints_vacuum_big_transactions() {
         let (key, rcpt) = keygen(&dir);
         let logs = log.to_str().unwrap();
         workload(&db, &["--count", "5", "--log", logs]);
-        let s = Shipper::start(&db, &target.url, &["--age-recipient", &rcpt, "--checkpoint-frames", "300"]);
+        let s = Shipper::start(
+            &db,
+            &target.url,
+            &["--age-recipient", &rcpt, "--checkpoint-frames", "300"],
+        );
         // Phase 1: steady writes, multi-MB transactions, the app's PASSIVE checkpoints.
         workload(
             &db,
-            &["--count", "250", "--rate", "300", "--big-every", "60", "--big-bytes", "1500000",
-              "--checkpoint-every", "40", "--checkpoint-mode", "passive", "--log", logs],
+            &[
+                "--count",
+                "250",
+                "--rate",
+                "300",
+                "--big-every",
+                "60",
+                "--big-bytes",
+                "1500000",
+                "--checkpoint-every",
+                "40",
+                "--checkpoint-mode",
+                "passive",
+                "--log",
+                logs,
+            ],
         );
         // Phase 2: the app's TRUNCATE checkpoints (busy while offsite holds its
         // read lock) and a VACUUM.
         workload(
             &db,
-            &["--count", "120", "--rate", "400", "--checkpoint-every", "25",
-              "--checkpoint-mode", "truncate", "--checkpoint-busy-ms", "300", "--vacuum-at", "300",
-              "--log", logs],
+            &[
+                "--count",
+                "120",
+                "--rate",
+                "400",
+                "--checkpoint-every",
+                "25",
+                "--checkpoint-mode",
+                "truncate",
+                "--checkpoint-busy-ms",
+                "300",
+                "--vacuum-at",
+                "300",
+                "--log",
+                logs,
+            ],
         );
         let (st, out) = s.stop();
         assert!(st.success(), "{}: shipper exit {st}: {out}", target.name);
-        assert!(!out.contains("new lineage") || out.matches("starting a new lineage").count() == 1,
-            "{}: unexpected continuity break:\n{out}", target.name);
+        assert!(
+            !out.contains("new lineage") || out.matches("starting a new lineage").count() == 1,
+            "{}: unexpected continuity break:\n{out}",
+            target.name
+        );
         let n = check_replica(&target.url, &dir, &key, 375, &log);
         eprintln!("{}: {n} restores verified", target.name);
     }
@@ -145,7 +193,10 @@ fn live_writer_checkpoints_vacuum_big_transactions() {
 fn kill9_restart_resumes_without_gap_or_duplicate() {
     let tmp = tempfile::tempdir().unwrap();
     let all = targets(tmp.path());
-    for target in all.iter().filter(|t| t.name == "file" || t.name == "garage") {
+    for target in all
+        .iter()
+        .filter(|t| t.name == "file" || t.name == "garage")
+    {
         let dir = tmp.path().join(&target.name);
         std::fs::create_dir_all(&dir).unwrap();
         let db = dir.join("app.db");
@@ -157,7 +208,15 @@ fn kill9_restart_resumes_without_gap_or_duplicate() {
         // The writer never checkpoints, so after each kill the WAL still
         // proves where the replica stopped: offsite must resume, not re-snapshot.
         let mut writer = workload_cmd(&db)
-            .args(["--count", "400", "--rate", "150", "--no-autocheckpoint", "--log", logs])
+            .args([
+                "--count",
+                "400",
+                "--rate",
+                "150",
+                "--no-autocheckpoint",
+                "--log",
+                logs,
+            ])
             .spawn()
             .unwrap();
         for round in 0..3 {
@@ -165,7 +224,10 @@ fn kill9_restart_resumes_without_gap_or_duplicate() {
             std::thread::sleep(Duration::from_millis(700 + 300 * round));
             let out = s.kill9();
             if round > 0 {
-                assert!(out.contains("resuming replication"), "round {round}: did not resume:\n{out}");
+                assert!(
+                    out.contains("resuming replication"),
+                    "round {round}: did not resume:\n{out}"
+                );
             }
         }
         assert!(wait_timeout(&mut writer, Duration::from_secs(60)).success());
@@ -176,7 +238,11 @@ fn kill9_restart_resumes_without_gap_or_duplicate() {
         let (st, out) = s.stop();
         assert!(st.success(), "{out}");
         let l = list_json(&target.url);
-        assert_eq!(l["lineages"].as_array().unwrap().len(), 1, "kill -9 must not break the lineage: {l}");
+        assert_eq!(
+            l["lineages"].as_array().unwrap().len(),
+            1,
+            "kill -9 must not break the lineage: {l}"
+        );
         check_replica(&target.url, &dir, &key, 403, &log);
     }
 }
@@ -197,7 +263,19 @@ fn wal_reset_while_offsite_is_down_starts_a_new_lineage() {
     assert!(st.success());
     let before = latest_txid(&url).unwrap();
     // While offsite is down the application checkpoints and resets the WAL.
-    workload(&db, &["--count", "15", "--checkpoint-every", "5", "--checkpoint-mode", "truncate", "--log", logs]);
+    workload(
+        &db,
+        &[
+            "--count",
+            "15",
+            "--checkpoint-every",
+            "5",
+            "--checkpoint-mode",
+            "truncate",
+            "--log",
+            logs,
+        ],
+    );
     let s = Shipper::start(&db, &url, &["--age-recipient", &rcpt]);
     workload(&db, &["--count", "10", "--rate", "100", "--log", logs]);
     let (st, out) = s.stop();
@@ -207,10 +285,23 @@ fn wal_reset_while_offsite_is_down_starts_a_new_lineage() {
     let lineages = l["lineages"].as_array().unwrap();
     assert_eq!(lineages.len(), 2, "{l}");
     // The new lineage continues the txids of the old one.
-    assert_eq!(lineages[1]["earliest"]["txid"].as_u64(), Some(before + 1), "{l}");
+    assert_eq!(
+        lineages[1]["earliest"]["txid"].as_u64(),
+        Some(before + 1),
+        "{l}"
+    );
     // The old lineage is still restorable, and the new one holds everything.
     let out = dir.join("old.db");
-    let r = restore(&url, &out, &["--txid", &before.to_string(), "--age-identity", key.to_str().unwrap()]);
+    let r = restore(
+        &url,
+        &out,
+        &[
+            "--txid",
+            &before.to_string(),
+            "--age-identity",
+            key.to_str().unwrap(),
+        ],
+    );
     assert!(r.ok(), "{}", r.stderr());
     assert_eq!(verify(&out), 50);
     check_replica(&url, dir, &key, 75, &log);
@@ -224,13 +315,17 @@ fn database_replaced_while_running_starts_a_new_lineage() {
     let db = dir.join("app.db");
     workload(&db, &["--count", "10"]);
     let s = Shipper::start(&db, &url, &["--no-encryption"]);
-    wait_for("first snapshot", Duration::from_secs(30), || latest_txid(&url).is_some());
+    wait_for("first snapshot", Duration::from_secs(30), || {
+        latest_txid(&url).is_some()
+    });
     // Build a different database and move it over the original.
     let other = dir.join("other.db");
     workload(&other, &["--count", "42"]);
     {
         let c = rusqlite::Connection::open(&other).unwrap();
-        let _: i64 = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0)).unwrap();
+        let _: i64 = c
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .unwrap();
     }
     std::fs::rename(&other, &db).unwrap();
     let _ = std::fs::remove_file(dir.join("app.db-wal"));
@@ -305,7 +400,11 @@ age-recipients = ["{rcpt}"]
         .env("OFFSITE_TEST_RCPT", &rcpt)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(verify(&dir.join("ra.db")), 12);
     let r = restore(
         &format!("file://{}/rb", dir.display()),

@@ -59,14 +59,24 @@ fn assert_restore_fails(url: &str, dir: &Path, key: &Option<(PathBuf, String)>, 
     let out = dir.join(format!("out-{:08x}.db", rand::random::<u32>()));
     let mut args = vec![];
     if let Some((k, _)) = key {
-        args = vec!["--age-identity".to_string(), k.to_string_lossy().into_owned()];
+        args = vec![
+            "--age-identity".to_string(),
+            k.to_string_lossy().into_owned(),
+        ];
     }
     let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let r = restore(url, &out, &a);
     assert!(!r.ok(), "restore of a damaged replica succeeded");
     let line = last_line(&r.stderr());
-    assert!(line.contains(needle), "error does not mention {needle:?}: {line}");
-    assert!(!out.exists(), "a failed restore left {} behind", out.display());
+    assert!(
+        line.contains(needle),
+        "error does not mention {needle:?}: {line}"
+    );
+    assert!(
+        !out.exists(),
+        "a failed restore left {} behind",
+        out.display()
+    );
     let leftovers: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .filter_map(|e| e.ok())
@@ -87,8 +97,15 @@ fn tampered_objects_are_detected_and_named() {
         let snap = objects(dir, "snap").pop().unwrap();
         let ok = dir.join("ok.db");
         let id: Vec<String> = key.iter().map(|(k, _)| k.display().to_string()).collect();
-        let idargs: Vec<&str> = if id.is_empty() { vec![] } else { vec!["--age-identity", id[0].as_str()] };
-        assert!(restore(&url, &ok, &idargs).ok(), "intact replica must restore");
+        let idargs: Vec<&str> = if id.is_empty() {
+            vec![]
+        } else {
+            vec!["--age-identity", id[0].as_str()]
+        };
+        assert!(
+            restore(&url, &ok, &idargs).ok(),
+            "intact replica must restore"
+        );
 
         // 1. A flipped byte in the middle of a segment.
         let victim = &segs[1];
@@ -142,7 +159,12 @@ fn encryption_is_never_silently_off() {
     workload(&db, &["--count", "3"]);
     let url = format!("file://{}", dir.join("replica").display());
     // No recipient and no --no-encryption: refuse.
-    let out = offsite().args(["replicate"]).arg(&db).arg(&url).output().unwrap();
+    let out = offsite()
+        .args(["replicate"])
+        .arg(&db)
+        .arg(&url)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(last_line(&err).contains("--no-encryption"), "{err}");
@@ -150,8 +172,17 @@ fn encryption_is_never_silently_off() {
     // A secret key where a recipient belongs: refuse, without echoing it.
     let (k, _) = keygen(dir);
     let secret = std::fs::read_to_string(&k).unwrap();
-    let secret = secret.lines().find(|l| l.starts_with("AGE-SECRET-KEY-")).unwrap();
-    let out = offsite().args(["replicate"]).arg(&db).arg(&url).args(["--age-recipient", secret]).output().unwrap();
+    let secret = secret
+        .lines()
+        .find(|l| l.starts_with("AGE-SECRET-KEY-"))
+        .unwrap();
+    let out = offsite()
+        .args(["replicate"])
+        .arg(&db)
+        .arg(&url)
+        .args(["--age-recipient", secret])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("secret key") && !err.contains(secret), "{err}");
@@ -165,20 +196,38 @@ fn encryption_is_never_silently_off() {
     assert!(st.success());
     for p in walk(&dir.join("replica")) {
         let b = std::fs::read(&p).unwrap();
-        assert!(!b.windows(15).any(|w| w == b"SQLite format 3"), "{} holds plaintext", p.display());
+        assert!(
+            !b.windows(15).any(|w| w == b"SQLite format 3"),
+            "{} holds plaintext",
+            p.display()
+        );
     }
     // Mixing plaintext into an encrypted replica is refused.
-    let out = offsite().args(["replicate"]).arg(&db).arg(&url).arg("--no-encryption").output().unwrap();
+    let out = offsite()
+        .args(["replicate"])
+        .arg(&db)
+        .arg(&url)
+        .arg("--no-encryption")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(last_line(&String::from_utf8_lossy(&out.stderr)).contains("refusing to mix"));
     // Restore without identity / with the wrong one: clear errors, no output.
     let o = dir.join("o.db");
     let r = restore(&url, &o, &[]);
-    assert!(!r.ok() && last_line(&r.stderr()).contains("--age-identity"), "{}", r.stderr());
+    assert!(
+        !r.ok() && last_line(&r.stderr()).contains("--age-identity"),
+        "{}",
+        r.stderr()
+    );
     assert!(!o.exists());
     let (wrong, _) = keygen(dir);
     let r = restore(&url, &o, &["--age-identity", wrong.to_str().unwrap()]);
-    assert!(!r.ok() && last_line(&r.stderr()).contains("none of the given age identities"), "{}", r.stderr());
+    assert!(
+        !r.ok() && last_line(&r.stderr()).contains("none of the given age identities"),
+        "{}",
+        r.stderr()
+    );
     assert!(!o.exists());
     let r = restore(&url, &o, &["--age-identity", ident.to_str().unwrap()]);
     assert!(r.ok(), "{}", r.stderr());
@@ -188,10 +237,15 @@ fn encryption_is_never_silently_off() {
     // its objects are marked plaintext: control for the check above.
     let url2 = format!("file://{}", dir.join("plain").display());
     let s = Shipper::start(&db, &url2, &["--no-encryption"]);
-    wait_for("plaintext snapshot", Duration::from_secs(30), || latest_txid(&url2).is_some());
+    wait_for("plaintext snapshot", Duration::from_secs(30), || {
+        latest_txid(&url2).is_some()
+    });
     let (st, _) = s.stop();
     assert!(st.success());
-    let snap = walk(&dir.join("plain")).into_iter().find(|p| p.extension().is_some_and(|e| e == "snap")).unwrap();
+    let snap = walk(&dir.join("plain"))
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "snap"))
+        .unwrap();
     let b = std::fs::read(&snap).unwrap();
     assert_eq!(&b[..8], b"OFFSITE\0");
     assert_eq!(b[11], 0, "plaintext objects carry encryption byte 0");
@@ -208,13 +262,21 @@ fn restore_never_overwrites_without_force() {
     let out = dir.join("existing.db");
     std::fs::write(&out, b"precious").unwrap();
     let r = restore(&url, &out, &[]);
-    assert!(!r.ok() && last_line(&r.stderr()).contains("--force"), "{}", r.stderr());
+    assert!(
+        !r.ok() && last_line(&r.stderr()).contains("--force"),
+        "{}",
+        r.stderr()
+    );
     assert_eq!(std::fs::read(&out).unwrap(), b"precious");
     // A stale -wal next to the output would corrupt the restored file: refuse too.
     let out2 = dir.join("fresh.db");
     std::fs::write(dir.join("fresh.db-wal"), b"stale").unwrap();
     let r = restore(&url, &out2, &[]);
-    assert!(!r.ok() && r.stderr().contains("fresh.db-wal"), "{}", r.stderr());
+    assert!(
+        !r.ok() && r.stderr().contains("fresh.db-wal"),
+        "{}",
+        r.stderr()
+    );
     // --force replaces the file and removes the stale -wal.
     let r = restore(&url, &out, &["--force"]);
     assert!(r.ok(), "{}", r.stderr());
@@ -225,11 +287,27 @@ fn restore_never_overwrites_without_force() {
     assert_eq!(offsite::workload::verify(&out2).unwrap(), 30);
     // Out-of-range targets are explained.
     let r = restore(&url, &dir.join("x.db"), &["--txid", "999999"]);
-    assert!(!r.ok() && last_line(&r.stderr()).contains("not restorable"), "{}", r.stderr());
-    let r = restore(&url, &dir.join("x.db"), &["--timestamp", "2001-01-01T00:00:00Z"]);
-    assert!(!r.ok() && last_line(&r.stderr()).contains("no restore point"), "{}", r.stderr());
+    assert!(
+        !r.ok() && last_line(&r.stderr()).contains("not restorable"),
+        "{}",
+        r.stderr()
+    );
+    let r = restore(
+        &url,
+        &dir.join("x.db"),
+        &["--timestamp", "2001-01-01T00:00:00Z"],
+    );
+    assert!(
+        !r.ok() && last_line(&r.stderr()).contains("no restore point"),
+        "{}",
+        r.stderr()
+    );
     let r = restore(&url, &dir.join("x.db"), &["--timestamp", "yesterday"]);
-    assert!(!r.ok() && last_line(&r.stderr()).contains("RFC 3339"), "{}", r.stderr());
+    assert!(
+        !r.ok() && last_line(&r.stderr()).contains("RFC 3339"),
+        "{}",
+        r.stderr()
+    );
 }
 
 #[test]
@@ -238,13 +316,17 @@ fn bad_inputs_get_one_line_errors() {
     let dir = tmp.path();
     let run = |args: &[&str]| {
         let o = offsite().args(args).output().unwrap();
-        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
     };
     // Not in WAL mode: refuse with the command that fixes it.
     let db = dir.join("rollback.db");
     {
         let c = rusqlite::Connection::open(&db).unwrap();
-        c.execute_batch("PRAGMA journal_mode=DELETE; CREATE TABLE t(x);").unwrap();
+        c.execute_batch("PRAGMA journal_mode=DELETE; CREATE TABLE t(x);")
+            .unwrap();
     }
     let url = format!("file://{}", dir.join("r").display());
     let (code, err) = run(&["replicate", db.to_str().unwrap(), &url, "--no-encryption"]);
@@ -266,7 +348,10 @@ fn bad_inputs_get_one_line_errors() {
     }
     // Unreachable S3 endpoint: a clear error, not a hang.
     let start = std::time::Instant::now();
-    let (code, err) = run(&["list", "s3://b/p?endpoint=http://127.0.0.1:1&region=x&force-path-style=true"]);
+    let (code, err) = run(&[
+        "list",
+        "s3://b/p?endpoint=http://127.0.0.1:1&region=x&force-path-style=true",
+    ]);
     assert_eq!(code, Some(1));
     assert!(last_line(&err).contains("127.0.0.1:1"), "{err}");
     assert!(start.elapsed() < Duration::from_secs(60));
@@ -297,15 +382,23 @@ fn keys_are_standard_age_keys() {
     let text = std::fs::read_to_string(&k).unwrap();
     assert!(text.starts_with("# created: "));
     assert!(text.contains(&format!("# public key: {r}")));
-    let line = text.lines().find(|l| l.starts_with("AGE-SECRET-KEY-1")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("AGE-SECRET-KEY-1"))
+        .unwrap();
     let id: age::x25519::Identity = line.parse().unwrap();
     assert_eq!(id.to_public().to_string(), r);
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&k).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&k).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     // Without -o the identity goes to stdout and the recipient to stderr.
     let o = offsite().arg("keygen").output().unwrap();
     assert!(o.status.success());
     let out = String::from_utf8(o.stdout).unwrap();
     assert!(out.contains("AGE-SECRET-KEY-1"));
-    assert!(String::from_utf8(o.stderr).unwrap().contains("Public key: age1"));
+    assert!(String::from_utf8(o.stderr)
+        .unwrap()
+        .contains("Public key: age1"));
 }

@@ -96,9 +96,10 @@ fn main() -> anyhow::Result<()> {
         if a.checkpoint_every > 0 && s % a.checkpoint_every == 0 {
             let mode = format!("{:?}", a.checkpoint_mode).to_uppercase();
             c.busy_timeout(Duration::from_millis(a.checkpoint_busy_ms))?;
-            let _: (i64, i64, i64) = c.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?;
+            let _: (i64, i64, i64) =
+                c.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?;
             c.busy_timeout(Duration::from_secs(30))?;
         }
         if a.vacuum_at.contains(&s) {

@@ -53,7 +53,11 @@ pub fn targets(dir: &Path) -> Vec<Target> {
 pub fn keygen(dir: &Path) -> (PathBuf, String) {
     let p = dir.join(format!("key-{:08x}.txt", rand::random::<u32>()));
     let out = offsite().arg("keygen").arg("-o").arg(&p).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(r.starts_with("age1"), "recipient {r}");
     (p, r)
@@ -125,7 +129,11 @@ pub fn wait_timeout(child: &mut Child, t: Duration) -> ExitStatus {
 
 pub fn list_json(url: &str) -> serde_json::Value {
     let out = offsite().args(["list", url, "--json"]).output().unwrap();
-    assert!(out.status.success(), "list failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "list failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 

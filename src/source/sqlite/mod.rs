@@ -100,7 +100,7 @@ impl PendingCommit {
                 latest.insert(pgno, idx);
             }
         }
-        let mut v: Vec<(u32, u32)> = latest.into_iter().map(|(p, i)| (p, i)).collect();
+        let mut v: Vec<(u32, u32)> = latest.into_iter().collect();
         v.sort_unstable();
         v
     }
@@ -381,7 +381,9 @@ impl SqliteSource {
             (Vec::new(), WalPos::start_of(hdr.as_ref(), self.page_size))
         } else {
             let Some(h) = hdr else {
-                return Ok(Err(Break("the WAL was removed or reset while offsite was not running".into())));
+                return Ok(Err(Break(
+                    "the WAL was removed or reset while offsite was not running".into(),
+                )));
             };
             if (h.salt1, h.salt2, h.ckpt_seq) != (pos.salt1, pos.salt2, pos.ckpt_seq) {
                 return Ok(Err(Break(
@@ -422,7 +424,9 @@ impl SqliteSource {
         self.pending.clear();
         // Safe to accept one restart only if nothing past `pos` existed.
         let end = match &self.hdr {
-            Some(h) => wal::scan(self.wal(), h, at.frames, at.cksum)?.end().is_none(),
+            Some(h) => wal::scan(self.wal(), h, at.frames, at.cksum)?
+                .end()
+                .is_none(),
             None => true,
         };
         self.restart_ok = end;
@@ -457,7 +461,11 @@ impl SqliteSource {
         let (hdr, commits) = res?;
         if let Some(h) = &hdr {
             if h.page_size != self.page_size {
-                bail!("WAL page size {} differs from the database's {}", h.page_size, self.page_size);
+                bail!(
+                    "WAL page size {} differs from the database's {}",
+                    h.page_size,
+                    self.page_size
+                );
             }
         }
         let db_pages = match commits.last() {
@@ -613,9 +621,8 @@ impl SqliteSource {
                 }
             }
             self.end_read()?;
-            let ck: rusqlite::Result<(i64, i64, i64)> = self
-                .x
-                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            let ck: rusqlite::Result<(i64, i64, i64)> =
+                self.x.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 });
             // Re-take R before W is released, whatever the checkpoint did.

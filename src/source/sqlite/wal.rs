@@ -76,7 +76,7 @@ fn be32(b: &[u8]) -> u32 {
 
 /// SQLite's WAL checksum over `data` (a multiple of 8 bytes), continuing from `seed`.
 pub fn wal_checksum(big_endian: bool, data: &[u8], seed: (u32, u32)) -> (u32, u32) {
-    debug_assert!(data.len() % 8 == 0);
+    debug_assert!(data.len().is_multiple_of(8));
     let (mut s1, mut s2) = seed;
     for chunk in data.chunks_exact(8) {
         let (x0, x1) = if big_endian {
@@ -189,7 +189,12 @@ pub fn frame_header_at(file: &File, hdr: &WalHeader, index: u32) -> io::Result<O
 }
 
 /// Does frame `index` still carry salts of `hdr` and the cumulative checksum `cksum`?
-pub fn frame_matches(file: &File, hdr: &WalHeader, index: u32, cksum: (u32, u32)) -> io::Result<bool> {
+pub fn frame_matches(
+    file: &File,
+    hdr: &WalHeader,
+    index: u32,
+    cksum: (u32, u32),
+) -> io::Result<bool> {
     Ok(match frame_header_at(file, hdr, index)? {
         Some(b) => {
             be32(&b[8..]) == hdr.salt1
@@ -214,7 +219,8 @@ mod tests {
         let c = Connection::open(dir.join("t.db")).unwrap();
         c.pragma_update(None, "journal_mode", "wal").unwrap();
         c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        c.execute_batch("CREATE TABLE t(x INTEGER PRIMARY KEY, y BLOB);").unwrap();
+        c.execute_batch("CREATE TABLE t(x INTEGER PRIMARY KEY, y BLOB);")
+            .unwrap();
         c
     }
 
@@ -223,7 +229,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let c = wal_db(d.path());
         for i in 0..5 {
-            c.execute("INSERT INTO t(y) VALUES (randomblob(3000 + ?1))", [i]).unwrap();
+            c.execute("INSERT INTO t(y) VALUES (randomblob(3000 + ?1))", [i])
+                .unwrap();
         }
         let f = File::open(d.path().join("t.db-wal")).unwrap();
         let h = read_header(&f).unwrap().expect("valid header");
@@ -247,7 +254,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let c = wal_db(d.path());
         for _ in 0..4 {
-            c.execute("INSERT INTO t(y) VALUES (randomblob(100))", []).unwrap();
+            c.execute("INSERT INTO t(y) VALUES (randomblob(100))", [])
+                .unwrap();
         }
         let wal = d.path().join("t.db-wal");
         let bytes = std::fs::read(&wal).unwrap();
@@ -262,7 +270,11 @@ mod tests {
         let p = d.path().join("bad-wal");
         std::fs::write(&p, &bad).unwrap();
         let s = scan(&File::open(&p).unwrap(), &h, 0, (h.cksum1, h.cksum2)).unwrap();
-        assert_eq!(s.commits.len(), 2, "scan must stop before the corrupt frame");
+        assert_eq!(
+            s.commits.len(),
+            2,
+            "scan must stop before the corrupt frame"
+        );
         // Truncate in the middle of the last transaction: it must not be reported.
         let last = all.commits.last().unwrap();
         let cut = h.frame_offset(last.end_frame) as usize + 10;
@@ -296,7 +308,9 @@ mod tests {
         let wal = d.path().join("t.db-wal");
         let h1 = read_header(&File::open(&wal).unwrap()).unwrap().unwrap();
         let _: (i64, i64, i64) = c
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .unwrap();
         c.execute("INSERT INTO t(y) VALUES (2)", []).unwrap();
         let h2 = read_header(&File::open(&wal).unwrap()).unwrap().unwrap();

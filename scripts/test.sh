@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Run offsite's whole test suite against real servers: builds the S3 test
+# servers if they are missing, starts them on 127.0.0.1, then runs every test.
+# Usage: scripts/test.sh [extra cargo test args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/test-servers.sh install
+scripts/test-servers.sh start
+# shellcheck disable=SC1091
+source "${OFFSITE_SERVERS_STATE:-/tmp/offsite-test-servers}/env"
+# The suite must not skip S3: fail if the servers' targets are missing.
+unset OFFSITE_TEST_ALLOW_NO_S3
+test -n "${OFFSITE_TEST_S3_TARGETS:-}" || { echo "no S3 test targets" >&2; exit 1; }
+
+cargo test --no-fail-fast "$@"
