@@ -3,8 +3,8 @@
 # ~100 MB database and shipping throughput of `offsite replicate` with
 # zstd + age, to a file:// replica and to the local Garage S3 server.
 #
-#   scripts/bench-core.sh            # full run, 3 repetitions (~10-15 min)
-#   scripts/bench-core.sh --quick    # small sizes, 1 repetition (~30-60 s)
+#   scripts/bench-core.sh            # full run, 3 repetitions (~2 min here)
+#   scripts/bench-core.sh --quick    # small sizes, 1 repetition (~10 s)
 #
 # Options:
 #   --quick          small sizes (10 MB database, 50 MB of WAL), 1 repetition
@@ -60,7 +60,7 @@ if ((QUICK)); then
     : "${RESTORE_BASE_COMMITS:=30}" "${RESTORE_TAIL_COMMITS:=10}" "${RESTORE_BIG_BYTES:=500000}" "${RESTORE_TAIL_RATE:=20}"
     : "${SHIP_COMMITS:=50}" "${SHIP_BIG_BYTES:=1000000}"
 else
-    : "${RESTORE_BASE_COMMITS:=250}" "${RESTORE_TAIL_COMMITS:=60}" "${RESTORE_BIG_BYTES:=500000}" "${RESTORE_TAIL_RATE:=20}"
+    : "${RESTORE_BASE_COMMITS:=280}" "${RESTORE_TAIL_COMMITS:=60}" "${RESTORE_BIG_BYTES:=500000}" "${RESTORE_TAIL_RATE:=20}"
     : "${SHIP_COMMITS:=500}" "${SHIP_BIG_BYTES:=1000000}"
 fi
 SYNC=100ms
@@ -90,6 +90,7 @@ STARTED_SERVERS=0
 cleanup() {
     local rc=$? pid
     trap - EXIT INT TERM
+    trap '' PIPE # stderr may be a closed pipe (… | tail): finish cleaning up anyway
     for pid in "${PIDS[@]}"; do
         if kill -0 "$pid" 2>/dev/null; then
             kill -TERM "$pid" 2>/dev/null || true
@@ -99,6 +100,10 @@ cleanup() {
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$pid" 2>/dev/null || true
     done
+    if ((rc != 0)) && ((!KEEP)); then
+        mkdir -p "$WORK.logs" && find "$WORK" -name '*.log' -exec cp --parents {} "$WORK.logs" \; 2>/dev/null || true
+        log "failed (status $rc); shipper logs kept in $WORK.logs"
+    fi
     if ((KEEP)); then
         log "kept $WORK and S3 prefixes: ${S3_PREFIXES[*]:-none}"
     else
@@ -181,13 +186,20 @@ latest_txid() {
     jq -r '.latest.txid // 0' <<<"$j"
 }
 
-# wait_txid URL TXID TIMEOUT_S SHIPPER_PID -> waits until latest txid >= TXID
+# wait_txid URL TXID TIMEOUT_S SHIPPER_PID SHIPPER_LOG -> waits until latest txid >= TXID.
+# A second lineage (a continuity break: the new snapshot holds the remaining
+# commits, so TXID is never reached) makes the measurement invalid: stop.
 wait_txid() {
-    local url=$1 want=$2 deadline=$((SECONDS + $3)) pid=$4 got
+    local url=$1 want=$2 deadline=$((SECONDS + $3)) pid=$4 slog=$5 got n
     while :; do
         got=$(latest_txid "$url")
         ((got >= want)) && return 0
-        kill -0 "$pid" 2>/dev/null || die "the shipper (pid $pid) exited while waiting for txid $want (log: $WORK/*.log)"
+        kill -0 "$pid" 2>/dev/null || { tail -n 20 "$slog" >&2; die "the shipper (pid $pid) exited while waiting for txid $want (log: $slog)"; }
+        n=$(grep -c '"starting a new lineage' "$slog" || true)
+        if ((n > 1)); then
+            grep '"starting a new lineage' "$slog" >&2
+            die "the shipper started $n lineages (continuity break) while waiting for txid $want on $url (latest $got); log: $slog"
+        fi
         ((SECONDS < deadline)) || die "timeout waiting for txid $want on $url (latest $got)"
         sleep "$POLL"
     done
@@ -201,7 +213,7 @@ vm_hwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
 # start_shipper DB URL LOG -> sets SHIPPER_PID
 start_shipper() {
     OFFSITE_LOG=${OFFSITE_LOG:-info,offsite=debug,aws_config=warn,aws_smithy_runtime=warn} \
-        "$OFFSITE_BIN" --log-format text replicate "$1" "$2" --age-recipient "$RECIPIENT" \
+        "$OFFSITE_BIN" --log-format json replicate "$1" "$2" --age-recipient "$RECIPIENT" \
         --sync-interval "$SYNC" --spool-dir "$WORK/spool" >"$3" 2>&1 &
     SHIPPER_PID=$!
     PIDS+=("$SHIPPER_PID")
@@ -238,11 +250,11 @@ for T in "${TARGET_LIST[@]}"; do
     replica_url "$T" restore; url=$URL
     log "restore/$T: shipping snapshot + tail to $url"
     start_shipper "$d/db" "$url" "$d/shipper.log"
-    wait_txid "$url" 1 600 "$SHIPPER_PID"
+    wait_txid "$url" 1 600 "$SHIPPER_PID" "$d/shipper.log"
     snap_txid=$(latest_txid "$url")
     "$WORKLOAD_BIN" "$d/db" --count "$RESTORE_TAIL_COMMITS" --rate "$RESTORE_TAIL_RATE" \
         --big-every 1 --big-bytes "$RESTORE_BIG_BYTES"
-    wait_txid "$url" $((snap_txid + RESTORE_TAIL_COMMITS)) 600 "$SHIPPER_PID"
+    wait_txid "$url" $((snap_txid + RESTORE_TAIL_COMMITS)) 600 "$SHIPPER_PID" "$d/shipper.log"
     stop_shipper "$SHIPPER_PID" "$d/shipper.log"
     "$OFFSITE_BIN" list "$url" --json >"$d/list.json"
     earliest=$(jq -r '.earliest.txid' "$d/list.json")
@@ -335,7 +347,7 @@ for T in "${TARGET_LIST[@]}"; do
         "$WORKLOAD_BIN" "$d/db" --count 0
         replica_url "$T" "ship-$rep"; url=$URL
         start_shipper "$d/db" "$url" "$d/shipper.log"
-        wait_txid "$url" 1 120 "$SHIPPER_PID"
+        wait_txid "$url" 1 120 "$SHIPPER_PID" "$d/shipper.log"
         base_txid=$(latest_txid "$url")
         c0=$(cpu_ticks "$SHIPPER_PID")
         g0=0
@@ -343,7 +355,7 @@ for T in "${TARGET_LIST[@]}"; do
         t0=$(now)
         "$WORKLOAD_BIN" "$d/db" "${SHIP_ARGS[@]}"
         tw=$(now)
-        wait_txid "$url" $((base_txid + SHIP_COMMITS)) 900 "$SHIPPER_PID"
+        wait_txid "$url" $((base_txid + SHIP_COMMITS)) 900 "$SHIPPER_PID" "$d/shipper.log"
         t1=$(now)
         c1=$(cpu_ticks "$SHIPPER_PID")
         g1=0
@@ -356,17 +368,22 @@ for T in "${TARGET_LIST[@]}"; do
         stored=$(jq -r '[.lineages[].bytes] | add' "$d/list.json")
         latest=$(jq -r '.latest.txid' "$d/list.json")
         ((lineages == 1)) || log "WARNING: ship/$T #$rep: $lineages lineages (expected 1); see $d/shipper.log"
-        raw=$(grep 'segment uploaded' "$d/shipper.log" | sed -n 's/.*raw_bytes=\([0-9]*\).*/\1/p' | awk '{ s += $1 } END { print s + 0 }')
-        segs=$(grep -c 'segment uploaded' "$d/shipper.log" || true)
+        # Per-segment stats from the shipper's JSON log (debug level).
+        seglog=$(grep '^{' "$d/shipper.log" | jq -c 'select(.fields.message == "segment uploaded")')
+        raw=$(jq -s 'map(.fields.raw_bytes) | add // 0' <<<"$seglog")
+        segs=$(jq -s 'length' <<<"$seglog")
+        last_ts=$(jq -rs 'last | .timestamp // empty' <<<"$seglog")
+        logwall=0
+        [[ -z $last_ts ]] || logwall=$(fsub "$(date -d "$last_ts" +%s.%N)" "$t0")
         wall=$(fsub "$t1" "$t0")
         wwall=$(fsub "$tw" "$t0")
         cpu=$(awk -v a="$c0" -v b="$c1" -v h="$CLK_TCK" 'BEGIN { printf "%.2f", (b - a) / h }')
         gcpu=$(awk -v a="$g0" -v b="$g1" -v h="$CLK_TCK" 'BEGIN { printf "%.2f", (b - a) / h }')
-        log "ship/$T #$rep: all shipped after ${wall}s (writer ${wwall}s), shipper CPU ${cpu}s, VmHWM ${hwm} kB, $segs segments, $objects objects, $stored B stored, latest txid $latest"
+        log "ship/$T #$rep: all shipped after ${wall}s (last upload logged at ${logwall}s; writer ${wwall}s), shipper CPU ${cpu}s, VmHWM ${hwm} kB, $segs segments, $objects objects, $stored B stored, latest txid $latest"
         record "$(jq -cn --arg t "$T" --argjson r "$rep" --argjson w "$wall" --argjson ww "$wwall" \
             --argjson cpu "$cpu" --argjson gcpu "$gcpu" --argjson hwm "$hwm" --argjson o "$objects" \
-            --argjson b "$stored" --argjson raw "$raw" --argjson segs "$segs" --argjson n "$lineages" \
-            '{kind:"ship", target:$t, rep:$r, wall:$w, writer_wall:$ww, cpu_s:$cpu, server_cpu_s:$gcpu, hwm_kb:$hwm, objects:$o, stored_bytes:$b, raw_bytes:$raw, segments:$segs, lineages:$n}')"
+            --argjson b "$stored" --argjson raw "$raw" --argjson segs "$segs" --argjson n "$lineages" --argjson lw "$logwall" \
+            '{kind:"ship", target:$t, rep:$r, wall:$w, log_wall:$lw, writer_wall:$ww, cpu_s:$cpu, server_cpu_s:$gcpu, hwm_kb:$hwm, objects:$o, stored_bytes:$b, raw_bytes:$raw, segments:$segs, lineages:$n}')"
         rm -rf "$d"
     done
 done
@@ -406,7 +423,7 @@ print("### Restore (age + zstd, `offsite restore`, default --parallel 8, integri
 for t in targets:
     for rp in sel(kind="replica", target=t):
         print(f"- {name[t]} replica: 1 snapshot (txid {rp['earliest']}) + segments up to txid {rp['latest']}: "
-              f"{rp['objects']} objects, {rp['stored_bytes']/MB:.1f} MB stored, source database {rp['source_db_bytes']/MB:.1f} MB, lineages {rp['lineages']}")
+              f"{rp['objects']} objects, {rp['stored_bytes']/MB:.1f} MB stored, source database file after the run {rp['source_db_bytes']/MB:.1f} MB, lineages {rp['lineages']}")
 print()
 print("| replica | target | wall time s (median, range) | objects read | MB downloaded | restored DB MB | MB/s of DB restored | restore CPU s | peak RSS MB |")
 print("|---|---|---|---|---|---|---|---|---|")
@@ -440,6 +457,8 @@ for t in targets:
     w = [r["wall"] for r in ss]; ww = [r["writer_wall"] for r in ss]; cpu = [r["cpu_s"] for r in ss]
     g = [r["server_cpu_s"] for r in ss]
     gs = f"{med(g):.1f}" if t == "garage" else "–"
+    lw = [r["log_wall"] for r in ss]
+    print(f"| writer + shipper → {name[t]}: first commit → last segment upload logged by the shipper | {med(lw):.2f} ({rng(lw)}) | {wal/MB/med(lw):.0f} | | | | | | |")
     print(f"| writer + shipper → {name[t]}: writer's run | {med(ww):.2f} ({rng(ww)}) | {wal/MB/med(ww):.0f} | | | | | | |")
     print(f"| writer + shipper → {name[t]}: **first commit → all shipped** | **{med(w):.2f}** ({rng(w)}) | **{wal/MB/med(w):.0f}** | "
           f"{med(cpu):.2f} | {med(cpu)/(wal/2**30):.1f} | {med([r['hwm_kb'] for r in ss])/1024:.0f} | {gs} | "

@@ -246,7 +246,7 @@ impl Replicator {
         }
         match self.try_resume(&l.id, &head, env.meta.resume_at, &env.meta.resume_tag)? {
             Ok(()) => Ok(()),
-            Err(Break(why)) => self.new_lineage(&why).await,
+            Err(b) => self.new_lineage(&b.reason).await,
         }
     }
 
@@ -273,9 +273,8 @@ impl Replicator {
                 return Ok(Ok(()));
             }
         }
-        Ok(Err(Break(
-            "the local database is not at the replica's newest state (the WAL was checkpointed or changed while offsite was not running)"
-                .into(),
+        Ok(Err(Break::hard(
+            "the local database is not at the replica's newest state (the WAL was checkpointed or changed while offsite was not running)",
         )))
     }
 
@@ -329,6 +328,9 @@ impl Replicator {
             // Pass 2: the pages themselves, streamed.
             src.snapshot_read(&view, |_, page| Ok(sw.write_page(page)?))?;
             let (ow, state2) = sw.finish()?;
+            if !src.wal_unchanged()? {
+                bail!("the WAL was restarted while the snapshot was read; retrying");
+            }
             if state2.checksum() != ck {
                 bail!("the database changed under the snapshot's read lock (checksum {ck} vs {}); this is a bug, please report it", state2.checksum());
             }
@@ -374,14 +376,25 @@ impl Replicator {
             self.last_time_us = self.last_time_us.max(p.time_us);
         }
         self.next_txid = next;
-        if let Err(Break(why)) = polled {
+        if let Err(b) = polled {
+            if b.verifiable {
+                let src = self.source.as_mut().unwrap();
+                let state = self.state.as_ref().unwrap();
+                if blocking(|| src.verify_continuation(state))? {
+                    tracing::info!(db = %self.db(), reason = %b.reason, "WAL restarted; the database provably continues the replica, continuing the lineage");
+                    return Ok(());
+                }
+            }
             self.source = None;
             self.lineage = None;
             // Txids observed but not shipped are skipped, never reused.
-            return self.new_lineage(&why).await;
+            return self.new_lineage(&b.reason).await;
         }
         let pending = self.source.as_ref().unwrap().pending().len();
-        let due = force_ship || self.last_ship.elapsed() >= self.opts.sync_interval;
+        // Half a poll of slack, so shipping keeps the sync interval rather
+        // than slipping to the next poll tick.
+        let due = force_ship
+            || self.last_ship.elapsed() + self.opts.poll_interval / 2 >= self.opts.sync_interval;
         let backoff = self.retry_at.is_some_and(|t| Instant::now() < t);
         if pending > 0 && due && !backoff {
             match self.ship_pending().await {
@@ -398,10 +411,14 @@ impl Replicator {
                 }
             }
         }
+        let db = self.db();
         let src = self.source.as_mut().unwrap();
         if src.pending().is_empty() && src.wal_frames() >= self.opts.checkpoint_frames {
             let done = blocking(|| src.checkpoint())?;
-            tracing::debug!(db = %self.db(), done, "checkpoint attempt");
+            tracing::debug!(db = %db, done, "checkpoint attempt");
+        }
+        if src.pending().is_empty() && blocking(|| src.yield_to_checkpointer())? {
+            tracing::debug!(db = %db, "let the application's checkpoint run");
         }
         Ok(())
     }
@@ -411,7 +428,7 @@ impl Replicator {
         while !self.source.as_ref().unwrap().pending().is_empty() {
             let n = self.next_batch();
             let staged = {
-                let src = self.source.as_ref().unwrap();
+                let src = self.source.as_mut().unwrap();
                 let state = self.state.as_mut().unwrap();
                 let lineage = self.lineage.as_deref().unwrap();
                 let enc = &self.enc;
@@ -469,23 +486,15 @@ async fn read_envelope(store: &DynStorage, key: &str) -> anyhow::Result<Envelope
     Envelope::read_from(&mut &head[..]).with_context(|| format!("object {key} is damaged"))
 }
 
-/// Positions the local WAL offers for resuming: each commit end, and the start.
+/// Positions the local WAL offers for resuming, newest first.
 fn candidate_positions(src: &mut SqliteSource) -> anyhow::Result<Vec<WalPos>> {
-    let mut next = 0u64;
-    let mut v = vec![src.shipped()];
-    if src.poll(&mut next, || 0)?.is_err() {
-        return Ok(v);
-    }
-    for i in 1..=src.pending().len() {
-        v.push(src.position_after(i));
-    }
-    // Newest first: the common case after a clean shutdown.
+    let mut v = src.local_positions()?;
     v.reverse();
     Ok(v)
 }
 
 fn build_segment(
-    src: &SqliteSource,
+    src: &mut SqliteSource,
     n: usize,
     state: &mut PageState,
     lineage: &str,
@@ -550,17 +559,15 @@ fn build_segment(
         }
         sw.end_commit(ck)?;
     }
+    let (t_first, t_last) = (commits[0].time_us, commits[n - 1].time_us);
     let spool = sw.finish()?.finish()?;
+    // The pages are valid only if the WAL was not restarted while we read them.
+    if !src.wal_unchanged()? {
+        bail!("the WAL was restarted while its frames were being read");
+    }
     let (body, tmp) = spool.into_body()?;
     Ok(Staged {
-        key: layout::segment_key(
-            lineage,
-            0,
-            first,
-            last,
-            commits[0].time_us,
-            commits[n - 1].time_us,
-        ),
+        key: layout::segment_key(lineage, 0, first, last, t_first, t_last),
         body,
         _tmp: tmp,
         raw_bytes: raw,

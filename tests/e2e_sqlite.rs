@@ -190,6 +190,60 @@ fn live_writer_checkpoints_vacuum_big_transactions() {
 }
 
 #[test]
+fn application_truncate_checkpoints_complete_while_offsite_runs() {
+    // offsite holds a read lock; an application's TRUNCATE checkpoint would
+    // wait for it (holding the write lock) until its busy timeout. offsite
+    // steps aside once everything is shipped, then proves the database still
+    // continues the replica instead of starting a new lineage.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let url = format!("file://{}", dir.join("replica").display());
+    let db = dir.join("app.db");
+    let log = dir.join("commits.log");
+    let logs = log.to_str().unwrap();
+    let (key, rcpt) = keygen(dir);
+    workload(&db, &["--count", "10", "--log", logs]);
+    let s = Shipper::start(&db, &url, &["--age-recipient", &rcpt]);
+    wait_for("snapshot", Duration::from_secs(30), || {
+        latest_txid(&url).is_some()
+    });
+    let t = std::time::Instant::now();
+    // Default busy timeout of 30 s per checkpoint: 6 checkpoints would take
+    // 3 minutes if offsite did not step aside.
+    workload(
+        &db,
+        &[
+            "--count",
+            "60",
+            "--rate",
+            "50",
+            "--checkpoint-every",
+            "10",
+            "--checkpoint-mode",
+            "truncate",
+            "--checkpoint-must-complete",
+            "--log",
+            logs,
+        ],
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(90),
+        "checkpoints waited for offsite: {:?}",
+        t.elapsed()
+    );
+    let (st, out) = s.stop();
+    assert!(st.success(), "{out}");
+    let l = list_json(&url);
+    assert_eq!(
+        l["lineages"].as_array().unwrap().len(),
+        1,
+        "no new lineage expected: {l}\n{out}"
+    );
+    assert!(out.contains("provably continues"), "{out}");
+    check_replica(&url, dir, &key, 70, &log);
+}
+
+#[test]
 fn kill9_restart_resumes_without_gap_or_duplicate() {
     let tmp = tempfile::tempdir().unwrap();
     let all = targets(tmp.path());

@@ -41,6 +41,9 @@ struct Args {
     /// Busy timeout for the checkpoints only (ms); writes wait up to 30 s.
     #[arg(long, default_value_t = 30_000)]
     checkpoint_busy_ms: u64,
+    /// Fail if a checkpoint reports SQLITE_BUSY instead of completing.
+    #[arg(long)]
+    checkpoint_must_complete: bool,
     /// Run VACUUM after these commit numbers.
     #[arg(long, value_delimiter = ',')]
     vacuum_at: Vec<u64>,
@@ -96,10 +99,18 @@ fn main() -> anyhow::Result<()> {
         if a.checkpoint_every > 0 && s % a.checkpoint_every == 0 {
             let mode = format!("{:?}", a.checkpoint_mode).to_uppercase();
             c.busy_timeout(Duration::from_millis(a.checkpoint_busy_ms))?;
-            let _: (i64, i64, i64) =
+            let (busy, log, done): (i64, i64, i64) =
                 c.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })?;
+            if std::env::var_os("OFFSITE_WORKLOAD_DEBUG").is_some() {
+                eprintln!("checkpoint({mode}) after {s}: busy={busy} log={log} done={done}");
+            }
+            if a.checkpoint_must_complete && busy != 0 {
+                anyhow::bail!(
+                    "checkpoint({mode}) after commit {s} returned busy (log {log}, checkpointed {done})"
+                );
+            }
             c.busy_timeout(Duration::from_secs(30))?;
         }
         if a.vacuum_at.contains(&s) {

@@ -114,9 +114,24 @@ pub struct SnapshotView {
     pub pos: WalPos,
 }
 
-/// Why the chain cannot continue (docs/SQLITE.md, "Continuity breaks").
+/// Why the chain cannot continue as is (docs/SQLITE.md, "Continuity breaks").
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Break(pub String);
+pub struct Break {
+    pub reason: String,
+    /// The WAL restarted after everything offsite saw was shipped, but offsite
+    /// cannot tell whether commits were lost in between: `verify_continuation`
+    /// can decide by comparing whole-database checksums.
+    pub verifiable: bool,
+}
+
+impl Break {
+    pub fn hard(reason: impl Into<String>) -> Break {
+        Break {
+            reason: reason.into(),
+            verifiable: false,
+        }
+    }
+}
 
 pub struct SqliteSource {
     db_path: PathBuf,
@@ -128,6 +143,12 @@ pub struct SqliteSource {
     /// X: runs checkpoints (must not be in a transaction).
     x: Connection,
     db_file: File,
+    /// The -shm file, opened once, only to test SQLite's locks with F_GETLK.
+    /// Never close a descriptor of the -shm (or the database) while our
+    /// connections live: POSIX drops all of a process's locks on a file when
+    /// any descriptor of it is closed. Declared after the connections, so it
+    /// is dropped after them.
+    shm: Option<File>,
     db_ino: (u64, u64),
     wal_file: Option<(File, (u64, u64))>,
     page_size: u32,
@@ -202,6 +223,7 @@ impl SqliteSource {
             w,
             x,
             db_file,
+            shm: None,
             wal_file: None,
             page_size,
             hdr: None,
@@ -212,6 +234,9 @@ impl SqliteSource {
             busy_timeout: Duration::from_secs(5),
         };
         s.begin_read()?;
+        let mut shm = s.db_path.clone().into_os_string();
+        shm.push("-shm");
+        s.shm = File::open(&shm).ok();
         Ok(s)
     }
 
@@ -247,13 +272,6 @@ impl SqliteSource {
             self.r.execute_batch("ROLLBACK")?;
         }
         Ok(())
-    }
-
-    /// Restart R while W holds the write lock: nothing can commit in between,
-    /// so R's snapshot is exactly the committed end of the WAL.
-    fn renew_read_locked(&mut self) -> anyhow::Result<()> {
-        self.end_read()?;
-        self.begin_read()
     }
 
     fn lock_writer(&mut self, busy: Duration) -> anyhow::Result<bool> {
@@ -371,7 +389,7 @@ impl SqliteSource {
         matches: impl Fn(&WalPos, &Checksum) -> bool,
     ) -> anyhow::Result<Result<PageState, Break>> {
         if pos.page_size != self.page_size {
-            return Ok(Err(Break(format!(
+            return Ok(Err(Break::hard(format!(
                 "page size changed from {} to {}",
                 pos.page_size, self.page_size
             ))));
@@ -381,13 +399,13 @@ impl SqliteSource {
             (Vec::new(), WalPos::start_of(hdr.as_ref(), self.page_size))
         } else {
             let Some(h) = hdr else {
-                return Ok(Err(Break(
-                    "the WAL was removed or reset while offsite was not running".into(),
+                return Ok(Err(Break::hard(
+                    "the WAL was removed or reset while offsite was not running",
                 )));
             };
             if (h.salt1, h.salt2, h.ckpt_seq) != (pos.salt1, pos.salt2, pos.ckpt_seq) {
-                return Ok(Err(Break(
-                    "the WAL was checkpointed and restarted while offsite was not running".into(),
+                return Ok(Err(Break::hard(
+                    "the WAL was checkpointed and restarted while offsite was not running",
                 )));
             }
             let scan = wal::scan(self.wal(), &h, 0, (h.cksum1, h.cksum2))?;
@@ -400,8 +418,8 @@ impl SqliteSource {
             match upto.last() {
                 Some(c) if c.end_frame == pos.frames && c.end_cksum == pos.cksum => {}
                 _ => {
-                    return Ok(Err(Break(
-                        "the WAL no longer contains the shipped position".into(),
+                    return Ok(Err(Break::hard(
+                        "the WAL no longer contains the shipped position",
                     )))
                 }
             }
@@ -413,10 +431,13 @@ impl SqliteSource {
             Ok(())
         })?;
         state.resize(pages);
+        if self.wal_header()? != hdr {
+            return Ok(Err(Break::hard(
+                "the WAL changed while offsite was checking it",
+            )));
+        }
         if !matches(pos, &state.checksum()) {
-            return Ok(Err(Break(
-                "the local database differs from the replica's newest state (changed or checkpointed while offsite was not running)"
-                    .into(),
+            return Ok(Err(Break::hard("the local database differs from the replica's newest state (changed or checkpointed while offsite was not running)"
             )));
         }
         self.hdr = hdr;
@@ -433,23 +454,24 @@ impl SqliteSource {
         Ok(Ok(state))
     }
 
-    /// Fix a consistent snapshot (docs/SQLITE.md, "Snapshots", steps 1-4).
+    /// Fix a consistent snapshot (docs/SQLITE.md, "Snapshots").
     /// Its pages can then be read, as often as needed, with `snapshot_read`
     /// until the next call that moves the read lock.
     pub fn snapshot_begin(&mut self) -> anyhow::Result<SnapshotView> {
-        let mut tries = 0;
-        while !self.lock_writer(self.busy_timeout)? {
-            tries += 1;
-            if tries >= 12 {
-                bail!(
-                    "could not take the write lock of {} for a snapshot within {:?} (12 tries); is a writer holding a transaction open?",
-                    self.db_path.display(),
-                    self.busy_timeout * 12
-                );
-            }
-        }
+        // R is renewed without the write lock: the state is read from the
+        // files up to the WAL end found *after* R began, which is consistent
+        // whatever R's mark (docs/SQLITE.md, "Snapshots"). Writers are never
+        // blocked by a snapshot.
+        self.end_read()?;
+        self.begin_read()?;
+        self.view_current()
+    }
+
+    /// The state "database file + every committed frame of the current WAL",
+    /// consistent while R is held, whatever R's mark (docs/SQLITE.md,
+    /// "Snapshots"). Records it as the shipped position.
+    fn view_current(&mut self) -> anyhow::Result<SnapshotView> {
         let res = (|| {
-            self.renew_read_locked()?;
             let hdr = self.wal_header()?;
             let commits = match &hdr {
                 Some(h) => wal::scan(self.wal(), h, 0, (h.cksum1, h.cksum2))?.commits,
@@ -457,7 +479,6 @@ impl SqliteSource {
             };
             Ok::<_, anyhow::Error>((hdr, commits))
         })();
-        self.unlock_writer()?;
         let (hdr, commits) = res?;
         if let Some(h) = &hdr {
             if h.page_size != self.page_size {
@@ -510,8 +531,8 @@ impl SqliteSource {
     ) -> anyhow::Result<Result<usize, Break>> {
         match std::fs::metadata(&self.db_path) {
             Ok(md) if ino(&md) == self.db_ino => {}
-            Ok(_) => return Ok(Err(Break("the database file was replaced".into()))),
-            Err(_) => return Ok(Err(Break("the database file was removed".into()))),
+            Ok(_) => return Ok(Err(Break::hard("the database file was replaced"))),
+            Err(_) => return Ok(Err(Break::hard("the database file was removed"))),
         }
         let cur = self.wal_header()?;
         let same = match (&cur, &self.hdr) {
@@ -520,6 +541,11 @@ impl SqliteSource {
             _ => false,
         };
         if !same {
+            let show = |h: &Option<WalHeader>| match h {
+                Some(h) => format!("salt1={:08x} ckpt={}", h.salt1, h.ckpt_seq),
+                None => "none".to_string(),
+            };
+            tracing::debug!(db = %self.db_path.display(), old = %show(&self.hdr), new = %show(&cur), pending = self.pending.len(), shipped = self.shipped.frames, restart_ok = self.restart_ok, "WAL header changed");
             // A header change is acceptable only as the one restart we
             // allowed, with nothing pending (docs/SQLITE.md).
             let one_restart = match (&cur, &self.hdr) {
@@ -528,17 +554,20 @@ impl SqliteSource {
                 }
                 _ => true,
             };
-            if !self.pending.is_empty()
-                || !(self.shipped.frames == 0 || (self.restart_ok && one_restart))
-            {
-                return Ok(Err(Break(
-                    "the WAL was restarted or truncated by another process before offsite shipped it"
-                        .into(),
+            if !self.pending.is_empty() {
+                return Ok(Err(Break::hard(
+                    "the WAL was restarted or truncated before offsite shipped the commits it had read",
                 )));
+            }
+            if !(self.restart_ok && one_restart) {
+                return Ok(Err(Break {
+                    reason: "the WAL was restarted or truncated by another process".into(),
+                    verifiable: true,
+                }));
             }
             if let Some(h) = &cur {
                 if h.page_size != self.page_size {
-                    return Ok(Err(Break("the page size changed".into())));
+                    return Ok(Err(Break::hard("the page size changed")));
                 }
             }
             tracing::debug!(db = %self.db_path.display(), "WAL restarted after a full checkpoint; continuing");
@@ -557,8 +586,8 @@ impl SqliteSource {
             None => (self.shipped.frames, self.shipped.cksum),
         };
         if from > 0 && !wal::frame_matches(self.wal(), &h, from, from_ck)? {
-            return Ok(Err(Break(
-                "WAL frames offsite already read were truncated or overwritten".into(),
+            return Ok(Err(Break::hard(
+                "WAL frames offsite already read were truncated or overwritten",
             )));
         }
         let scan = wal::scan(self.wal(), &h, from, from_ck)?;
@@ -574,6 +603,153 @@ impl SqliteSource {
             *next_txid += 1;
         }
         Ok(Ok(n))
+    }
+
+    /// True if the WAL header is still the one our positions refer to. Pages
+    /// read from WAL frames are valid only if this holds *after* reading them:
+    /// SQLite rewrites the header before it overwrites any frame of a
+    /// restarted WAL, and salt-1 only ever increments.
+    pub fn wal_unchanged(&mut self) -> anyhow::Result<bool> {
+        if self.hdr.is_none() {
+            // No WAL: nothing was read from one.
+            return Ok(true);
+        }
+        let cur = self.wal_header()?;
+        Ok(cur == self.hdr)
+    }
+
+    /// After a WAL restart offsite did not sanction (`Break::verifiable`):
+    /// read the current consistent state (as for a snapshot) and compare the state the
+    /// files hold with `state` (the replica's newest state) plus the new WAL's
+    /// commits. Equal: nothing was lost, continue at the start of the new WAL
+    /// (its commits become pending on the next poll). Costs one read of the
+    /// whole database.
+    pub fn verify_continuation(&mut self, state: &PageState) -> anyhow::Result<bool> {
+        // R is held (it may predate the restart: then it holds mark 0 and no
+        // frame of the new WAL can have been checkpointed).
+        let view = self.view_current()?;
+        let mut files = PageState::new(self.page_size as usize);
+        self.snapshot_read(&view, |pgno, page| {
+            files.set_page(pgno, page);
+            Ok(())
+        })?;
+        files.resize(view.db_pages);
+        let mut ours = state.clone();
+        let mut buf = vec![0u8; self.page_size as usize];
+        if let Some(h) = &view.hdr {
+            for c in &view.commits {
+                for &(idx, pgno) in &c.frames {
+                    wal::read_frame_page(self.wal(), h, idx, &mut buf)?;
+                    ours.set_page(pgno, &buf);
+                }
+                ours.resize(c.db_pages);
+            }
+        }
+        let unchanged = self.wal_unchanged()?;
+        if !unchanged || files.checksum() != ours.checksum() {
+            tracing::debug!(db = %self.db_path.display(), unchanged, files_pages = files.pages(), ours_pages = ours.pages(), wal_commits = view.commits.len(), "continuation not proven");
+            return Ok(false);
+        }
+        self.shipped = WalPos::start_of(view.hdr.as_ref(), self.page_size);
+        self.pending.clear();
+        self.wal_frames = 0;
+        // The view's frames are not shipped yet: a restart is not acceptable
+        // until they are.
+        self.restart_ok = false;
+        Ok(true)
+    }
+
+    /// Is another process running a FULL/RESTART/TRUNCATE checkpoint, i.e.
+    /// holding both the WAL write lock and the checkpoint lock? (SQLite's
+    /// unix VFS locks byte 120 + n of the -shm file for lock n.)
+    fn checkpointer_waiting(&self) -> bool {
+        let Some(f) = &self.shm else {
+            return false;
+        };
+        let held = |byte: i64| -> bool {
+            use std::os::fd::AsRawFd;
+            let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+            fl.l_type = libc::F_WRLCK as i16;
+            fl.l_whence = libc::SEEK_SET as i16;
+            fl.l_start = byte;
+            fl.l_len = 1;
+            let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLK, &mut fl) };
+            r == 0 && fl.l_type != libc::F_UNLCK as i16
+        };
+        held(120) && held(121)
+    }
+
+    /// Has every WAL frame been copied into the database? Read from the
+    /// wal-index in the -shm (mxFrame at offset 16 of the index header,
+    /// nBackfill at offset 96; native byte order), without taking any lock.
+    fn shm_fully_backfilled(&self) -> bool {
+        let Some(f) = &self.shm else {
+            return false;
+        };
+        let mut b = [0u8; 100];
+        if f.read_exact_at(&mut b, 0).is_err() {
+            return false;
+        }
+        let mx = u32::from_ne_bytes(b[16..20].try_into().unwrap());
+        let backfilled = u32::from_ne_bytes(b[96..100].try_into().unwrap());
+        backfilled >= mx
+    }
+
+    /// Let an application's RESTART/TRUNCATE checkpoint finish instead of
+    /// waiting for its busy timeout on offsite's read lock (Litestream #724).
+    /// Only when everything committed is shipped; the checkpointer holds the
+    /// write lock, so nothing new can be committed while R is released. Any
+    /// WAL restart seen afterwards is verified (`verify_continuation`).
+    pub fn yield_to_checkpointer(&mut self) -> anyhow::Result<bool> {
+        if !self.pending.is_empty() || !self.checkpointer_waiting() {
+            return Ok(false);
+        }
+        let hdr = self.wal_header()?;
+        if hdr != self.hdr {
+            return Ok(false);
+        }
+        if let Some(h) = &hdr {
+            if !wal::scan(self.wal(), h, self.shipped.frames, self.shipped.cksum)?
+                .commits
+                .is_empty()
+            {
+                return Ok(false);
+            }
+        }
+        self.restart_ok = false;
+        self.end_read()?;
+        // Take R back as soon as the checkpointer has copied every frame into
+        // the database: R then gets read mark 0, which does not stop the
+        // checkpointer from resetting the WAL but does stop any later
+        // checkpoint from copying (and a restart from discarding) commits
+        // offsite has not read yet. (Or when the WAL already changed, or the
+        // checkpointer gave up.)
+        let until = std::time::Instant::now() + Duration::from_secs(2);
+        while std::time::Instant::now() < until {
+            if self.shm_fully_backfilled()
+                || self.wal_header()? != hdr
+                || !self.checkpointer_waiting()
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        self.begin_read()?;
+        Ok(true)
+    }
+
+    /// Every position the local WAL offers (its start and each commit end),
+    /// for resuming. Changes nothing.
+    pub fn local_positions(&mut self) -> anyhow::Result<Vec<WalPos>> {
+        let hdr = self.wal_header()?;
+        let start = WalPos::start_of(hdr.as_ref(), self.page_size);
+        let mut v = vec![start];
+        if let Some(h) = &hdr {
+            for c in wal::scan(self.wal(), h, 0, (h.cksum1, h.cksum2))?.commits {
+                v.push(start.after(&c));
+            }
+        }
+        Ok(v)
     }
 
     /// Read the page stored in WAL frame `idx` (pending commits only).
