@@ -596,13 +596,35 @@ where
     }
 }
 
+/// Remove spool directories of offsite processes that no longer run (killed
+/// with SIGKILL, so their own cleanup never ran: Litestream #784/#927).
+fn sweep_stale_spools(base: &std::path::Path) {
+    let Ok(rd) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("offsite-spool-") else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!(dir = %e.path().display(), "removing a stale spool directory");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// Keep the replica's spool directory alive for the process.
 pub fn spool_dir(base: Option<PathBuf>) -> anyhow::Result<tempfile::TempDir> {
     let base = base.unwrap_or_else(std::env::temp_dir);
     std::fs::create_dir_all(&base)
         .with_context(|| format!("cannot create spool directory {}", base.display()))?;
+    sweep_stale_spools(&base);
     tempfile::Builder::new()
-        .prefix("offsite-spool-")
+        .prefix(&format!("offsite-spool-{}-", std::process::id()))
         .tempdir_in(&base)
         .with_context(|| format!("cannot create a spool directory in {}", base.display()))
 }

@@ -258,7 +258,13 @@ fn kill9_restart_resumes_without_gap_or_duplicate() {
         let logs = log.to_str().unwrap();
         let (key, rcpt) = keygen(&dir);
         workload(&db, &["--count", "3", "--log", logs]);
-        let args = ["--age-recipient", rcpt.as_str()];
+        let spool = dir.join("spool");
+        let args = [
+            "--age-recipient",
+            rcpt.as_str(),
+            "--spool-dir",
+            spool.to_str().unwrap(),
+        ];
         // The writer never checkpoints, so after each kill the WAL still
         // proves where the replica stopped: offsite must resume, not re-snapshot.
         let mut writer = workload_cmd(&db)
@@ -291,6 +297,13 @@ fn kill9_restart_resumes_without_gap_or_duplicate() {
         });
         let (st, out) = s.stop();
         assert!(st.success(), "{out}");
+        // Spool directories of the killed processes were swept, ours removed.
+        let left: Vec<_> = std::fs::read_dir(&spool)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(left.is_empty(), "spool not cleaned: {left:?}");
         let l = list_json(&target.url);
         assert_eq!(
             l["lineages"].as_array().unwrap().len(),
