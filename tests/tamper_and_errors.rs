@@ -402,3 +402,68 @@ fn keys_are_standard_age_keys() {
         .unwrap()
         .contains("Public key: age1"));
 }
+
+#[test]
+fn damaged_objects_in_s3_are_detected() {
+    use offsite::storage::Storage;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for target in support::s3_targets() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let db = dir.join("app.db");
+        workload(&db, &["--count", "10"]);
+        let (key, rcpt) = keygen(dir);
+        let s = Shipper::start(&db, &target.url, &["--age-recipient", &rcpt]);
+        for _ in 0..4 {
+            workload(&db, &["--count", "5"]);
+            std::thread::sleep(Duration::from_millis(450));
+        }
+        let (st, out) = s.stop();
+        assert!(st.success(), "{out}");
+        let store = rt
+            .block_on(offsite::storage::s3::S3Storage::new(target.s3_config()))
+            .unwrap();
+        let segs: Vec<String> = rt
+            .block_on(store.list("lineages/"))
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .filter(|k| k.ends_with(".seg"))
+            .collect();
+        // A segment in the middle (deleting the newest one is indistinguishable
+        // from a shipper that stopped earlier; see the closing note of issue 2).
+        assert!(segs.len() >= 3, "{}: {segs:?}", target.name);
+        let victim = &segs[1];
+        let orig = rt.block_on(store.get(victim)).unwrap();
+        let id = key.to_str().unwrap();
+        let out_db = dir.join("out.db");
+        // Missing → gap; damaged → named; restored → fine.
+        rt.block_on(store.delete(victim)).unwrap();
+        let r = restore(&target.url, &out_db, &["--age-identity", id]);
+        assert!(
+            !r.ok() && last_line(&r.stderr()).contains("gap"),
+            "{}: {}",
+            target.name,
+            r.stderr()
+        );
+        let mut bad = orig.to_vec();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x01;
+        rt.block_on(store.put(victim, offsite::storage::Body::Bytes(bad.into())))
+            .unwrap();
+        let r = restore(&target.url, &out_db, &["--age-identity", id]);
+        let name = victim.rsplit('/').next().unwrap();
+        assert!(
+            !r.ok() && last_line(&r.stderr()).contains(name),
+            "{}: {}",
+            target.name,
+            r.stderr()
+        );
+        assert!(!out_db.exists());
+        rt.block_on(store.put(victim, offsite::storage::Body::Bytes(orig)))
+            .unwrap();
+        let r = restore(&target.url, &out_db, &["--age-identity", id]);
+        assert!(r.ok(), "{}: {}", target.name, r.stderr());
+        assert_eq!(offsite::workload::verify(&out_db).unwrap(), 30);
+    }
+}
