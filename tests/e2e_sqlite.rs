@@ -481,3 +481,45 @@ age-recipients = ["{rcpt}"]
     assert!(r.ok(), "{}", r.stderr());
     assert_eq!(verify(&dir.join("rb.db")), 14);
 }
+
+#[test]
+fn idle_database_uploads_nothing() {
+    // No commits, no objects: an idle database costs no PUT (and the loop
+    // never lists the bucket: it reads only the local WAL).
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let url = format!("file://{}", dir.join("replica").display());
+    let db = dir.join("app.db");
+    workload(&db, &["--count", "5"]);
+    let s = Shipper::start(&db, &url, &["--no-encryption"]);
+    wait_for("snapshot", Duration::from_secs(30), || {
+        latest_txid(&url).is_some()
+    });
+    workload(&db, &["--count", "3"]);
+    wait_for("3 commits shipped", Duration::from_secs(30), || {
+        latest_txid(&url) == Some(4)
+    });
+    let count = || {
+        let l = list_json(&url);
+        l["lineages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["objects"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    let before = count();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        count(),
+        before,
+        "objects were uploaded while the database was idle"
+    );
+    let (st, out) = s.stop();
+    assert!(st.success(), "{out}");
+    assert_eq!(
+        count(),
+        before,
+        "shutdown of an idle database uploaded something"
+    );
+}
