@@ -131,6 +131,8 @@ pub struct Replicator {
     source: Option<SqliteSource>,
     lineage: Option<String>,
     next_txid: u64,
+    /// Highest txid durable in the replica; a new lineage starts after it.
+    stored_txid: u64,
     state: Option<PageState>,
     last_ship: Instant,
     failures: u32,
@@ -159,6 +161,7 @@ impl Replicator {
             source: None,
             lineage: None,
             next_txid: 1,
+            stored_txid: 0,
             state: None,
             last_ship: Instant::now(),
             failures: 0,
@@ -228,7 +231,8 @@ impl Replicator {
         let objects =
             with_retries("list the replica", || self.store.list(layout::LINEAGES)).await?;
         let catalog = Catalog::from_list(&objects);
-        self.next_txid = catalog.max_txid().map_or(1, |t| t + 1);
+        self.stored_txid = catalog.max_txid().unwrap_or(0);
+        self.next_txid = self.stored_txid + 1;
         let src = blocking(|| SqliteSource::open(&self.opts.db_path))?;
         self.source = Some(src);
         let Some(l) = catalog.newest_lineage() else {
@@ -279,7 +283,9 @@ impl Replicator {
     }
 
     async fn new_lineage(&mut self, why: &str) -> anyhow::Result<()> {
-        let txid = self.next_txid;
+        // Txids observed but never shipped named no stored state: reuse them,
+        // so the new lineage continues right after the highest stored txid.
+        let txid = self.stored_txid + 1;
         let lineage = layout::new_lineage_id(txid);
         tracing::warn!(db = %self.db(), %lineage, txid, reason = why, "starting a new lineage with a snapshot");
         if self.source.is_none() {
@@ -356,6 +362,7 @@ impl Replicator {
         self.state = Some(state);
         self.lineage = Some(lineage);
         self.next_txid = txid + 1;
+        self.stored_txid = txid;
         self.last_time_us = time_us;
         self.last_ship = Instant::now();
         Ok(())
@@ -387,7 +394,6 @@ impl Replicator {
             }
             self.source = None;
             self.lineage = None;
-            // Txids observed but not shipped are skipped, never reused.
             return self.new_lineage(&b.reason).await;
         }
         let pending = self.source.as_ref().unwrap().pending().len();
@@ -448,7 +454,9 @@ impl Replicator {
             match put {
                 Ok(()) => {
                     state.commit();
-                    self.source.as_mut().unwrap().mark_shipped(n);
+                    let src = self.source.as_mut().unwrap();
+                    self.stored_txid = src.pending()[n - 1].txid;
+                    src.mark_shipped(n);
                     self.last_ship = Instant::now();
                     tracing::debug!(db = %self.db(), key = %staged.key, commits = n, raw_bytes = staged.raw_bytes, stored_bytes = stored, "segment uploaded");
                 }

@@ -523,3 +523,42 @@ fn idle_database_uploads_nothing() {
         "shutdown of an idle database uploaded something"
     );
 }
+
+#[test]
+fn replicating_a_restored_database_continues_the_replica() {
+    // Litestream #781: after a restore the shipper must keep backing up,
+    // continuing the txids, not silently stop.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let url = format!("file://{}", dir.join("replica").display());
+    let (key, rcpt) = keygen(dir);
+    let id = key.to_str().unwrap();
+    let db = dir.join("app.db");
+    workload(&db, &["--count", "20"]);
+    let s = Shipper::start(&db, &url, &["--age-recipient", &rcpt]);
+    workload(&db, &["--count", "10", "--rate", "100"]);
+    let (st, _) = s.stop();
+    assert!(st.success());
+    let before = latest_txid(&url).unwrap();
+    // The primary is lost; restore it elsewhere and carry on there.
+    let db2 = dir.join("restored.db");
+    let r = restore(&url, &db2, &["--age-identity", id]);
+    assert!(r.ok(), "{}", r.stderr());
+    let s = Shipper::start(&db2, &url, &["--age-recipient", &rcpt]);
+    workload(&db2, &["--count", "7", "--rate", "100"]);
+    let (st, out) = s.stop();
+    assert!(st.success(), "{out}");
+    let l = list_json(&url);
+    let lineages = l["lineages"].as_array().unwrap();
+    assert_eq!(lineages.len(), 2, "{l}");
+    assert_eq!(
+        lineages[1]["earliest"]["txid"].as_u64(),
+        Some(before + 1),
+        "{l}"
+    );
+    assert_eq!(l["latest"]["txid"].as_u64(), Some(before + 8), "{l}");
+    let out_db = dir.join("final.db");
+    let r = restore(&url, &out_db, &["--age-identity", id]);
+    assert!(r.ok(), "{}", r.stderr());
+    assert_eq!(verify(&out_db), 37);
+}
