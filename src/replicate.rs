@@ -138,6 +138,7 @@ pub struct Replicator {
     failures: u32,
     retry_at: Option<Instant>,
     last_time_us: i64,
+    checkpoint_misses: u32,
 }
 
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -167,6 +168,7 @@ impl Replicator {
             failures: 0,
             retry_at: None,
             last_time_us: 0,
+            checkpoint_misses: 0,
         }
     }
 
@@ -420,11 +422,56 @@ impl Replicator {
         let db = self.db();
         let src = self.source.as_mut().unwrap();
         if src.pending().is_empty() && src.wal_frames() >= self.opts.checkpoint_frames {
+            let src_frames = src.wal_frames();
             let done = blocking(|| src.checkpoint())?;
             tracing::debug!(db = %db, done, "checkpoint attempt");
+            self.checkpoint_misses = if done { 0 } else { self.checkpoint_misses + 1 };
+            let far = src_frames >= self.opts.checkpoint_frames.saturating_mul(2);
+            if self.checkpoint_misses >= 3 || (self.checkpoint_misses >= 1 && far) {
+                // A steady writer always commits between our ship and our
+                // lock: ship under the lock instead, or the WAL grows forever.
+                self.checkpoint_locked().await?;
+            }
         }
+        let src = self.source.as_mut().unwrap();
         if src.pending().is_empty() && blocking(|| src.yield_to_checkpointer())? {
             tracing::debug!(db = %db, "let the application's checkpoint run");
+        }
+        Ok(())
+    }
+
+    /// Checkpoint while holding the write lock across the last ship. The
+    /// application's writers wait for one upload and one PASSIVE checkpoint.
+    async fn checkpoint_locked(&mut self) -> anyhow::Result<()> {
+        let src = self.source.as_mut().unwrap();
+        if !blocking(|| src.checkpoint_lock(Duration::from_millis(500)))? {
+            return Ok(());
+        }
+        let res = async {
+            let mut next = self.next_txid;
+            let floor = self.last_time_us;
+            let src = self.source.as_mut().unwrap();
+            let polled = blocking(|| src.poll(&mut next, || layout::now_us().max(floor)))?;
+            self.next_txid = next;
+            if polled.is_err() {
+                // Handled by the next step's poll.
+                return Ok(false);
+            }
+            if let Some(p) = src.pending().last() {
+                self.last_time_us = self.last_time_us.max(p.time_us);
+            }
+            self.ship_pending().await?;
+            let src = self.source.as_mut().unwrap();
+            blocking(|| src.checkpoint_run())
+        }
+        .await;
+        let src = self.source.as_mut().unwrap();
+        let unlock = blocking(|| src.checkpoint_unlock());
+        let done = res?;
+        unlock?;
+        tracing::debug!(db = %self.db(), done, "checkpoint under the write lock");
+        if done {
+            self.checkpoint_misses = 0;
         }
         Ok(())
     }

@@ -545,6 +545,9 @@ fn replicating_a_restored_database_continues_the_replica() {
     let r = restore(&url, &db2, &["--age-identity", id]);
     assert!(r.ok(), "{}", r.stderr());
     let s = Shipper::start(&db2, &url, &["--age-recipient", &rcpt]);
+    wait_for("the new lineage's snapshot", Duration::from_secs(30), || {
+        latest_txid(&url) == Some(before + 1)
+    });
     workload(&db2, &["--count", "7", "--rate", "100"]);
     let (st, out) = s.stop();
     assert!(st.success(), "{out}");
@@ -561,4 +564,47 @@ fn replicating_a_restored_database_continues_the_replica() {
     let r = restore(&url, &out_db, &["--age-identity", id]);
     assert!(r.ok(), "{}", r.stderr());
     assert_eq!(verify(&out_db), 37);
+}
+
+#[test]
+fn wal_stays_bounded_under_a_steady_writer() {
+    // offsite's read lock stops the application's own checkpoints, so offsite
+    // must checkpoint even when the writer never pauses.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let url = format!("file://{}", dir.join("replica").display());
+    let db = dir.join("app.db");
+    let log = dir.join("commits.log");
+    let logs = log.to_str().unwrap();
+    let (key, rcpt) = keygen(dir);
+    workload(&db, &["--count", "5", "--log", logs]);
+    let s = Shipper::start(
+        &db,
+        &url,
+        &["--age-recipient", &rcpt, "--checkpoint-frames", "200"],
+    );
+    // ~3 s of writes with no pause, 5 pages per commit: ~50 MB through the WAL.
+    workload(
+        &db,
+        &[
+            "--count",
+            "2500",
+            "--rate",
+            "800",
+            "--big-every",
+            "1",
+            "--big-bytes",
+            "18000",
+            "--log",
+            logs,
+        ],
+    );
+    let wal = std::fs::metadata(dir.join("app.db-wal")).unwrap().len();
+    let (st, out) = s.stop();
+    assert!(st.success(), "{out}");
+    assert!(
+        wal < 16 << 20,
+        "WAL grew to {wal} bytes under a steady writer"
+    );
+    check_replica(&url, dir, &key, 2505, &log);
 }

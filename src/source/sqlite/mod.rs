@@ -775,42 +775,60 @@ impl SqliteSource {
         }
     }
 
-    /// Checkpoint on the application's behalf (docs/SQLITE.md, "Checkpoints").
-    /// Call only with nothing pending. Returns false if skipped.
+    /// Checkpoint on the application's behalf (docs/SQLITE.md, "Checkpoints"),
+    /// optimistically: gives up (false) if the write lock is busy or a commit
+    /// slipped in after the last ship. See `checkpoint_lock` for the path
+    /// that cannot be starved by a busy writer.
     pub fn checkpoint(&mut self) -> anyhow::Result<bool> {
-        if !self.pending.is_empty() {
+        if !self.pending.is_empty() || !self.checkpoint_lock(Duration::from_millis(50))? {
             return Ok(false);
         }
-        if !self.lock_writer(Duration::from_millis(50))? {
-            return Ok(false);
-        }
-        let res = (|| {
-            // A commit may have slipped in between shipping and the lock.
-            let hdr = self.wal_header()?;
-            if hdr != self.hdr {
-                return Ok(false);
-            }
-            if let Some(h) = &hdr {
-                let more = wal::scan(self.wal(), h, self.shipped.frames, self.shipped.cksum)?;
-                if !more.commits.is_empty() {
-                    return Ok(false);
-                }
-            }
-            self.end_read()?;
-            let ck: rusqlite::Result<(i64, i64, i64)> =
-                self.x.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                });
-            // Re-take R before W is released, whatever the checkpoint did.
-            self.begin_read()?;
-            let (busy, log, done) = ck.context("checkpoint failed")?;
-            tracing::debug!(db = %self.db_path.display(), busy, log, done, "checkpoint");
-            self.restart_ok = true;
-            Ok::<_, anyhow::Error>(true)
-        })();
-        let unlock = self.unlock_writer();
+        let res = self.checkpoint_run();
+        let unlock = self.checkpoint_unlock();
         let r = res?;
         unlock?;
         Ok(r)
+    }
+
+    /// Take the write lock for a checkpoint (W). While it is held nothing can
+    /// commit; the caller may poll and ship what slipped in, then call
+    /// `checkpoint_run`, and must always call `checkpoint_unlock`.
+    pub fn checkpoint_lock(&mut self, busy: Duration) -> anyhow::Result<bool> {
+        self.lock_writer(busy)
+    }
+
+    pub fn checkpoint_unlock(&mut self) -> anyhow::Result<()> {
+        self.unlock_writer()
+    }
+
+    /// With W held and everything shipped: end R, run a PASSIVE checkpoint,
+    /// begin R again. False if something is still unshipped.
+    pub fn checkpoint_run(&mut self) -> anyhow::Result<bool> {
+        if !self.pending.is_empty() {
+            return Ok(false);
+        }
+        let hdr = self.wal_header()?;
+        if hdr != self.hdr {
+            return Ok(false);
+        }
+        if let Some(h) = &hdr {
+            let more = wal::scan(self.wal(), h, self.shipped.frames, self.shipped.cksum)?;
+            if !more.commits.is_empty() {
+                return Ok(false);
+            }
+        }
+        self.end_read()?;
+        let ck: rusqlite::Result<(i64, i64, i64)> =
+            self.x.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            });
+        // Re-take R before W is released, whatever the checkpoint did.
+        self.begin_read()?;
+        let (busy, log, done) = ck.context("checkpoint failed")?;
+        tracing::debug!(db = %self.db_path.display(), busy, log, done, "checkpoint");
+        self.restart_ok = true;
+        // Count again from here: no new checkpoint until new commits arrive.
+        self.wal_frames = 0;
+        Ok(true)
     }
 }
