@@ -456,6 +456,21 @@ age-recipients = ["{rcpt}"]
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
     assert!(wait_timeout(&mut child, Duration::from_secs(30)).success());
+    // Encryption configured in the file really is applied (Litestream #790:
+    // encryption silently dropped while the config still parsed it).
+    for r in ["ra", "rb"] {
+        let mut stack = vec![dir.join(r)];
+        let mut n = 0;
+        while let Some(p) = stack.pop() {
+            if p.is_dir() {
+                stack.extend(std::fs::read_dir(&p).unwrap().flatten().map(|e| e.path()));
+            } else {
+                assert_eq!(std::fs::read(&p).unwrap()[11], 1, "{} is not encrypted", p.display());
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "{r}: {n} objects");
+    }
     // restore --config DB_PATH takes URL and identity from the config file.
     let out = offsite()
         .args(["restore", "--config"])
