@@ -52,6 +52,11 @@ impl Options {
     }
 }
 
+/// At most this much WAL is shipped while holding the application's write
+/// lock for a checkpoint (more is shipped without the lock, and the
+/// checkpoint retried).
+const LOCKED_SHIP_MAX_BYTES: u64 = 2 << 20;
+
 /// Objects up to this size are staged in memory, larger ones in a spool file.
 const SPOOL_MEMORY_LIMIT: usize = 8 << 20;
 
@@ -459,6 +464,16 @@ impl Replicator {
             }
             if let Some(p) = src.pending().last() {
                 self.last_time_us = self.last_time_us.max(p.time_us);
+            }
+            // Writers wait while we hold the lock: ship only a little under it.
+            let ps = src.page_size() as u64;
+            let bytes: u64 = src
+                .pending()
+                .iter()
+                .map(|p| p.commit.frames.len() as u64 * ps)
+                .sum();
+            if bytes > LOCKED_SHIP_MAX_BYTES {
+                return Ok(false);
             }
             self.ship_pending().await?;
             let src = self.source.as_mut().unwrap();

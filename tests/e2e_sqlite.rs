@@ -465,7 +465,12 @@ age-recipients = ["{rcpt}"]
             if p.is_dir() {
                 stack.extend(std::fs::read_dir(&p).unwrap().flatten().map(|e| e.path()));
             } else {
-                assert_eq!(std::fs::read(&p).unwrap()[11], 1, "{} is not encrypted", p.display());
+                assert_eq!(
+                    std::fs::read(&p).unwrap()[11],
+                    1,
+                    "{} is not encrypted",
+                    p.display()
+                );
                 n += 1;
             }
         }
@@ -560,9 +565,11 @@ fn replicating_a_restored_database_continues_the_replica() {
     let r = restore(&url, &db2, &["--age-identity", id]);
     assert!(r.ok(), "{}", r.stderr());
     let s = Shipper::start(&db2, &url, &["--age-recipient", &rcpt]);
-    wait_for("the new lineage's snapshot", Duration::from_secs(30), || {
-        latest_txid(&url) == Some(before + 1)
-    });
+    wait_for(
+        "the new lineage's snapshot",
+        Duration::from_secs(30),
+        || latest_txid(&url) == Some(before + 1),
+    );
     workload(&db2, &["--count", "7", "--rate", "100"]);
     let (st, out) = s.stop();
     assert!(st.success(), "{out}");
