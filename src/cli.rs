@@ -136,6 +136,7 @@ pub fn init_logging(format: Option<LogFormat>) {
     };
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         let _ = b.json().try_init();

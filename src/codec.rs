@@ -235,7 +235,7 @@ mod tests {
 
     fn meta() -> EnvelopeMeta {
         EnvelopeMeta {
-            lineage: "0000000000000001-00000000000000aa".into(),
+            lineage: "0000000000000001-000000aa".into(),
             first_txid: 1,
             last_txid: 2,
             resume_at: 0,

@@ -10,7 +10,7 @@ use crate::storage::{ObjectMeta, Storage};
 pub const LINEAGES: &str = "lineages/";
 
 pub fn new_lineage_id(start_txid: u64) -> String {
-    format!("{start_txid:016x}-{:016x}", rand::random::<u64>())
+    format!("{start_txid:016x}-{:08x}", rand::random::<u32>())
 }
 
 pub fn snapshot_key(lineage: &str, txid: u64, time_us: i64) -> String {
@@ -20,17 +20,12 @@ pub fn snapshot_key(lineage: &str, txid: u64, time_us: i64) -> String {
     )
 }
 
-pub fn segment_key(
-    lineage: &str,
-    level: u8,
-    first: u64,
-    last: u64,
-    t_first: i64,
-    t_last: i64,
-) -> String {
+/// Keys are kept short (about 100 bytes plus the replica prefix): LIST
+/// responses stay small, and some S3 servers derive file names from keys.
+pub fn segment_key(lineage: &str, level: u8, first: u64, last: u64, t_last: i64) -> String {
     format!(
-        "{LINEAGES}{lineage}/segments/{level}/{first:016x}-{last:016x}-{:016x}-{:016x}.seg",
-        t_first as u64, t_last as u64
+        "{LINEAGES}{lineage}/segments/{level}/{first:016x}-{last:016x}-{:016x}.seg",
+        t_last as u64
     )
 }
 
@@ -50,7 +45,6 @@ pub struct SegmentEntry {
     pub level: u8,
     pub first_txid: u64,
     pub last_txid: u64,
-    pub first_time_us: i64,
     pub last_time_us: i64,
     pub size: u64,
 }
@@ -70,13 +64,14 @@ fn hex_u64(s: &str) -> Option<u64> {
 
 fn valid_lineage(s: &str) -> bool {
     let mut parts = s.split('-');
+    let random = |r: &str| r.len() == 8 && u32::from_str_radix(r, 16).is_ok();
     matches!(
         (
             parts.next().and_then(hex_u64),
-            parts.next().and_then(hex_u64),
+            parts.next().map(random),
             parts.next()
         ),
-        (Some(_), Some(_), None)
+        (Some(_), Some(true), None)
     )
 }
 
@@ -107,7 +102,7 @@ pub fn parse_key(key: &str, size: u64) -> Option<Entry> {
         ("segments", Some(level), Some(name), None) => {
             let stem = name.strip_suffix(".seg")?;
             let f: Vec<&str> = stem.split('-').collect();
-            if f.len() != 4 {
+            if f.len() != 3 {
                 return None;
             }
             let e = SegmentEntry {
@@ -116,8 +111,7 @@ pub fn parse_key(key: &str, size: u64) -> Option<Entry> {
                 level: level.parse().ok()?,
                 first_txid: hex_u64(f[0])?,
                 last_txid: hex_u64(f[1])?,
-                first_time_us: hex_u64(f[2])? as i64,
-                last_time_us: hex_u64(f[3])? as i64,
+                last_time_us: hex_u64(f[2])? as i64,
                 size,
             };
             if e.last_txid < e.first_txid {
@@ -389,8 +383,11 @@ impl Catalog {
             })?;
         let mut segments = lineage.chain(&snapshot, stop_txid)?;
         if let Some(t) = stop_time {
-            // Segments that start after the target time are not needed.
-            segments.retain(|s| s.first_time_us <= t);
+            // Commit times never decrease: once a segment ends after the
+            // target time, the segments after it are not needed.
+            if let Some(i) = segments.iter().position(|s| s.last_time_us > t) {
+                segments.truncate(i + 1);
+            }
         }
         Ok(Plan {
             lineage: lineage.id.clone(),
@@ -436,14 +433,14 @@ mod tests {
 
     #[test]
     fn keys_roundtrip_and_plan() {
-        let l1 = "0000000000000001-00000000000000aa".to_string();
-        let l2 = "0000000000000006-00000000000000bb".to_string();
+        let l1 = "0000000000000001-000000aa".to_string();
+        let l2 = "0000000000000006-000000bb".to_string();
         let objs = vec![
             om(snapshot_key(&l1, 1, 100)),
-            om(segment_key(&l1, 0, 2, 3, 200, 300)),
-            om(segment_key(&l1, 0, 4, 5, 400, 500)),
+            om(segment_key(&l1, 0, 2, 3, 300)),
+            om(segment_key(&l1, 0, 4, 5, 500)),
             om(snapshot_key(&l2, 6, 600)),
-            om(segment_key(&l2, 0, 7, 9, 700, 900)),
+            om(segment_key(&l2, 0, 7, 9, 900)),
             om("lineages/junk".into()),
         ];
         let c = Catalog::from_list(&objs);
@@ -458,8 +455,12 @@ mod tests {
         assert_eq!((p.lineage.as_str(), p.segments.len()), (l1.as_str(), 1));
         let p = c.plan(Target::Time(450)).unwrap();
         assert_eq!((p.lineage.as_str(), p.segments.len()), (l1.as_str(), 2));
+        // The first segment after the snapshot may hold commits at or before
+        // the target time; restore stops inside it at the exact commit.
         let p = c.plan(Target::Time(650)).unwrap();
-        assert_eq!((p.lineage.as_str(), p.segments.len()), (l2.as_str(), 0));
+        assert_eq!((p.lineage.as_str(), p.segments.len()), (l2.as_str(), 1));
+        let p = c.plan(Target::Time(350)).unwrap();
+        assert_eq!(p.segments.len(), 2, "ends with the first segment that passes the time");
         assert!(c.plan(Target::Time(50)).is_err());
         assert!(c.plan(Target::Txid(10)).is_err());
         // A missing middle segment is a gap, reported with the txid.

@@ -629,7 +629,7 @@ fn build_segment(
         }
         sw.end_commit(ck)?;
     }
-    let (t_first, t_last) = (commits[0].time_us, commits[n - 1].time_us);
+    let t_last = commits[n - 1].time_us;
     let spool = sw.finish()?.finish()?;
     // The pages are valid only if the WAL was not restarted while we read them.
     if !src.wal_unchanged()? {
@@ -637,7 +637,7 @@ fn build_segment(
     }
     let (body, tmp) = spool.into_body()?;
     Ok(Staged {
-        key: layout::segment_key(lineage, 0, first, last, t_first, t_last),
+        key: layout::segment_key(lineage, 0, first, last, t_last),
         body,
         _tmp: tmp,
         raw_bytes: raw,

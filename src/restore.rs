@@ -350,12 +350,6 @@ fn apply_segment(
             head.txid == h.first_txid + i as u64,
             "commit txids are not consecutive"
         );
-        if i == 0 {
-            ensure!(
-                head.time_us == seg.first_time_us,
-                "first commit time differs from the object name"
-            );
-        }
         if i + 1 == h.commit_count {
             ensure!(
                 head.time_us == seg.last_time_us,
