@@ -460,7 +460,11 @@ mod tests {
         let p = c.plan(Target::Time(650)).unwrap();
         assert_eq!((p.lineage.as_str(), p.segments.len()), (l2.as_str(), 1));
         let p = c.plan(Target::Time(350)).unwrap();
-        assert_eq!(p.segments.len(), 2, "ends with the first segment that passes the time");
+        assert_eq!(
+            p.segments.len(),
+            2,
+            "ends with the first segment that passes the time"
+        );
         assert!(c.plan(Target::Time(50)).is_err());
         assert!(c.plan(Target::Txid(10)).is_err());
         // A missing middle segment is a gap, reported with the txid.

@@ -36,8 +36,9 @@ pub struct RestoreReport {
     pub bytes_downloaded: u64,
 }
 
-/// Objects above this size are downloaded to a temp file instead of memory.
-const MEMORY_LIMIT: u64 = 32 << 20;
+/// Objects above this size are downloaded to a temp file instead of memory
+/// (with 8 downloads in flight, at most 64 MiB of objects are in memory).
+const MEMORY_LIMIT: u64 = 8 << 20;
 
 fn sidecar(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();

@@ -90,12 +90,12 @@ impl Shipper {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// SIGTERM and wait (at most 60 s).
+    /// SIGTERM and wait (at most 90 s; offsite's own shutdown timeout is 60 s).
     pub fn stop(mut self) -> (ExitStatus, String) {
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
         }
-        let st = wait_timeout(&mut self.child, Duration::from_secs(60));
+        let st = wait_timeout(&mut self.child, Duration::from_secs(90));
         (st, self.log_text())
     }
 
