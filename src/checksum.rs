@@ -12,6 +12,15 @@ impl Checksum {
         hex::encode(self.0)
     }
 
+    /// first16(BLAKE3("offsite-state-tag-v1" || checksum)), stored in plaintext
+    /// envelopes so a shipper without keys can recognise a state.
+    pub fn state_tag(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(b"offsite-state-tag-v1");
+        h.update(&self.0);
+        hex::encode(&h.finalize().as_bytes()[..16])
+    }
+
     pub fn from_hex(s: &str) -> anyhow::Result<Self> {
         let v = hex::decode(s).map_err(|e| anyhow::anyhow!("invalid checksum {s:?}: {e}"))?;
         let arr: [u8; 16] = v

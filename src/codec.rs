@@ -71,6 +71,8 @@ pub struct EnvelopeMeta {
     /// Source-specific position hint (SQLite: WAL frames shipped in the current WAL).
     pub resume_at: u64,
     pub resume_tag: String,
+    /// Hash of the state checksum alone (docs/FORMAT.md, "Resume tag").
+    pub state_tag: String,
 }
 
 #[derive(Debug, Clone)]
@@ -240,6 +242,7 @@ mod tests {
             last_txid: 2,
             resume_at: 0,
             resume_tag: "00".repeat(16),
+            state_tag: "00".repeat(16),
         }
     }
 
@@ -247,7 +250,7 @@ mod tests {
     fn roundtrip_encrypted_and_plain() {
         let (id, rcpt) = keys::generate();
         let ids = keys::Identities::from_x25519(vec![id]);
-        let recipients = keys::Recipients::parse_list(&[rcpt.clone()]).unwrap();
+        let recipients = keys::Recipients::parse_list(std::slice::from_ref(&rcpt)).unwrap();
         for enc in [Encryption::None, Encryption::Age(recipients)] {
             let env = Envelope::new(ObjectKind::Segment, &enc, meta());
             let mut w = ObjectWriter::new(Vec::new(), &env, &enc).unwrap();

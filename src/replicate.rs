@@ -255,7 +255,7 @@ impl Replicator {
                 if env.encrypted { "without encryption" } else { "with age encryption" },
             );
         }
-        match self.try_resume(&l.id, &head, env.meta.resume_at, &env.meta.resume_tag)? {
+        match self.try_resume(&l.id, &head, &env.meta)? {
             Ok(()) => Ok(()),
             Err(b) => self.new_lineage(&b.reason).await,
         }
@@ -265,9 +265,9 @@ impl Replicator {
         &mut self,
         lineage: &str,
         head: &HeadObject,
-        resume_at: u64,
-        tag: &str,
+        meta: &EnvelopeMeta,
     ) -> anyhow::Result<Result<(), Break>> {
+        let (resume_at, tag) = (meta.resume_at, meta.resume_tag.as_str());
         // Find the local WAL position with the replica's frame count, then
         // prove it (and the database state there) against the tag.
         let src = self.source.as_mut().unwrap();
@@ -283,6 +283,32 @@ impl Replicator {
                 self.lineage = Some(lineage.to_string());
                 return Ok(Ok(()));
             }
+        }
+        // The WAL offsite shipped from is gone (typically: the application
+        // closed last, so SQLite checkpointed and deleted it). If the database
+        // file alone is still exactly the replica's newest state, continue
+        // from the start of the current WAL: whatever it holds was written on
+        // top of that state.
+        let start = WalPos {
+            page_size: src.page_size(),
+            salt1: 0,
+            salt2: 0,
+            ckpt_seq: 0,
+            frames: 0,
+            cksum: (0, 0),
+        };
+        let want = meta.state_tag.as_str();
+        let untouched = src.wal_untouched_by_checkpoints();
+        if !untouched {
+            return Ok(Err(Break::hard(
+                "the WAL offsite shipped from is gone and the current one was already checkpointed",
+            )));
+        }
+        if let Ok(state) = blocking(|| src.resume(&start, |_, ck| ck.state_tag() == want))? {
+            tracing::info!(db = %self.opts.db_path.display(), lineage, txid = head.last_txid(), "resuming replication: the database file is the replica's newest state");
+            self.state = Some(state);
+            self.lineage = Some(lineage.to_string());
+            return Ok(Ok(()));
         }
         Ok(Err(Break::hard(
             "the local database is not at the replica's newest state (the WAL was checkpointed or changed while offsite was not running)",
@@ -324,6 +350,7 @@ impl Replicator {
                     last_txid: txid,
                     resume_at: view.pos.frames as u64,
                     resume_tag: view.pos.resume_tag(&ck),
+                    state_tag: ck.state_tag(),
                 },
             );
             let header = SnapshotHeader {
@@ -599,6 +626,7 @@ fn build_segment(
             last_txid: last,
             resume_at: pos.frames as u64,
             resume_tag: pos.resume_tag(sums.last().unwrap()),
+            state_tag: sums.last().unwrap().state_tag(),
         },
     );
     let header = SegmentHeader {

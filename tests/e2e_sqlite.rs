@@ -565,23 +565,22 @@ fn replicating_a_restored_database_continues_the_replica() {
     let r = restore(&url, &db2, &["--age-identity", id]);
     assert!(r.ok(), "{}", r.stderr());
     let s = Shipper::start(&db2, &url, &["--age-recipient", &rcpt]);
-    wait_for(
-        "the new lineage's snapshot",
-        Duration::from_secs(30),
-        || latest_txid(&url) == Some(before + 1),
-    );
+    wait_for("offsite to start", Duration::from_secs(30), || {
+        s.log_text().contains("resuming replication")
+    });
     workload(&db2, &["--count", "7", "--rate", "100"]);
     let (st, out) = s.stop();
     assert!(st.success(), "{out}");
+    // The restored file is exactly the replica's newest state: offsite
+    // recognises it (state tag) and continues the same lineage, no snapshot.
+    assert!(
+        out.contains("the database file is the replica's newest state"),
+        "{out}"
+    );
     let l = list_json(&url);
     let lineages = l["lineages"].as_array().unwrap();
-    assert_eq!(lineages.len(), 2, "{l}");
-    assert_eq!(
-        lineages[1]["earliest"]["txid"].as_u64(),
-        Some(before + 1),
-        "{l}"
-    );
-    assert_eq!(l["latest"]["txid"].as_u64(), Some(before + 8), "{l}");
+    assert_eq!(lineages.len(), 1, "{l}");
+    assert_eq!(l["latest"]["txid"].as_u64(), Some(before + 7), "{l}");
     let out_db = dir.join("final.db");
     let r = restore(&url, &out_db, &["--age-identity", id]);
     assert!(r.ok(), "{}", r.stderr());
@@ -673,4 +672,62 @@ fn a_transaction_larger_than_memory_staging_and_multipart() {
         assert!(r.ok(), "{}: {}", target.name, r.stderr());
         assert_eq!(verify(&out_db), 5);
     }
+}
+
+#[test]
+fn restart_after_the_application_checkpointed_and_deleted_the_wal_resumes() {
+    // A pod restart: offsite stops after shipping everything, the application
+    // closes last (SQLite checkpoints and deletes the WAL), the application
+    // starts again and writes before offsite is back. The database file is
+    // still exactly the replica's newest state, so offsite continues the
+    // lineage instead of uploading a new snapshot.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let url = format!("file://{}", dir.join("replica").display());
+    let db = dir.join("app.db");
+    let log = dir.join("commits.log");
+    let logs = log.to_str().unwrap();
+    let (key, rcpt) = keygen(dir);
+    workload(&db, &["--count", "10", "--log", logs]);
+    let s = Shipper::start(&db, &url, &["--age-recipient", &rcpt]);
+    workload(&db, &["--count", "10", "--rate", "100", "--log", logs]);
+    let (st, _) = s.stop();
+    assert!(st.success());
+    // The application opens and closes: last connection, WAL checkpointed and deleted.
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let n: i64 = c.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+        assert!(n > 0);
+    }
+    assert!(
+        !dir.join("app.db-wal").exists(),
+        "SQLite should have deleted the WAL"
+    );
+    // The application is back and writes 5 commits before offsite starts.
+    let p = offsite::workload::Params {
+        big_every: 0,
+        big_bytes: 0,
+    };
+    let mut app = offsite::workload::open(&db, &p).unwrap();
+    for n in 21..=25 {
+        offsite::workload::commit(&mut app, &p, n).unwrap();
+    }
+    let s = Shipper::start(&db, &url, &["--age-recipient", &rcpt]);
+    wait_for("offsite to start", Duration::from_secs(30), || {
+        let t = s.log_text();
+        t.contains("resuming replication") || t.contains("starting a new lineage")
+    });
+    drop(app);
+    let (st, out) = s.stop();
+    assert!(st.success(), "{out}");
+    assert!(
+        out.contains("the database file is the replica's newest state"),
+        "{out}"
+    );
+    let l = list_json(&url);
+    assert_eq!(l["lineages"].as_array().unwrap().len(), 1, "{l}\n{out}");
+    let out_db = dir.join("r.db");
+    let r = restore(&url, &out_db, &["--age-identity", key.to_str().unwrap()]);
+    assert!(r.ok(), "{}", r.stderr());
+    assert_eq!(verify(&out_db), 25);
 }

@@ -695,6 +695,20 @@ impl SqliteSource {
         backfilled >= mx
     }
 
+    /// True if no frame of the current WAL has been copied into the database
+    /// (wal-index nBackfill is 0): the database file is then the state the
+    /// whole current WAL was written on top of.
+    pub fn wal_untouched_by_checkpoints(&self) -> bool {
+        let Some(f) = &self.shm else {
+            return false;
+        };
+        let mut b = [0u8; 100];
+        if f.read_exact_at(&mut b, 0).is_err() {
+            return false;
+        }
+        u32::from_ne_bytes(b[96..100].try_into().unwrap()) == 0
+    }
+
     /// Let an application's RESTART/TRUNCATE checkpoint finish instead of
     /// waiting for its busy timeout on offsite's read lock (Litestream #724).
     /// Only when everything committed is shipped; the checkpointer holds the
