@@ -195,13 +195,9 @@ fn application_truncate_checkpoints_complete_while_offsite_runs() {
     // wait for it (holding the write lock) until its busy timeout. offsite
     // steps aside once everything is shipped, then proves the database still
     // continues the replica instead of starting a new lineage.
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let url = format!("file://{}", dir.join("replica").display());
-    let db = dir.join("app.db");
-    let log = dir.join("commits.log");
+    let (_tmp, dir_buf, url, db, log, key, rcpt) = file_fixture();
+    let dir = dir_buf.as_path();
     let logs = log.to_str().unwrap();
-    let (key, rcpt) = keygen(dir);
     workload(&db, &["--count", "10", "--log", logs]);
     let s = Shipper::start(&db, &url, &["--age-recipient", &rcpt]);
     wait_for("snapshot", Duration::from_secs(30), || {
@@ -316,13 +312,9 @@ fn kill9_restart_resumes_without_gap_or_duplicate() {
 
 #[test]
 fn wal_reset_while_offsite_is_down_starts_a_new_lineage() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let url = format!("file://{}", dir.join("replica").display());
-    let db = dir.join("app.db");
-    let log = dir.join("commits.log");
+    let (_tmp, dir_buf, url, db, log, key, rcpt) = file_fixture();
+    let dir = dir_buf.as_path();
     let logs = log.to_str().unwrap();
-    let (key, rcpt) = keygen(dir);
     workload(&db, &["--count", "20", "--log", logs]);
     let s = Shipper::start(&db, &url, &["--age-recipient", &rcpt]);
     workload(&db, &["--count", "30", "--rate", "200", "--log", logs]);
@@ -591,13 +583,9 @@ fn replicating_a_restored_database_continues_the_replica() {
 fn wal_stays_bounded_under_a_steady_writer() {
     // offsite's read lock stops the application's own checkpoints, so offsite
     // must checkpoint even when the writer never pauses.
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let url = format!("file://{}", dir.join("replica").display());
-    let db = dir.join("app.db");
-    let log = dir.join("commits.log");
+    let (_tmp, dir_buf, url, db, log, key, rcpt) = file_fixture();
+    let dir = dir_buf.as_path();
     let logs = log.to_str().unwrap();
-    let (key, rcpt) = keygen(dir);
     workload(&db, &["--count", "5", "--log", logs]);
     let s = Shipper::start(
         &db,
@@ -681,13 +669,9 @@ fn restart_after_the_application_checkpointed_and_deleted_the_wal_resumes() {
     // starts again and writes before offsite is back. The database file is
     // still exactly the replica's newest state, so offsite continues the
     // lineage instead of uploading a new snapshot.
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let url = format!("file://{}", dir.join("replica").display());
-    let db = dir.join("app.db");
-    let log = dir.join("commits.log");
+    let (_tmp, dir_buf, url, db, log, key, rcpt) = file_fixture();
+    let dir = dir_buf.as_path();
     let logs = log.to_str().unwrap();
-    let (key, rcpt) = keygen(dir);
     workload(&db, &["--count", "10", "--log", logs]);
     let s = Shipper::start(&db, &url, &["--age-recipient", &rcpt]);
     workload(&db, &["--count", "10", "--rate", "100", "--log", logs]);
@@ -696,7 +680,9 @@ fn restart_after_the_application_checkpointed_and_deleted_the_wal_resumes() {
     // The application opens and closes: last connection, WAL checkpointed and deleted.
     {
         let c = rusqlite::Connection::open(&db).unwrap();
-        let n: i64 = c.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap();
         assert!(n > 0);
     }
     assert!(

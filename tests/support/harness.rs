@@ -49,6 +49,33 @@ pub fn targets(dir: &Path) -> Vec<Target> {
     v
 }
 
+/// The usual test setup: a temp dir holding `app.db`, a `file://` replica,
+/// a writer log and an age key pair. Returns (guard, dir, url, db, log,
+/// identity file, recipient).
+pub fn file_fixture() -> (
+    tempfile::TempDir,
+    PathBuf,
+    String,
+    PathBuf,
+    PathBuf,
+    PathBuf,
+    String,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let url = format!("file://{}", dir.join("replica").display());
+    let (key, rcpt) = keygen(&dir);
+    (
+        tmp,
+        dir.clone(),
+        url,
+        dir.join("app.db"),
+        dir.join("commits.log"),
+        key,
+        rcpt,
+    )
+}
+
 /// A new identity; returns (identity file, recipient).
 pub fn keygen(dir: &Path) -> (PathBuf, String) {
     let p = dir.join(format!("key-{:08x}.txt", rand::random::<u32>()));
