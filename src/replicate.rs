@@ -4,7 +4,6 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -148,14 +147,6 @@ pub struct Replicator {
 
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
-}
-
-/// Stats of one shipped object, for logs (and later, metrics).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Shipped {
-    pub commits: usize,
-    pub raw_bytes: u64,
-    pub stored_bytes: u64,
 }
 
 impl Replicator {
@@ -605,8 +596,9 @@ fn build_segment(
     // Pass 1: per-commit state checksums (the state is journaled by the caller).
     let mut sums: Vec<Checksum> = Vec::with_capacity(n);
     let mut raw = 0u64;
-    for c in commits {
-        for (pgno, idx) in c.page_frames() {
+    let frames: Vec<Vec<(u32, u32)>> = commits.iter().map(|c| c.page_frames()).collect();
+    for (c, pages) in commits.iter().zip(&frames) {
+        for &(pgno, idx) in pages {
             src.read_frame(idx, &mut buf)?;
             state.set_page(pgno, &buf);
             raw += ps as u64;
@@ -643,15 +635,14 @@ fn build_segment(
     let ow = ObjectWriter::new(Spool::new(spool_dir), &env, enc)?;
     let mut sw = SegmentWriter::new(ow, &header)?;
     // Pass 2: write the records.
-    for (c, ck) in commits.iter().zip(&sums) {
-        let frames = c.page_frames();
+    for ((c, ck), pages) in commits.iter().zip(&sums).zip(&frames) {
         sw.begin_commit(CommitHead {
             txid: c.txid,
             time_us: c.time_us,
             db_pages: c.commit.db_pages,
-            records: frames.len() as u32,
+            records: pages.len() as u32,
         })?;
-        for (pgno, idx) in frames {
+        for &(pgno, idx) in pages {
             src.read_frame(idx, &mut buf)?;
             sw.write_record(pgno, &buf)?;
         }
@@ -726,5 +717,3 @@ pub fn spool_dir(base: Option<PathBuf>) -> anyhow::Result<tempfile::TempDir> {
         .tempdir_in(&base)
         .with_context(|| format!("cannot create a spool directory in {}", base.display()))
 }
-
-pub type SharedStore = Arc<dyn crate::storage::Storage>;

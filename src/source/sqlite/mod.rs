@@ -160,7 +160,6 @@ pub struct SqliteSource {
     restart_ok: bool,
     /// Valid committed frames seen in the current WAL (for the checkpoint threshold).
     wal_frames: u32,
-    pub busy_timeout: Duration,
 }
 
 fn ino(md: &std::fs::Metadata) -> (u64, u64) {
@@ -231,7 +230,6 @@ impl SqliteSource {
             pending: Vec::new(),
             restart_ok: false,
             wal_frames: 0,
-            busy_timeout: Duration::from_secs(5),
         };
         s.begin_read()?;
         let mut shm = s.db_path.clone().into_os_string();

@@ -139,6 +139,11 @@ pub fn read_header(file: &File) -> io::Result<Option<WalHeader>> {
 /// frames of an unfinished transaction are ignored.
 pub fn scan(file: &File, hdr: &WalHeader, start: u32, start_cksum: (u32, u32)) -> io::Result<Scan> {
     let fsize = hdr.frame_size() as usize;
+    // The common case of an idle database: no complete frame after `start`.
+    // Return before allocating the read buffer.
+    if file.metadata()?.len() < hdr.frame_offset(start + 1) + fsize as u64 {
+        return Ok(Scan::default());
+    }
     let mut f = file.try_clone()?;
     f.seek(SeekFrom::Start(hdr.frame_offset(start + 1)))?;
     let mut reader = io::BufReader::with_capacity(1 << 20, f);
