@@ -77,7 +77,17 @@ if [[ ! -x $OFFSITE_BIN || ! -x $WORKLOAD_BIN ]]; then
     cargo build --release --bins >&2
     [[ -x $OFFSITE_BIN && -x $WORKLOAD_BIN ]] || die "binaries not found after the build: $OFFSITE_BIN $WORKLOAD_BIN"
 fi
-command -v sqlite3 >/dev/null || die "the sqlite3 CLI is needed (to check restored databases)"
+# Tools the measurements use, from Debian's packages: installed when missing
+# (a fresh machine has none of them).
+missing=()
+for t in sqlite3:sqlite3 jq:jq /usr/bin/time:time zstd:zstd; do
+    command -v "${t%%:*}" >/dev/null || missing+=("${t#*:}")
+done
+if ((${#missing[@]})); then
+    log "installing ${missing[*]} (apt-get)"
+    { apt-get update -qq && apt-get install -y -qq "${missing[@]}"; } >&2 ||
+        die "could not install ${missing[*]}; install them and run again"
+fi
 command -v python3 >/dev/null || die "python3 is needed (to compute the report)"
 
 # ------------------------------------------------------------------ cleanup
