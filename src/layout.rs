@@ -130,6 +130,8 @@ pub struct Lineage {
     /// Level-0 segments by first txid; more than one entry for a txid means
     /// conflicting writers.
     pub segments: BTreeMap<u64, Vec<SegmentEntry>>,
+    /// Compacted segments (level 1 and up) by first txid.
+    pub compacted: BTreeMap<u64, Vec<SegmentEntry>>,
 }
 
 impl Lineage {
@@ -161,43 +163,111 @@ impl Lineage {
             + self
                 .segments
                 .values()
+                .chain(self.compacted.values())
                 .flatten()
                 .map(|s| s.size)
                 .sum::<u64>()
     }
 
     pub fn object_count(&self) -> usize {
-        self.snapshots.len() + self.segments.values().map(|v| v.len()).sum::<usize>()
+        self.snapshots.len()
+            + self
+                .segments
+                .values()
+                .chain(self.compacted.values())
+                .map(|v| v.len())
+                .sum::<usize>()
     }
 
-    /// Walk the chain from `snap` forward, following first_txid = previous
-    /// last + 1, while `want(segment)` says to continue. Fails on a gap
-    /// before `until_txid` and on conflicting segments.
+    /// Every object of the lineage.
+    pub fn keys(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.snapshots
+            .iter()
+            .map(|s| (s.key.as_str(), s.size))
+            .chain(
+                self.segments
+                    .values()
+                    .chain(self.compacted.values())
+                    .flatten()
+                    .map(|s| (s.key.as_str(), s.size)),
+            )
+    }
+
+    /// The level-0 segment that continues txid `at`. Fails on a gap and on
+    /// conflicting segments; `prev_key` names the object before the gap.
+    pub fn next_l0(
+        &self,
+        at: u64,
+        until_txid: u64,
+        prev_key: &str,
+    ) -> anyhow::Result<&SegmentEntry> {
+        match self.segments.get(&(at + 1)).map(|v| v.as_slice()) {
+            Some([one]) => Ok(one),
+            Some(many) => bail!(
+                "conflicting segments start at txid {} in lineage {} ({}); were two offsite processes shipping to this replica?",
+                at + 1,
+                self.id,
+                many.iter().map(|s| s.key.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+            None => bail!(
+                "replica has a gap: no segment starts at txid {} in lineage {} (needed to reach txid {until_txid}); the object after {prev_key} is missing",
+                at + 1,
+                self.id,
+            ),
+        }
+    }
+
+    /// Walk the level-0 chain from `snap` to `until_txid`.
     pub fn chain(
         &self,
         snap: &SnapshotEntry,
         until_txid: u64,
     ) -> anyhow::Result<Vec<SegmentEntry>> {
-        let mut out = Vec::new();
+        self.route(snap, until_txid, None, false)
+    }
+
+    /// The objects that take the state at `snap` to `until_txid` (or, with
+    /// `stop_time`, to the last commit at or before it). With `compacted`,
+    /// each step takes the object starting right after the current txid
+    /// that reaches furthest without passing the target: a compacted segment
+    /// (applied whole) where one fits, else the level-0 segment (which may be
+    /// applied in part). Restores read a bounded number of objects: a few per
+    /// level, plus the level-0 segments of the last, partial window.
+    pub fn route(
+        &self,
+        snap: &SnapshotEntry,
+        until_txid: u64,
+        stop_time: Option<i64>,
+        compacted: bool,
+    ) -> anyhow::Result<Vec<SegmentEntry>> {
+        let mut out: Vec<SegmentEntry> = Vec::new();
         let mut at = snap.txid;
         while at < until_txid {
-            match self.segments.get(&(at + 1)).map(|v| v.as_slice()) {
-                Some([one]) => {
-                    at = one.last_txid;
-                    out.push(one.clone());
-                }
-                Some(many) => bail!(
-                    "conflicting segments start at txid {} in lineage {} ({}); were two offsite processes shipping to this replica?",
-                    at + 1,
-                    self.id,
-                    many.iter().map(|s| s.key.as_str()).collect::<Vec<_>>().join(", ")
-                ),
-                None => bail!(
-                    "replica has a gap: no segment starts at txid {} in lineage {} (needed to reach txid {until_txid}); the object after {} is missing",
-                    at + 1,
-                    self.id,
-                    out.last().map(|s: &SegmentEntry| s.key.clone()).unwrap_or_else(|| snap.key.clone())
-                ),
+            let jump = if compacted {
+                self.compacted
+                    .get(&(at + 1))
+                    .into_iter()
+                    .flatten()
+                    .filter(|c| {
+                        c.last_txid <= until_txid && stop_time.is_none_or(|t| c.last_time_us <= t)
+                    })
+                    .max_by_key(|c| (c.last_txid, c.level))
+            } else {
+                None
+            };
+            if let Some(c) = jump {
+                at = c.last_txid;
+                out.push(c.clone());
+                continue;
+            }
+            let prev = out.last().map(|s| s.key.as_str()).unwrap_or(&snap.key);
+            let one = self.next_l0(at, until_txid, prev)?.clone();
+            at = one.last_txid;
+            let past = stop_time.is_some_and(|t| one.last_time_us > t);
+            out.push(one);
+            if past {
+                // Commit times never decrease: the target lies inside this segment.
+                break;
             }
         }
         Ok(out)
@@ -284,7 +354,7 @@ impl Catalog {
                     if g.level == 0 {
                         l.segments.entry(g.first_txid).or_default().push(g);
                     } else {
-                        c.ignored.push(g.key);
+                        l.compacted.entry(g.first_txid).or_default().push(g);
                     }
                 }
                 None => c.ignored.push(o.key.clone()),
@@ -381,14 +451,7 @@ impl Catalog {
                     lineage.id
                 )
             })?;
-        let mut segments = lineage.chain(&snapshot, stop_txid)?;
-        if let Some(t) = stop_time {
-            // Commit times never decrease: once a segment ends after the
-            // target time, the segments after it are not needed.
-            if let Some(i) = segments.iter().position(|s| s.last_time_us > t) {
-                segments.truncate(i + 1);
-            }
-        }
+        let segments = lineage.route(&snapshot, stop_txid, stop_time, true)?;
         Ok(Plan {
             lineage: lineage.id.clone(),
             snapshot,

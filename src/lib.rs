@@ -6,7 +6,9 @@
 
 pub mod checksum;
 pub mod cli;
+pub mod clock;
 pub mod codec;
+pub mod compact;
 pub mod config;
 pub mod keys;
 pub mod layout;

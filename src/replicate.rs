@@ -631,6 +631,8 @@ fn build_segment(
         last_txid: last,
         commit_count: n as u32,
         prev_checksum: prev.to_hex(),
+        level: 0,
+        truncate_to: None,
     };
     let ow = ObjectWriter::new(Spool::new(spool_dir), &env, enc)?;
     let mut sw = SegmentWriter::new(ow, &header)?;

@@ -347,9 +347,18 @@ fn apply_segment(
     let mut last = None;
     for i in 0..h.commit_count {
         let head = br.read_commit_head()?;
+        // A compacted segment holds one merged commit, named by its last txid.
+        let want = if h.level == 0 {
+            h.first_txid + i as u64
+        } else {
+            h.last_txid
+        };
+        ensure!(head.txid == want, "commit txids are not consecutive");
         ensure!(
-            head.txid == h.first_txid + i as u64,
-            "commit txids are not consecutive"
+            h.level == seg.level,
+            "segment level {} differs from its name's level {}",
+            h.level,
+            seg.level
         );
         if i + 1 == h.commit_count {
             ensure!(
@@ -362,6 +371,14 @@ fn apply_segment(
                 // The target lies before this commit: stop here.
                 return Ok((last, true));
             }
+        }
+        if let Some(t) = h.truncate_to {
+            ensure!(
+                t <= head.db_pages && t <= state.pages().max(t),
+                "compacted segment truncation size {t} is invalid"
+            );
+            out.set_len(t as u64 * ps as u64)?;
+            state.resize(t);
         }
         for _ in 0..head.records {
             let pgno = br.read_record(&mut buf)?;

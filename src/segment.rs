@@ -40,6 +40,21 @@ pub struct SegmentHeader {
     pub last_txid: u64,
     pub commit_count: u32,
     pub prev_checksum: String,
+    /// Compaction level: 0 for shipped segments (every commit kept); 1 and
+    /// up for compacted segments, which hold one merged commit (the newest
+    /// version of every page written in the range). Absent means 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub level: u8,
+    /// Compacted segments only: the smallest database size (pages) seen in
+    /// the range. A reader truncates to it before writing the pages, so pages
+    /// dropped and re-grown inside the range read as zeros, as they would
+    /// after applying every commit in turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncate_to: Option<u32>,
+}
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
 }
 
 /// Fixed-size head of one commit inside a segment.
@@ -265,10 +280,21 @@ impl<R: Read> BodyReader<R> {
                     "segment txid range differs from its envelope"
                 );
                 ensure!(
-                    h.last_txid >= h.first_txid
-                        && h.last_txid - h.first_txid + 1 == h.commit_count as u64,
-                    "segment commit count does not match its txid range"
+                    h.last_txid >= h.first_txid,
+                    "segment txid range is inverted"
                 );
+                if h.level == 0 {
+                    ensure!(
+                        h.last_txid - h.first_txid + 1 == h.commit_count as u64
+                            && h.truncate_to.is_none(),
+                        "segment commit count does not match its txid range"
+                    );
+                } else {
+                    ensure!(
+                        h.commit_count == 1 && h.truncate_to.is_some(),
+                        "compacted segment must hold exactly one merged commit and its truncation size"
+                    );
+                }
                 check_common(&h.payload, &h.lineage, h.page_size, &h.envelope_blake3, env)?;
                 br.page_size = h.page_size as usize;
                 Header::Segment(h)
