@@ -14,6 +14,7 @@ pub mod keys;
 pub mod layout;
 pub mod replicate;
 pub mod restore;
+pub mod retention;
 pub mod segment;
 pub mod source;
 pub mod storage;

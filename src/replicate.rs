@@ -11,7 +11,9 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::checksum::{Checksum, PageState};
+use crate::clock::Clock;
 use crate::codec::{Encryption, Envelope, EnvelopeMeta, ObjectKind, ObjectWriter};
+use crate::compact::{Closed, Compactor};
 use crate::layout::{self, Catalog, HeadObject};
 use crate::segment::{
     CommitHead, SegmentHeader, SegmentWriter, SnapshotHeader, SnapshotWriter, PAYLOAD_SQLITE_PAGES,
@@ -35,6 +37,19 @@ pub struct Options {
     pub spool_dir: PathBuf,
     /// How long shutdown may spend shipping what is pending.
     pub shutdown_timeout: Duration,
+    /// The clock commit times and schedules read (tests inject one).
+    pub clock: Clock,
+    /// Window lengths of compaction levels 1.. (empty: no compaction).
+    pub compaction_levels: Vec<Duration>,
+    /// Take a new snapshot inside the lineage this long after the last one
+    /// (if anything was committed since).
+    pub snapshot_interval: Option<Duration>,
+    /// Pruning after uploads (None: the replica is never pruned by the daemon).
+    pub retention: Option<crate::retention::Policy>,
+    /// How often pruning may run (it runs only after something was uploaded).
+    pub prune_interval: Duration,
+    /// Name of the replica, for logs.
+    pub replica_name: String,
 }
 
 impl Options {
@@ -47,6 +62,12 @@ impl Options {
             max_segment_bytes: 64 << 20,
             spool_dir,
             shutdown_timeout: Duration::from_secs(60),
+            clock: Clock::system(),
+            compaction_levels: crate::compact::DEFAULT_LEVELS.to_vec(),
+            snapshot_interval: Some(Duration::from_secs(24 * 3600)),
+            retention: None,
+            prune_interval: Duration::from_secs(3600),
+            replica_name: String::new(),
         }
     }
 }
@@ -126,6 +147,9 @@ struct Staged {
     body: Body,
     _tmp: Option<tempfile::NamedTempFile>,
     raw_bytes: u64,
+    /// Segments: the state checksum before the first commit and after each.
+    prev: Option<Checksum>,
+    sums: Vec<Checksum>,
 }
 
 pub struct Replicator {
@@ -143,6 +167,14 @@ pub struct Replicator {
     retry_at: Option<Instant>,
     last_time_us: i64,
     checkpoint_misses: u32,
+    compactor: Option<Compactor>,
+    /// Closed compaction windows waiting for upload, with their lineage.
+    closed: std::collections::VecDeque<(String, Closed)>,
+    /// Txid and time of the newest snapshot of the current lineage.
+    last_snapshot: (u64, i64),
+    last_prune_us: i64,
+    uploaded_since_prune: bool,
+    prune_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -165,7 +197,26 @@ impl Replicator {
             retry_at: None,
             last_time_us: 0,
             checkpoint_misses: 0,
+            compactor: None,
+            closed: Default::default(),
+            last_snapshot: (0, 0),
+            last_prune_us: 0,
+            uploaded_since_prune: false,
+            prune_task: None,
         }
+    }
+
+    fn now_us(&self) -> i64 {
+        self.opts.clock.now_us()
+    }
+
+    fn reset_compactor(&mut self) {
+        let ps = self.source.as_ref().map(|s| s.page_size()).unwrap_or(4096) as usize;
+        self.compactor = Some(Compactor::new(
+            &self.opts.compaction_levels,
+            ps,
+            self.opts.spool_dir.clone(),
+        ));
     }
 
     fn db(&self) -> String {
@@ -247,7 +298,16 @@ impl Replicator {
             );
         }
         match self.try_resume(&l.id, &head, &env.meta)? {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.last_snapshot = l
+                    .snapshots
+                    .last()
+                    .map(|s| (s.txid, s.time_us))
+                    .unwrap_or((0, 0));
+                self.last_time_us = self.last_time_us.max(head.last_time_us());
+                self.reset_compactor();
+                Ok(())
+            }
             Err(b) => self.new_lineage(&b.reason).await,
         }
     }
@@ -311,85 +371,81 @@ impl Replicator {
         // so the new lineage continues right after the highest stored txid.
         let txid = self.stored_txid + 1;
         let lineage = layout::new_lineage_id(txid);
-        tracing::warn!(db = %self.db(), %lineage, txid, reason = why, "starting a new lineage with a snapshot");
+        tracing::warn!(db = %self.db(), replica = %self.opts.replica_name, %lineage, txid, reason = why, "starting a new lineage with a snapshot");
         if self.source.is_none() {
             self.source = Some(blocking(|| SqliteSource::open(&self.opts.db_path))?);
         }
         let floor = self.last_time_us;
         let enc = self.enc.clone();
         let spool_dir = self.opts.spool_dir.clone();
+        let clock = self.opts.clock.clone();
         let src = self.source.as_mut().unwrap();
         let (staged, state, time_us) = blocking(|| -> anyhow::Result<_> {
             let view = src.snapshot_begin()?;
             // Stamped after the state was fixed: it holds no later commit.
-            let time_us = layout::now_us().max(floor);
-            let page_size = src.page_size();
-            // Pass 1: the checksum (the envelope's resume tag needs it first).
-            let mut st = PageState::new(page_size as usize);
-            src.snapshot_read(&view, |pgno, page| {
-                st.set_page(pgno, page);
-                Ok(())
-            })?;
-            st.resize(view.db_pages);
-            let ck = st.checksum();
-            let env = Envelope::new(
-                ObjectKind::Snapshot,
-                &enc,
-                EnvelopeMeta {
-                    lineage: lineage.clone(),
-                    first_txid: txid,
-                    last_txid: txid,
-                    resume_at: view.pos.frames as u64,
-                    resume_tag: view.pos.resume_tag(&ck),
-                    state_tag: ck.state_tag(),
-                },
-            );
-            let header = SnapshotHeader {
-                kind: "snapshot".into(),
-                payload: PAYLOAD_SQLITE_PAGES.into(),
-                lineage: lineage.clone(),
-                page_size,
-                envelope_blake3: env.blake3_hex(),
-                txid,
-                time_us,
-                db_pages: view.db_pages,
-            };
-            let ow = ObjectWriter::new(Spool::new(spool_dir), &env, &enc)?;
-            let mut sw = SnapshotWriter::new(ow, &header)?;
-            // Pass 2: the pages themselves, streamed.
-            src.snapshot_read(&view, |_, page| Ok(sw.write_page(page)?))?;
-            let (ow, state2) = sw.finish()?;
-            if !src.wal_unchanged()? {
-                bail!("the WAL was restarted while the snapshot was read; retrying");
-            }
-            if state2.checksum() != ck {
-                bail!("the database changed under the snapshot's read lock (checksum {ck} vs {}); this is a bug, please report it", state2.checksum());
-            }
-            let spool = ow.finish()?;
-            let (body, tmp) = spool.into_body()?;
-            Ok((
-                Staged {
-                    key: layout::snapshot_key(&lineage, txid, time_us),
-                    body,
-                    _tmp: tmp,
-                    raw_bytes: view.db_pages as u64 * page_size as u64,
-                },
-                st,
-                time_us,
-            ))
+            let time_us = clock.now_us().max(floor);
+            let (staged, st) =
+                build_snapshot(src, &view, &lineage, txid, time_us, &enc, spool_dir)?;
+            Ok((staged, st, time_us))
         })?;
         let stored = staged.body.len().await?;
         with_retries("upload the snapshot", || {
             self.store.put(&staged.key, staged.body.clone())
         })
         .await?;
-        tracing::info!(db = %self.db(), key = %staged.key, txid, raw_bytes = staged.raw_bytes, stored_bytes = stored, "snapshot uploaded");
+        tracing::info!(db = %self.db(), replica = %self.opts.replica_name, key = %staged.key, txid, raw_bytes = staged.raw_bytes, stored_bytes = stored, "snapshot uploaded");
         self.state = Some(state);
         self.lineage = Some(lineage);
         self.next_txid = txid + 1;
         self.stored_txid = txid;
         self.last_time_us = time_us;
         self.last_ship = Instant::now();
+        self.last_snapshot = (txid, time_us);
+        self.uploaded_since_prune = true;
+        self.closed.clear();
+        self.reset_compactor();
+        Ok(())
+    }
+
+    /// A new snapshot inside the current lineage, of the replica's newest
+    /// state (everything shipped), so restores start from a recent full copy
+    /// and older history can be pruned. Its state checksum must equal the
+    /// replicated state's: a mismatch is reported and starts a new lineage.
+    async fn snapshot_in_lineage(&mut self) -> anyhow::Result<()> {
+        let txid = self.stored_txid;
+        let lineage = self.lineage.clone().unwrap();
+        let floor = self.last_time_us;
+        let enc = self.enc.clone();
+        let spool_dir = self.opts.spool_dir.clone();
+        let clock = self.opts.clock.clone();
+        let want = self.state.as_ref().unwrap().checksum();
+        let src = self.source.as_mut().unwrap();
+        let built = blocking(|| -> anyhow::Result<_> {
+            let Some(view) = src.shipped_view()? else {
+                return Ok(None);
+            };
+            let time_us = clock.now_us().max(floor);
+            let (staged, st) =
+                build_snapshot(src, &view, &lineage, txid, time_us, &enc, spool_dir)?;
+            Ok(Some((staged, st.checksum(), time_us)))
+        })?;
+        let Some((staged, got, time_us)) = built else {
+            return Ok(());
+        };
+        if got != want {
+            self.source = None;
+            self.lineage = None;
+            bail!("the database state at txid {txid} (checksum {got}) differs from the replicated state ({want}); this is a bug, please report it");
+        }
+        let stored = staged.body.len().await?;
+        self.store
+            .put(&staged.key, staged.body.clone())
+            .await
+            .with_context(|| format!("cannot upload {}", staged.key))?;
+        tracing::info!(db = %self.db(), replica = %self.opts.replica_name, key = %staged.key, txid, raw_bytes = staged.raw_bytes, stored_bytes = stored, "periodic snapshot uploaded");
+        self.last_snapshot = (txid, time_us);
+        self.last_time_us = self.last_time_us.max(time_us);
+        self.uploaded_since_prune = true;
         Ok(())
     }
 
@@ -400,10 +456,13 @@ impl Replicator {
             self.new_lineage("restarting after an error").await?;
         }
         let mut next = self.next_txid;
+        // Every commit found by this poll is stamped at or after t0.
+        let t0 = self.now_us().max(self.last_time_us);
         let src = self.source.as_mut().unwrap();
         // Commit times never go backwards, even if the clock does.
         let floor = self.last_time_us;
-        let polled = blocking(|| src.poll(&mut next, || layout::now_us().max(floor)))?;
+        let clock = self.opts.clock.clone();
+        let polled = blocking(|| src.poll(&mut next, || clock.now_us().max(floor)))?;
         if let Some(p) = src.pending().last() {
             self.last_time_us = self.last_time_us.max(p.time_us);
         }
@@ -442,6 +501,9 @@ impl Replicator {
                 }
             }
         }
+        if self.source.as_ref().unwrap().pending().is_empty() && !backoff {
+            self.after_ship(t0).await;
+        }
         let db = self.db();
         let src = self.source.as_mut().unwrap();
         if src.pending().is_empty() && src.wal_frames() >= self.opts.checkpoint_frames {
@@ -474,7 +536,8 @@ impl Replicator {
             let mut next = self.next_txid;
             let floor = self.last_time_us;
             let src = self.source.as_mut().unwrap();
-            let polled = blocking(|| src.poll(&mut next, || layout::now_us().max(floor)))?;
+            let clock = self.opts.clock.clone();
+            let polled = blocking(|| src.poll(&mut next, || clock.now_us().max(floor)))?;
             self.next_txid = next;
             if polled.is_err() {
                 // Handled by the next step's poll.
@@ -534,10 +597,12 @@ impl Replicator {
             match put {
                 Ok(()) => {
                     state.commit();
+                    self.fold(n, &staged);
                     let src = self.source.as_mut().unwrap();
                     self.stored_txid = src.pending()[n - 1].txid;
                     src.mark_shipped(n);
                     self.last_ship = Instant::now();
+                    self.uploaded_since_prune = true;
                     tracing::debug!(db = %self.db(), key = %staged.key, commits = n, raw_bytes = staged.raw_bytes, stored_bytes = stored, "segment uploaded");
                 }
                 Err(e) => {
@@ -551,15 +616,172 @@ impl Replicator {
         Ok(())
     }
 
+    /// Fold the first `n` pending commits (just uploaded as `staged`) into
+    /// the open compaction windows. Compaction only speeds restores up: on a
+    /// local error the windows are dropped and restores of that range read
+    /// level-0 segments.
+    fn fold(&mut self, n: usize, staged: &Staged) {
+        let (Some(c), Some(src), Some(lineage)) = (
+            self.compactor.as_mut(),
+            self.source.as_ref(),
+            self.lineage.as_ref(),
+        ) else {
+            return;
+        };
+        if !c.enabled() {
+            return;
+        }
+        let res = blocking(|| -> anyhow::Result<()> {
+            let mut prev = staged.prev.expect("segment");
+            let mut buf = vec![0u8; src.page_size() as usize];
+            for (p, ck) in src.pending()[..n].iter().zip(&staged.sums) {
+                for closed in c.close_due(p.time_us)? {
+                    self.closed.push_back((lineage.clone(), closed));
+                }
+                c.begin_commit(p.txid, p.time_us, prev)?;
+                for (pgno, idx) in p.page_frames() {
+                    src.read_frame(idx, &mut buf)?;
+                    c.put_page(pgno, &buf)?;
+                }
+                c.end_commit(p.commit.db_pages, *ck);
+                prev = *ck;
+            }
+            Ok(())
+        });
+        if let Err(e) = res {
+            tracing::warn!(db = %self.opts.db_path.display(), error = format!("{e:#}"), "compaction window dropped after a local error; restores of that range read level-0 segments");
+            c.reset();
+        }
+    }
+
+    /// Work done when everything is shipped: close compaction windows that
+    /// are over, upload compacted segments, take a periodic snapshot, prune.
+    /// Failures here never stop shipping; they are logged and retried.
+    async fn after_ship(&mut self, t0: i64) {
+        if let (Some(c), Some(lineage)) = (self.compactor.as_mut(), self.lineage.as_ref()) {
+            match c.close_due(t0) {
+                Ok(v) => self
+                    .closed
+                    .extend(v.into_iter().map(|w| (lineage.clone(), w))),
+                Err(e) => {
+                    tracing::warn!(db = %self.opts.db_path.display(), error = %e, "compaction window dropped after a local error");
+                    c.reset();
+                }
+            }
+        }
+        while let Some((lineage, w)) = self.closed.pop_front() {
+            match self.upload_closed(&lineage, &w).await {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(db = %self.db(), replica = %self.opts.replica_name, error = format!("{e:#}"), "compacted segment upload failed; will retry");
+                    self.closed.push_front((lineage, w));
+                    // Bounded: the oldest windows are given up first.
+                    while self.closed.len() > 32 {
+                        self.closed.pop_front();
+                    }
+                    break;
+                }
+            }
+        }
+        let now = self.now_us();
+        if let Some(iv) = self.opts.snapshot_interval {
+            let due = now - self.last_snapshot.1 >= iv.as_micros() as i64;
+            if due && self.stored_txid > self.last_snapshot.0 && self.lineage.is_some() {
+                if let Err(e) = self.snapshot_in_lineage().await {
+                    tracing::error!(db = %self.db(), replica = %self.opts.replica_name, error = format!("{e:#}"), "periodic snapshot failed; will retry");
+                    // Retry after a tenth of the interval, not on every step.
+                    self.last_snapshot.1 = now - (iv.as_micros() as i64) * 9 / 10;
+                }
+            }
+        }
+        self.maybe_prune(now);
+    }
+
+    async fn upload_closed(&mut self, lineage: &str, w: &Closed) -> anyhow::Result<()> {
+        let enc = self.enc.clone();
+        let spool = Spool::new(self.opts.spool_dir.clone());
+        let key = layout::segment_key(
+            lineage,
+            w.level,
+            w.first_txid(),
+            w.last_txid(),
+            w.last_time_us(),
+        );
+        let (body, _tmp) = blocking(|| -> anyhow::Result<_> {
+            let ck = w.end_checksum();
+            let env = Envelope::new(
+                ObjectKind::Segment,
+                &enc,
+                EnvelopeMeta {
+                    lineage: lineage.to_string(),
+                    first_txid: w.first_txid(),
+                    last_txid: w.last_txid(),
+                    // Compacted segments are never a resume point.
+                    resume_at: 0,
+                    resume_tag: ck.state_tag(),
+                    state_tag: ck.state_tag(),
+                },
+            );
+            let header = w.header(lineage, env.blake3_hex());
+            let ow = ObjectWriter::new(spool, &env, &enc)?;
+            let spool = w.write_body(ow, &header)?.finish()?;
+            spool.into_body()
+        })?;
+        self.store
+            .put(&key, body)
+            .await
+            .with_context(|| format!("cannot upload {key}"))?;
+        tracing::debug!(db = %self.db(), %key, level = w.level, raw_bytes = w.raw_bytes(), "compacted segment uploaded");
+        self.uploaded_since_prune = true;
+        Ok(())
+    }
+
+    /// Prune in the background, at most once per `prune_interval`, and only
+    /// after something was uploaded (an idle replica costs no request).
+    fn maybe_prune(&mut self, now: i64) {
+        let Some(policy) = self.opts.retention.clone() else {
+            return;
+        };
+        if self.prune_task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        if !self.uploaded_since_prune
+            || now - self.last_prune_us < self.opts.prune_interval.as_micros() as i64
+        {
+            return;
+        }
+        self.uploaded_since_prune = false;
+        self.last_prune_us = now;
+        let store = self.store.clone();
+        let db = self.db();
+        let replica = self.opts.replica_name.clone();
+        self.prune_task = Some(tokio::spawn(async move {
+            match crate::retention::prune(store.as_ref(), &policy, now, false).await {
+                Ok(r) => {
+                    tracing::info!(%db, %replica, deleted = r.deleted.len(), kept = r.kept, locked = r.locked.len(), bytes_freed = r.bytes_deleted, "pruned the replica")
+                }
+                Err(e) => {
+                    tracing::error!(%db, %replica, error = format!("{e:#}"), "pruning failed; will retry after the next upload")
+                }
+            }
+        }));
+    }
+
     /// How many pending commits go into the next segment.
     fn next_batch(&self) -> usize {
         let src = self.source.as_ref().unwrap();
         let ps = src.page_size() as u64;
         let mut bytes = 0u64;
         let mut n = 0;
+        let window = |t| self.compactor.as_ref().and_then(|c| c.l1_window(t));
+        let first_window = src.pending().first().and_then(|p| window(p.time_us));
         for p in src.pending() {
             let b = p.commit.frames.len() as u64 * ps;
             if n > 0 && (bytes + b > self.opts.max_segment_bytes || n >= 100_000) {
+                break;
+            }
+            // A level-0 segment never straddles a level-1 compaction window.
+            if n > 0 && window(p.time_us) != first_window {
                 break;
             }
             bytes += b;
@@ -579,6 +801,72 @@ fn candidate_positions(src: &mut SqliteSource) -> anyhow::Result<Vec<WalPos>> {
     let mut v = src.local_positions()?;
     v.reverse();
     Ok(v)
+}
+
+/// Build a snapshot object of `view` in two passes: the checksum first (the
+/// envelope's resume tag needs it), then the pages, streamed.
+fn build_snapshot(
+    src: &mut SqliteSource,
+    view: &crate::source::sqlite::SnapshotView,
+    lineage: &str,
+    txid: u64,
+    time_us: i64,
+    enc: &Encryption,
+    spool_dir: PathBuf,
+) -> anyhow::Result<(Staged, PageState)> {
+    let page_size = src.page_size();
+    let mut st = PageState::new(page_size as usize);
+    src.snapshot_read(view, |pgno, page| {
+        st.set_page(pgno, page);
+        Ok(())
+    })?;
+    st.resize(view.db_pages);
+    let ck = st.checksum();
+    let env = Envelope::new(
+        ObjectKind::Snapshot,
+        enc,
+        EnvelopeMeta {
+            lineage: lineage.to_string(),
+            first_txid: txid,
+            last_txid: txid,
+            resume_at: view.pos.frames as u64,
+            resume_tag: view.pos.resume_tag(&ck),
+            state_tag: ck.state_tag(),
+        },
+    );
+    let header = SnapshotHeader {
+        kind: "snapshot".into(),
+        payload: PAYLOAD_SQLITE_PAGES.into(),
+        lineage: lineage.to_string(),
+        page_size,
+        envelope_blake3: env.blake3_hex(),
+        txid,
+        time_us,
+        db_pages: view.db_pages,
+    };
+    let ow = ObjectWriter::new(Spool::new(spool_dir), &env, enc)?;
+    let mut sw = SnapshotWriter::new(ow, &header)?;
+    src.snapshot_read(view, |_, page| Ok(sw.write_page(page)?))?;
+    let (ow, state2) = sw.finish()?;
+    if !src.wal_unchanged()? {
+        bail!("the WAL was restarted while the snapshot was read; retrying");
+    }
+    if state2.checksum() != ck {
+        bail!("the database changed under the snapshot's read lock (checksum {ck} vs {}); this is a bug, please report it", state2.checksum());
+    }
+    let spool = ow.finish()?;
+    let (body, tmp) = spool.into_body()?;
+    Ok((
+        Staged {
+            key: layout::snapshot_key(lineage, txid, time_us),
+            body,
+            _tmp: tmp,
+            raw_bytes: view.db_pages as u64 * page_size as u64,
+            prev: None,
+            sums: Vec::new(),
+        },
+        st,
+    ))
 }
 
 fn build_segment(
@@ -662,6 +950,8 @@ fn build_segment(
         body,
         _tmp: tmp,
         raw_bytes: raw,
+        prev: Some(prev),
+        sums,
     })
 }
 

@@ -509,6 +509,48 @@ impl SqliteSource {
         })
     }
 
+    /// The state at the shipped position (the replica's newest state), for
+    /// a snapshot inside the current lineage. Nothing moves: R stays where it
+    /// is, at a mark at or before the shipped position, so no checkpoint can
+    /// have copied a frame past it into the database file, and "database
+    /// file + WAL frames up to the shipped position" is exactly that state
+    /// (docs/SQLITE.md, "Snapshots"). `None` if the WAL no longer matches
+    /// (the next poll deals with that); check `wal_unchanged` after reading.
+    pub fn shipped_view(&mut self) -> anyhow::Result<Option<SnapshotView>> {
+        let hdr = self.wal_header()?;
+        if hdr != self.hdr && self.shipped.frames > 0 {
+            return Ok(None);
+        }
+        let commits = match &hdr {
+            Some(h) if self.shipped.frames > 0 => {
+                let scan = wal::scan(self.wal(), h, 0, (h.cksum1, h.cksum2))?;
+                let upto: Vec<WalCommit> = scan
+                    .commits
+                    .into_iter()
+                    .take_while(|c| c.end_frame <= self.shipped.frames)
+                    .collect();
+                match upto.last() {
+                    Some(c)
+                        if c.end_frame == self.shipped.frames
+                            && c.end_cksum == self.shipped.cksum => {}
+                    _ => return Ok(None),
+                }
+                upto
+            }
+            _ => Vec::new(),
+        };
+        let db_pages = match commits.last() {
+            Some(c) => c.db_pages,
+            None => self.db_file_pages()?,
+        };
+        Ok(Some(SnapshotView {
+            hdr: if commits.is_empty() { None } else { hdr },
+            commits,
+            db_pages,
+            pos: self.shipped,
+        }))
+    }
+
     /// Stream the snapshot's pages 1..=db_pages (step 5). R stays held.
     pub fn snapshot_read(
         &self,
