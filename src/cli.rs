@@ -46,6 +46,8 @@ pub enum Command {
     List(ListArgs),
     /// Generate an age identity; prints its public recipient.
     Keygen(KeygenArgs),
+    /// Delete what the retention policy no longer needs (prints what and why).
+    Prune(PruneArgs),
 }
 
 #[derive(Args, Debug)]
@@ -75,6 +77,38 @@ pub struct ReplicateArgs {
     /// Checkpoint after this many WAL frames once everything is shipped.
     #[arg(long, value_name = "FRAMES", default_value_t = 1000)]
     pub checkpoint_frames: u32,
+    /// Point-in-time window kept by pruning (default 24h; "off": never prune).
+    #[arg(long, value_name = "DURATION|off")]
+    pub retention: Option<String>,
+    /// Snapshots kept beyond the window: a count or a duration (default 2).
+    #[arg(long, value_name = "N|DURATION")]
+    pub snapshot_retention: Option<String>,
+    /// Take a new snapshot this often (default 24h; "off": only at lineage start).
+    #[arg(long, value_name = "DURATION|off")]
+    pub snapshot_interval: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// REPLICA_URL, or with --config the DB_PATH whose replica to prune.
+    pub source: String,
+    /// Print what would be deleted and why; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Point-in-time window to keep (required without --config).
+    #[arg(long, value_name = "DURATION")]
+    pub retention: Option<String>,
+    /// Snapshots kept beyond the window: a count or a duration (default 2).
+    #[arg(long, value_name = "N|DURATION")]
+    pub snapshot_retention: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// With --config: the replica to prune (default: the first).
+    #[arg(long, value_name = "NAME")]
+    pub replica: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -105,6 +139,10 @@ pub struct RestoreArgs {
     /// Objects downloaded in parallel.
     #[arg(long, default_value_t = 8)]
     pub parallel: usize,
+    /// With --config: restore from this replica (default: the first one whose
+    /// listing works and holds the target).
+    #[arg(long, value_name = "NAME")]
+    pub replica: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -116,6 +154,9 @@ pub struct ListArgs {
     pub json: bool,
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// With --config: the replica to list (default: the first).
+    #[arg(long, value_name = "NAME")]
+    pub replica: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -151,6 +192,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Restore(a) => restore_cmd(a).await,
         Command::List(a) => list(a).await,
         Command::Keygen(a) => keygen(a),
+        Command::Prune(a) => prune_cmd(a).await,
     }
 }
 
@@ -190,6 +232,7 @@ fn shutdown_channel() -> watch::Receiver<bool> {
 }
 
 async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
+    let clock = crate::clock::Clock::from_env()?;
     let mut jobs: Vec<(replicate::Options, ReplicaUrl, Encryption)> = Vec::new();
     let spool_base;
     if let Some(cfg_path) = &a.config {
@@ -202,7 +245,15 @@ async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
                 None => d.sync_interval,
             };
             o.checkpoint_frames = d.checkpoint_frames;
-            jobs.push((o, d.replica.url, d.replica.encryption));
+            for r in &d.replicas {
+                let mut o = o.clone();
+                o.replica_name = r.name.clone();
+                o.retention = r.retention.clone();
+                o.snapshot_interval = r.snapshot_interval;
+                o.compaction_levels = r.compaction_levels.clone();
+                o.prune_interval = r.prune_interval;
+                jobs.push((o, r.url.clone(), r.encryption.clone()));
+            }
         }
     } else {
         let (Some(db), Some(url)) = (&a.db_path, &a.replica_url) else {
@@ -227,6 +278,26 @@ async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
             o.sync_interval = parse_duration(s, "--sync-interval")?;
         }
         o.checkpoint_frames = a.checkpoint_frames;
+        o.replica_name = "replica1".into();
+        o.retention = match a.retention.as_deref().map(str::trim) {
+            Some("off") => None,
+            r => {
+                let mut p = crate::retention::Policy::default();
+                if let Some(r) = r {
+                    p.retention = parse_duration(r, "--retention")?;
+                }
+                if let Some(s) = &a.snapshot_retention {
+                    p.snapshot_retention = crate::retention::SnapshotRetention::parse(s)
+                        .context("--snapshot-retention")?;
+                }
+                Some(p)
+            }
+        };
+        o.snapshot_interval = match a.snapshot_interval.as_deref().map(str::trim) {
+            Some("off") => None,
+            Some(s) => Some(parse_duration(s, "--snapshot-interval")?),
+            None => o.snapshot_interval,
+        };
         jobs.push((o, url, enc));
     }
     let spool = replicate::spool_dir(spool_base)?;
@@ -237,6 +308,7 @@ async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
             tracing::warn!(db = %o.db_path.display(), replica = %url, "encryption is off: backups are stored in plaintext, as requested");
         }
         o.spool_dir = spool.path().to_path_buf();
+        o.clock = clock.clone();
         o.poll_interval = o.sync_interval.min(Duration::from_millis(100));
         let store = storage::open(&url).await?;
         let rx = shutdown.clone();
@@ -272,23 +344,90 @@ fn resolve_source(
     config: &Option<PathBuf>,
     identities: &[PathBuf],
 ) -> anyhow::Result<(ReplicaUrl, Vec<PathBuf>)> {
+    let (mut v, ids) = resolve_replicas(source, config, identities, None)?;
+    Ok((v.remove(0).url, ids))
+}
+
+/// The replicas to read from (with --config: the named one, or all of them
+/// in order) and the identity files to use.
+fn resolve_replicas(
+    source: &str,
+    config: &Option<PathBuf>,
+    identities: &[PathBuf],
+    name: Option<&str>,
+) -> anyhow::Result<(Vec<crate::config::ReplicaConfig>, Vec<PathBuf>)> {
     match config {
         Some(p) => {
             let cfg = Config::load(p)?;
             let d = cfg.database(std::path::Path::new(source))?;
+            let chosen = match name {
+                Some(_) => vec![d.replica(name)?.clone()],
+                None => d.replicas.clone(),
+            };
             let ids = if identities.is_empty() {
-                d.replica.age_identity_files.clone()
+                chosen[0].age_identity_files.clone()
             } else {
                 identities.to_vec()
             };
-            Ok((d.replica.url.clone(), ids))
+            Ok((chosen, ids))
         }
-        None => Ok((source.parse()?, identities.to_vec())),
+        None => {
+            if name.is_some() {
+                bail!("--replica needs --config (with a URL, the URL is the replica)");
+            }
+            let url: ReplicaUrl = source.parse()?;
+            Ok((
+                vec![crate::config::ReplicaConfig {
+                    name: "replica1".into(),
+                    retention: None,
+                    snapshot_interval: None,
+                    compaction_levels: Vec::new(),
+                    prune_interval: Duration::from_secs(3600),
+                    object_lock: None,
+                    url,
+                    encryption: Encryption::None,
+                    age_identity_files: Vec::new(),
+                }],
+                identities.to_vec(),
+            ))
+        }
     }
 }
 
+/// The first replica whose listing works and can restore `target`.
+async fn pick_replica(
+    replicas: &[crate::config::ReplicaConfig],
+    target: Target,
+) -> anyhow::Result<(crate::config::ReplicaConfig, storage::DynStorage)> {
+    let mut errors = Vec::new();
+    for r in replicas {
+        let res = async {
+            let store = storage::open(&r.url).await?;
+            let catalog = Catalog::load(store.as_ref()).await?;
+            catalog.plan(target)?;
+            Ok::<_, anyhow::Error>(store)
+        }
+        .await;
+        match res {
+            Ok(store) => {
+                if replicas.len() > 1 {
+                    tracing::info!(replica = %r.name, url = %r.url, "restoring from this replica");
+                }
+                return Ok((r.clone(), store));
+            }
+            Err(e) if replicas.len() > 1 => {
+                tracing::warn!(replica = %r.name, error = format!("{e:#}"), "replica unusable; trying the next one");
+                errors.push(format!("{}: {e:#}", r.name));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    bail!("no replica can restore this target: {}", errors.join("; "))
+}
+
 async fn restore_cmd(a: RestoreArgs) -> anyhow::Result<()> {
-    let (url, id_files) = resolve_source(&a.source, &a.config, &a.age_identity)?;
+    let (replicas, id_files) =
+        resolve_replicas(&a.source, &a.config, &a.age_identity, a.replica.as_deref())?;
     let target = match (&a.timestamp, a.txid) {
         (Some(t), None) => Target::Time(layout::parse_time(t)?),
         (None, Some(n)) => Target::Txid(n),
@@ -300,7 +439,7 @@ async fn restore_cmd(a: RestoreArgs) -> anyhow::Result<()> {
     } else {
         Some(Identities::read_files(&id_files)?)
     };
-    let store = storage::open(&url).await?;
+    let (_, store) = pick_replica(&replicas, target).await?;
     let started = std::time::Instant::now();
     let rep = restore::restore(
         store.as_ref(),
@@ -329,7 +468,8 @@ async fn restore_cmd(a: RestoreArgs) -> anyhow::Result<()> {
 }
 
 async fn list(a: ListArgs) -> anyhow::Result<()> {
-    let (url, _) = resolve_source(&a.source, &a.config, &[])?;
+    let (mut rs, _) = resolve_replicas(&a.source, &a.config, &[], a.replica.as_deref())?;
+    let url = rs.remove(0).url;
     let store = storage::open(&url).await?;
     let catalog = Catalog::load(store.as_ref()).await?;
     let v = restore::describe(&catalog);
@@ -375,5 +515,60 @@ async fn list(a: ListArgs) -> anyhow::Result<()> {
     if !catalog.ignored.is_empty() {
         println!("ignored {} unrecognised objects", catalog.ignored.len());
     }
+    Ok(())
+}
+
+async fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
+    let (mut rs, _) = resolve_replicas(&a.source, &a.config, &[], a.replica.as_deref())?;
+    let r = rs.remove(0);
+    let mut policy = match (&a.config, &r.retention) {
+        (Some(_), Some(p)) => p.clone(),
+        (Some(_), None) => bail!(
+            "replica {} has retention = \"off\": nothing to prune",
+            r.name
+        ),
+        (None, _) => {
+            let Some(ret) = &a.retention else {
+                bail!("give the point-in-time window to keep with --retention DURATION (e.g. 72h), or use --config so the replica's own policy applies");
+            };
+            crate::retention::Policy {
+                retention: parse_duration(ret, "--retention")?,
+                ..Default::default()
+            }
+        }
+    };
+    if a.config.is_some() {
+        if let Some(ret) = &a.retention {
+            policy.retention = parse_duration(ret, "--retention")?;
+        }
+    }
+    if let Some(s) = &a.snapshot_retention {
+        policy.snapshot_retention =
+            crate::retention::SnapshotRetention::parse(s).context("--snapshot-retention")?;
+    }
+    let store = storage::open(&r.url).await?;
+    let now = crate::clock::Clock::from_env()?.now_us();
+    let rep = crate::retention::prune(store.as_ref(), &policy, now, a.dry_run).await?;
+    if a.json {
+        println!("{}", serde_json::to_string(&rep)?);
+        return Ok(());
+    }
+    let verb = if a.dry_run { "would delete" } else { "deleted" };
+    for d in &rep.deleted {
+        println!("{verb} {} ({} bytes): {}", d.key, d.size, d.reason);
+    }
+    for k in &rep.locked {
+        println!("locked {k}: Object Lock retention not expired; will be deleted by a later prune");
+    }
+    for w in &rep.warnings {
+        println!("warning: {w}");
+    }
+    println!(
+        "{verb} {} objects ({} bytes); kept {}; window starts {}",
+        rep.deleted.len(),
+        rep.bytes_deleted,
+        rep.kept,
+        rep.window_start
+    );
     Ok(())
 }

@@ -33,7 +33,14 @@ struct RawDatabase {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawReplica {
+    name: Option<String>,
     url: String,
+    retention: Option<String>,
+    snapshot_interval: Option<String>,
+    snapshot_retention: Option<String>,
+    compaction_levels: Option<Vec<String>>,
+    prune_interval: Option<String>,
+    object_lock: Option<String>,
     encryption: Option<String>,
     #[serde(default)]
     age_recipients: Vec<String>,
@@ -54,11 +61,46 @@ pub struct DatabaseConfig {
     pub path: PathBuf,
     pub sync_interval: Duration,
     pub checkpoint_frames: u32,
-    pub replica: ReplicaConfig,
+    /// One or more replicas, each shipped independently.
+    pub replicas: Vec<ReplicaConfig>,
+}
+
+impl DatabaseConfig {
+    /// The replica named `name`, or the first one.
+    pub fn replica(&self, name: Option<&str>) -> anyhow::Result<&ReplicaConfig> {
+        match name {
+            None => Ok(&self.replicas[0]),
+            Some(n) => self.replicas.iter().find(|r| r.name == n).with_context(|| {
+                format!(
+                    "database {} has no replica named {n:?} (it has: {})",
+                    self.path.display(),
+                    self.replicas
+                        .iter()
+                        .map(|r| r.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockModeConfig {
+    Governance,
+    Compliance,
 }
 
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
+    /// Unique per database (default: replica1, replica2, …).
+    pub name: String,
+    /// None: `retention = "off"`, the replica is never pruned.
+    pub retention: Option<crate::retention::Policy>,
+    pub snapshot_interval: Option<Duration>,
+    pub compaction_levels: Vec<Duration>,
+    pub prune_interval: Duration,
+    pub object_lock: Option<LockModeConfig>,
     pub url: ReplicaUrl,
     pub encryption: Encryption,
     pub age_identity_files: Vec<PathBuf>,
@@ -150,64 +192,41 @@ impl Config {
                 }
                 None => default_sync,
             };
-            let r = match d.replica.as_slice() {
-                [one] => one,
-                [] => bail!("{file}: {what}: no [[database.replica]]; add one with `url = \"s3://bucket/prefix\"` or `url = \"file:///backups/app\"`"),
-                _ => bail!("{file}: {what}: only one replica per database is supported by this version of offsite"),
-            };
-            let url: ReplicaUrl = x(&r.url, &format!("{what}: url"))?
-                .parse()
-                .with_context(|| format!("{file}: {what}: url"))?;
-            let mut recipients = Recipients::parse_list(
-                &r.age_recipients
-                    .iter()
-                    .map(|s| x(s, &format!("{what}: age-recipients")))
-                    .collect::<anyhow::Result<Vec<_>>>()?,
-            )
-            .with_context(|| format!("{file}: {what}: age-recipients"))?;
-            if let Some(f) = &r.age_recipients_file {
-                recipients.extend(
-                    Recipients::read_file(Path::new(&x(f, &what)?))
-                        .with_context(|| format!("{file}: {what}: age-recipients-file"))?,
-                );
+            if d.replica.is_empty() {
+                bail!("{file}: {what}: no [[database.replica]]; add one with `url = \"s3://bucket/prefix\"` or `url = \"file:///backups/app\"`");
             }
-            let encryption = match r
-                .encryption
-                .as_deref()
-                .map(|s| x(s, &what))
-                .transpose()?
-                .as_deref()
-            {
-                None | Some("age") => {
-                    if recipients.is_empty() {
-                        bail!("{file}: {what}: no age recipient; add `age-recipients = [\"age1…\"]` (see `offsite keygen`) or set `encryption = \"none\"` to store plaintext backups");
-                    }
-                    Encryption::Age(recipients)
+            let mut replicas: Vec<ReplicaConfig> = Vec::new();
+            for (j, r) in d.replica.iter().enumerate() {
+                let name = match &r.name {
+                    Some(n) => x(n, &what)?,
+                    None => format!("replica{}", j + 1),
+                };
+                if name.is_empty()
+                    || !name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    bail!("{file}: {what}: replica name {name:?} must be non-empty and use only letters, digits, `-`, `_` and `.`");
                 }
-                Some("none") => {
-                    if !recipients.is_empty() {
-                        bail!("{file}: {what}: `encryption = \"none\"` contradicts the age recipients given; remove one of them");
-                    }
-                    Encryption::None
+                if replicas.iter().any(|o| o.name == name) {
+                    bail!("{file}: {what}: two replicas are named {name:?}; give each a unique `name`");
                 }
-                Some(other) => bail!(
-                    "{file}: {what}: encryption = {other:?} is not valid; use \"age\" or \"none\""
-                ),
-            };
-            let age_identity_files = r
-                .age_identity_files
-                .iter()
-                .map(|s| x(s, &what).map(PathBuf::from))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+                let rwhat = format!("{what}, replica {name}");
+                replicas.push(replica_config(r, name, &rwhat, file, &x)?);
+            }
+            for (a, ra) in replicas.iter().enumerate() {
+                if replicas[..a]
+                    .iter()
+                    .any(|rb| rb.url.to_string() == ra.url.to_string())
+                {
+                    bail!("{file}: {what}: two replicas use the same URL {}; each replica needs its own location", ra.url);
+                }
+            }
             dbs.push(DatabaseConfig {
                 path,
                 sync_interval,
                 checkpoint_frames: d.checkpoint_frames.unwrap_or(1000),
-                replica: ReplicaConfig {
-                    url,
-                    encryption,
-                    age_identity_files,
-                },
+                replicas,
             });
         }
         Ok(Config {
@@ -241,6 +260,129 @@ impl Config {
     }
 }
 
+fn replica_config(
+    r: &RawReplica,
+    name: String,
+    what: &str,
+    file: &str,
+    x: &dyn Fn(&str, &str) -> anyhow::Result<String>,
+) -> anyhow::Result<ReplicaConfig> {
+    let what = what.to_string();
+    let url: ReplicaUrl = x(&r.url, &format!("{what}: url"))?
+        .parse()
+        .with_context(|| format!("{file}: {what}: url"))?;
+    let mut recipients = Recipients::parse_list(
+        &r.age_recipients
+            .iter()
+            .map(|s| x(s, &format!("{what}: age-recipients")))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+    )
+    .with_context(|| format!("{file}: {what}: age-recipients"))?;
+    if let Some(f) = &r.age_recipients_file {
+        recipients.extend(
+            Recipients::read_file(Path::new(&x(f, &what)?))
+                .with_context(|| format!("{file}: {what}: age-recipients-file"))?,
+        );
+    }
+    let encryption = match r
+        .encryption
+        .as_deref()
+        .map(|s| x(s, &what))
+        .transpose()?
+        .as_deref()
+    {
+        None | Some("age") => {
+            if recipients.is_empty() {
+                bail!("{file}: {what}: no age recipient; add `age-recipients = [\"age1…\"]` (see `offsite keygen`) or set `encryption = \"none\"` to store plaintext backups");
+            }
+            Encryption::Age(recipients)
+        }
+        Some("none") => {
+            if !recipients.is_empty() {
+                bail!("{file}: {what}: `encryption = \"none\"` contradicts the age recipients given; remove one of them");
+            }
+            Encryption::None
+        }
+        Some(other) => {
+            bail!("{file}: {what}: encryption = {other:?} is not valid; use \"age\" or \"none\"")
+        }
+    };
+    let age_identity_files = r
+        .age_identity_files
+        .iter()
+        .map(|s| x(s, &what).map(PathBuf::from))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let dur = |v: &Option<String>, key: &str| -> anyhow::Result<Option<Duration>> {
+        v.as_deref()
+            .map(|s| parse_duration(&x(s, &what)?, &format!("{file}: {what}: {key}")))
+            .transpose()
+    };
+    let off = |v: &Option<String>| v.as_deref().map(str::trim) == Some("off");
+    let retention = if off(&r.retention) {
+        None
+    } else {
+        let mut p = crate::retention::Policy::default();
+        if let Some(d) = dur(&r.retention, "retention")? {
+            p.retention = d;
+        }
+        if let Some(s) = &r.snapshot_retention {
+            p.snapshot_retention = crate::retention::SnapshotRetention::parse(&x(s, &what)?)
+                .with_context(|| format!("{file}: {what}"))?;
+        }
+        Some(p)
+    };
+    let snapshot_interval = if off(&r.snapshot_interval) {
+        None
+    } else {
+        Some(
+            dur(&r.snapshot_interval, "snapshot-interval")?
+                .unwrap_or(Duration::from_secs(24 * 3600)),
+        )
+    };
+    let compaction_levels = match &r.compaction_levels {
+        None => crate::compact::DEFAULT_LEVELS.to_vec(),
+        Some(v) => {
+            let mut out: Vec<Duration> = Vec::new();
+            for s in v {
+                let d =
+                    parse_duration(&x(s, &what)?, &format!("{file}: {what}: compaction-levels"))?;
+                if d.as_micros() % 1_000_000 != 0 {
+                    bail!("{file}: {what}: compaction-levels: {s:?} must be whole seconds");
+                }
+                if let Some(prev) = out.last() {
+                    if d <= *prev || d.as_micros() % prev.as_micros() != 0 {
+                        bail!("{file}: {what}: compaction-levels must grow and each must be a multiple of the one before ({s:?} after {})", humantime::format_duration(*prev));
+                    }
+                }
+                out.push(d);
+            }
+            out
+        }
+    };
+    let prune_interval =
+        dur(&r.prune_interval, "prune-interval")?.unwrap_or(Duration::from_secs(3600));
+    let object_lock = match r.object_lock.as_deref().map(|s| x(s, &what)).transpose()?.as_deref() {
+        None | Some("off") => None,
+        Some("governance") => Some(LockModeConfig::Governance),
+        Some("compliance") => Some(LockModeConfig::Compliance),
+        Some(o) => bail!("{file}: {what}: object-lock = {o:?} is not valid; use \"governance\", \"compliance\" or \"off\""),
+    };
+    if object_lock.is_some() && retention.is_none() {
+        bail!("{file}: {what}: object-lock needs a retention window (with retention = \"off\" nothing would ever be deleted)");
+    }
+    Ok(ReplicaConfig {
+        name,
+        retention,
+        snapshot_interval,
+        compaction_levels,
+        prune_interval,
+        object_lock,
+        url,
+        encryption,
+        age_identity_files,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,13 +410,12 @@ mod tests {
         );
         let c = Config::parse(&t, "x.toml").unwrap();
         assert_eq!(c.databases[0].sync_interval, Duration::from_secs(1));
-        assert!(c.databases[0]
-            .replica
+        assert!(c.databases[0].replicas[0]
             .url
             .to_string()
             .starts_with("s3://bkt/p"));
         assert!(matches!(
-            c.databases[0].replica.encryption,
+            c.databases[0].replicas[0].encryption,
             Encryption::Age(_)
         ));
         let e = expand_env("${OFFSITE_SURELY_UNSET_VAR}", "f")
@@ -292,7 +433,7 @@ mod tests {
         assert!(e.contains("no age recipient"), "{e}");
         let c = Config::parse(&format!("{base}encryption = \"none\"\n"), "x.toml").unwrap();
         assert!(matches!(
-            c.databases[0].replica.encryption,
+            c.databases[0].replicas[0].encryption,
             Encryption::None
         ));
         let e = Config::parse(&format!("{base}encryption = \"nope\"\n"), "x.toml").unwrap_err();

@@ -225,7 +225,31 @@ impl Replicator {
 
     /// Replicate until `shutdown` turns true, then ship what is pending.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        self.start().await?;
+        // An unreachable replica is retried for as long as it takes; other
+        // replicas of the same database are separate tasks and go on.
+        let mut wait = Duration::from_secs(1);
+        loop {
+            match self.start().await {
+                Ok(()) => break,
+                Err(e) if is_unavailable(&e) => {
+                    tracing::error!(db = %self.db(), replica = %self.opts.replica_name, url = %self.store.describe(), error = format!("{e:#}"), retry_in = ?wait, "replica unreachable; commits stay in the WAL until it is back");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    if *shutdown.borrow() {
+                        bail!(
+                            "replica {} ({}) was never reachable; nothing was shipped to it",
+                            self.opts.replica_name,
+                            self.store.describe()
+                        );
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(60));
+                    self.source = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let mut tick = tokio::time::interval(self.opts.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -952,6 +976,15 @@ fn build_segment(
         raw_bytes: raw,
         prev: Some(prev),
         sums,
+    })
+}
+
+fn is_unavailable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<StorageError>(),
+            Some(StorageError::Unavailable(_))
+        )
     })
 }
 
