@@ -760,6 +760,18 @@ impl Replicator {
         Ok(())
     }
 
+    /// Wait for a background prune to finish (tests and shutdown).
+    pub async fn wait_maintenance(&mut self) {
+        if let Some(t) = self.prune_task.take() {
+            let _ = t.await;
+        }
+    }
+
+    /// The lineage being shipped to.
+    pub fn lineage(&self) -> Option<&str> {
+        self.lineage.as_deref()
+    }
+
     /// Prune in the background, at most once per `prune_interval`, and only
     /// after something was uploaded (an idle replica costs no request).
     fn maybe_prune(&mut self, now: i64) {
