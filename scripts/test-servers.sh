@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Local S3-compatible servers for offsite's tests: Garage (a real distributed
-# object store, single node) and s3s-fs (a small S3 server over a directory).
+# object store, single node) and s3s-fs (a small S3 server over a directory),
+# plus moto (a Python AWS emulator) with a bucket that has Object Lock
+# enabled, used only for what the real stores lack (Object Lock, versioning).
 #
-#   scripts/test-servers.sh install   # build the servers with cargo (only if missing)
-#   scripts/test-servers.sh start     # start both (fresh data), set up key + bucket
+#   scripts/test-servers.sh install   # build/install the servers (only if missing)
+#   scripts/test-servers.sh start     # start all three (fresh data), set up keys + buckets
 #   source /tmp/offsite-test-servers/env
 #   cargo test
 #   scripts/test-servers.sh stop
@@ -14,6 +16,11 @@
 #   OFFSITE_SERVERS_STATE  data, logs, pid files, env file         [/tmp/offsite-test-servers]
 #   OFFSITE_GARAGE_PORT    Garage S3 port; RPC = +1, admin = +3    [39000]
 #   OFFSITE_S3S_PORT       s3s-fs port                             [39010]
+#   OFFSITE_MOTO_PORT      moto server port                        [39020]
+#
+# moto is installed with pip into a venv at $ROOT/moto. Its Object Lock
+# bucket is exported separately as OFFSITE_TEST_S3_LOCK_TARGET (it is not in
+# OFFSITE_TEST_S3_TARGETS: an emulator is never proof that shipping works).
 #
 # The access key below is a fixed, throwaway test key for servers bound to
 # 127.0.0.1 only. Never use it anywhere else.
@@ -26,14 +33,20 @@ GARAGE_BIN="$BIN/garage"
 S3S_BIN="$BIN/s3s-fs"
 GARAGE_VERSION=2.5.0
 S3S_VERSION=0.14.1
+MOTO_VENV="$ROOT/moto"
+MOTO_BIN="$MOTO_VENV/bin/moto_server"
+MOTO_PY="$MOTO_VENV/bin/python"
+MOTO_SPEC='moto[server]>=5,<6'
 
 GARAGE_PORT=${OFFSITE_GARAGE_PORT:-39000}
 GARAGE_RPC_PORT=$((GARAGE_PORT + 1))
 GARAGE_ADMIN_PORT=$((GARAGE_PORT + 3))
 S3S_PORT=${OFFSITE_S3S_PORT:-39010}
+MOTO_PORT=${OFFSITE_MOTO_PORT:-39020}
 HOST=127.0.0.1
 
 BUCKET=offsite-test
+LOCK_BUCKET=offsite-lock
 KEY_NAME=offsite-test
 # "GK" + 24 hex digits / 64 hex digits, as Garage requires ("offsite-test" in hex).
 ACCESS_KEY=GK6f6666736974652d74657374
@@ -45,6 +58,7 @@ REGION=garage
 GARAGE_DIR="$STATE/garage"
 GARAGE_CONF="$GARAGE_DIR/garage.toml"
 S3S_DIR="$STATE/s3s"
+MOTO_DIR="$STATE/moto"
 ENV_FILE="$STATE/env"
 START_TIMEOUT=${OFFSITE_SERVERS_START_TIMEOUT:-30}
 
@@ -178,6 +192,29 @@ cmd_install() {
         log "building s3s-fs $S3S_VERSION (takes ~5 minutes)"
         cargo install --locked s3s-fs --version "$S3S_VERSION" --features binary --root "$ROOT"
     fi
+    install_moto
+}
+
+install_moto() {
+    if [[ -x $MOTO_BIN && -x $MOTO_PY ]] && "$MOTO_PY" -c 'import moto, boto3' 2>/dev/null; then
+        log "moto already installed: $MOTO_BIN"
+        return 0
+    fi
+    command -v python3 >/dev/null 2>&1 ||
+        die "python3 is not installed; install it (Debian: apt-get install python3 python3-venv) for the moto test server"
+    if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+        if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+            log "installing python3-venv for the moto test server"
+            apt-get update -qq && apt-get install -y -qq python3-venv
+        else
+            die "python3 cannot create virtual environments; install python3-venv"
+        fi
+    fi
+    log "installing moto into $MOTO_VENV (takes ~20 seconds)"
+    rm -rf "$MOTO_VENV"
+    python3 -m venv "$MOTO_VENV"
+    "$MOTO_VENV/bin/pip" install -q --disable-pip-version-check "$MOTO_SPEC"
+    [[ -x $MOTO_BIN ]] || die "moto installed, but $MOTO_BIN is missing"
 }
 
 # ---------------------------------------------------------------- start
@@ -269,9 +306,47 @@ start_s3s() {
     wait_for "s3s-fs on port $S3S_PORT" "$logfile" "$pid" port_open "$S3S_PORT"
 }
 
+moto_ready() { [[ $(http_status "$MOTO_PORT" /moto-api/) != 000 ]]; }
+
+start_moto() {
+    local pid logfile="$MOTO_DIR/moto.log"
+    pid=$(pid_of moto "$MOTO_BIN")
+    if [[ -n $pid ]]; then
+        log "moto already running (pid $pid)"
+    else
+        check_port_free moto "$MOTO_PORT"
+        rm -rf "$MOTO_DIR"
+        mkdir -p "$MOTO_DIR"
+        pid=$(spawn "$logfile" "$STATE/moto.pid" "$MOTO_BIN" -H "$HOST" -p "$MOTO_PORT")
+        log "moto started (pid $pid, S3 http://$HOST:$MOTO_PORT, log $logfile)"
+    fi
+    wait_for "moto on port $MOTO_PORT" "$logfile" "$pid" moto_ready
+    # moto keeps everything in memory: (re)create the Object Lock bucket.
+    # boto3 comes with moto; moto accepts any credentials.
+    MOTO_ENDPOINT="http://$HOST:$MOTO_PORT" LOCK_BUCKET=$LOCK_BUCKET "$MOTO_PY" - <<'PY' ||
+import os
+import boto3
+s3 = boto3.client(
+    "s3",
+    endpoint_url=os.environ["MOTO_ENDPOINT"],
+    region_name="us-east-1",
+    aws_access_key_id="test",
+    aws_secret_access_key="test",
+)
+bucket = os.environ["LOCK_BUCKET"]
+names = [b["Name"] for b in s3.list_buckets().get("Buckets", [])]
+if bucket not in names:
+    s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+cfg = s3.get_object_lock_configuration(Bucket=bucket)["ObjectLockConfiguration"]
+assert cfg.get("ObjectLockEnabled") == "Enabled", cfg
+PY
+        die "could not create the Object Lock bucket $LOCK_BUCKET in moto (log: $logfile)"
+}
+
 write_env() {
     local garage_url="s3://$BUCKET?endpoint=http://$HOST:$GARAGE_PORT&region=$REGION&force-path-style=true"
     local s3s_url="s3://$BUCKET?endpoint=http://$HOST:$S3S_PORT&region=$REGION&force-path-style=true"
+    local lock_url="s3://$LOCK_BUCKET?endpoint=http://$HOST:$MOTO_PORT&region=us-east-1&force-path-style=true"
     (
         umask 077
         cat >"$ENV_FILE.tmp" <<EOF
@@ -280,17 +355,20 @@ export AWS_ACCESS_KEY_ID=$ACCESS_KEY
 export AWS_SECRET_ACCESS_KEY=$SECRET_KEY
 export AWS_REGION=$REGION
 export OFFSITE_TEST_S3_TARGETS="garage=$garage_url;s3s=$s3s_url"
+# moto (emulator) bucket with Object Lock enabled; only for Object Lock tests.
+export OFFSITE_TEST_S3_LOCK_TARGET="moto=$lock_url"
 EOF
         mv "$ENV_FILE.tmp" "$ENV_FILE"
     )
 }
 
 cmd_start() {
-    [[ -x $GARAGE_BIN && -x $S3S_BIN ]] ||
-        die "test servers are not installed in $BIN; run: $0 install"
+    [[ -x $GARAGE_BIN && -x $S3S_BIN && -x $MOTO_BIN ]] ||
+        die "test servers are not installed in $ROOT; run: $0 install"
     mkdir -p "$STATE"
     start_garage
     start_s3s
+    start_moto
     write_env
     log "ready. Now run: source $ENV_FILE"
 }
@@ -322,6 +400,7 @@ stop_one() {
 cmd_stop() {
     stop_one garage "$GARAGE_BIN"
     stop_one s3s "$S3S_BIN"
+    stop_one moto "$MOTO_BIN"
 }
 
 cmd_status() {
@@ -340,6 +419,13 @@ cmd_status() {
         echo "s3s-fs: stopped"
         rc=3
     fi
+    pid=$(pid_of moto "$MOTO_BIN")
+    if [[ -n $pid ]]; then
+        echo "moto: running (pid $pid), S3 http://$HOST:$MOTO_PORT, bucket $LOCK_BUCKET (Object Lock)"
+    else
+        echo "moto: stopped"
+        rc=3
+    fi
     if [[ -f $ENV_FILE ]]; then
         echo "env file: $ENV_FILE"
     fi
@@ -347,7 +433,7 @@ cmd_status() {
 }
 
 usage() {
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 case "${1:-}" in

@@ -12,5 +12,6 @@ source "${OFFSITE_SERVERS_STATE:-/tmp/offsite-test-servers}/env"
 # The suite must not skip S3: fail if the servers' targets are missing.
 unset OFFSITE_TEST_ALLOW_NO_S3
 test -n "${OFFSITE_TEST_S3_TARGETS:-}" || { echo "no S3 test targets" >&2; exit 1; }
+test -n "${OFFSITE_TEST_S3_LOCK_TARGET:-}" || { echo "no S3 Object Lock test target (moto)" >&2; exit 1; }
 
 cargo test --no-fail-fast "$@"

@@ -10,12 +10,16 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{check_key, Body, ObjectMeta, Result, Storage, StorageError};
+use super::{
+    check_key, Body, ObjectLock, ObjectMeta, RequestCounter, RequestCounts, RequestKind, Result,
+    Storage, StorageError,
+};
 
 /// Names starting with this are in-flight writes, never objects.
 const TMP_PREFIX: &str = ".tmp-";
@@ -23,6 +27,8 @@ const TMP_PREFIX: &str = ".tmp-";
 #[derive(Debug, Clone)]
 pub struct FileStorage {
     root: PathBuf,
+    /// Operations, counted as if each were one request (see `counting`).
+    counter: Arc<RequestCounter>,
 }
 
 impl FileStorage {
@@ -38,7 +44,10 @@ impl FileStorage {
                 root.display()
             );
         }
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            counter: Arc::default(),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -305,6 +314,7 @@ impl Storage for FileStorage {
     }
 
     async fn put(&self, key: &str, body: Body) -> Result<()> {
+        self.counter.record(RequestKind::Put);
         let path = self.path_for(key)?;
         let key = key.to_string();
         self.blocking(move |root| put_sync(root, &key, &path, body))
@@ -312,6 +322,7 @@ impl Storage for FileStorage {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes> {
+        self.counter.record(RequestKind::Get);
         let path = self.path_for(key)?;
         let key = key.to_string();
         self.blocking(move |_| {
@@ -325,6 +336,7 @@ impl Storage for FileStorage {
     }
 
     async fn get_range(&self, key: &str, start: u64, len: u64) -> Result<Bytes> {
+        self.counter.record(RequestKind::Get);
         let path = self.path_for(key)?;
         let key = key.to_string();
         self.blocking(move |_| {
@@ -349,6 +361,7 @@ impl Storage for FileStorage {
     }
 
     async fn get_to_file(&self, key: &str, dest: &Path) -> Result<u64> {
+        self.counter.record(RequestKind::Get);
         let path = self.path_for(key)?;
         let key = key.to_string();
         let dest = dest.to_path_buf();
@@ -370,6 +383,7 @@ impl Storage for FileStorage {
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
+        self.counter.record(RequestKind::Head);
         let path = self.path_for(key)?;
         let key = key.to_string();
         self.blocking(move |_| match fs::metadata(&path) {
@@ -382,11 +396,13 @@ impl Storage for FileStorage {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        self.counter.record(RequestKind::List);
         let prefix = prefix.to_string();
         self.blocking(move |root| list_sync(root, &prefix)).await
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
+        self.counter.record(RequestKind::Delete);
         let path = self.path_for(key)?;
         self.blocking(move |root| {
             match fs::remove_file(&path) {
@@ -407,6 +423,34 @@ impl Storage for FileStorage {
             Ok(())
         })
         .await
+    }
+
+    async fn put_locked(&self, _key: &str, _body: Body, _lock: ObjectLock) -> Result<()> {
+        Err(StorageError::Other(
+            "object lock is not supported by file:// replicas; use an S3 bucket with Object Lock \
+             enabled"
+                .to_string(),
+        ))
+    }
+
+    // object_lock_status: the default (`None`, not enabled) is right here.
+
+    /// Files have no retention; a missing object is still `NotFound`.
+    async fn retention(&self, key: &str) -> Result<Option<i64>> {
+        self.counter.record(RequestKind::Head);
+        let path = self.path_for(key)?;
+        let key = key.to_string();
+        self.blocking(move |_| match fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(None),
+            Ok(_) => Err(StorageError::NotFound { key }),
+            Err(e) if is_missing(&e) => Err(StorageError::NotFound { key }),
+            Err(e) => Err(io_err("reading metadata of", &path, e)),
+        })
+        .await
+    }
+
+    fn request_counts(&self) -> RequestCounts {
+        self.counter.snapshot()
     }
 }
 

@@ -12,10 +12,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub mod conformance;
+pub mod counting;
 pub mod file;
 pub mod s3;
 mod url;
 
+pub use self::counting::{RequestCounter, RequestCounts, RequestKind};
 pub use self::url::{ReplicaUrl, S3Config};
 
 /// Errors a caller can branch on. Everything else is `Other` with a message
@@ -35,6 +37,11 @@ pub enum StorageError {
     /// all retries (connection refused, 5xx, throttling).
     #[error("{0}")]
     Unavailable(String),
+    /// The store refused to delete the object because it is protected by S3
+    /// Object Lock (a retention period that has not expired, or a legal
+    /// hold). The object is still there; pruning skips it and retries later.
+    #[error("object is protected by object lock and cannot be deleted yet: {key}")]
+    Locked { key: String },
     #[error("{0}")]
     Other(String),
 }
@@ -47,6 +54,33 @@ pub struct ObjectMeta {
     /// Key relative to the replica root (no leading slash), e.g. `lineages/x/y.seg`.
     pub key: String,
     pub size: u64,
+}
+
+/// S3 Object Lock retention mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockMode {
+    /// Users with `s3:BypassGovernanceRetention` can still delete the object.
+    Governance,
+    /// Nobody, not even the root account, can delete the object before the
+    /// retention expires.
+    Compliance,
+}
+
+/// Retention to apply to an object written with [`Storage::put_locked`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLock {
+    pub mode: LockMode,
+    /// Retain until this time, in microseconds since the Unix epoch.
+    pub retain_until_us: i64,
+}
+
+/// A bucket's Object Lock configuration, as reported by
+/// [`Storage::object_lock_status`] when Object Lock is enabled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketObjectLock {
+    /// The bucket's default retention mode for new objects, if it has one.
+    pub default_mode: Option<LockMode>,
 }
 
 /// The body of an upload: small objects come from memory, large ones from a
@@ -90,8 +124,45 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Every object whose key starts with `prefix` ("" = everything), sorted by key.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
 
-    /// Delete; deleting a missing object is not an error.
+    /// Delete; deleting a missing object is not an error. On a versioned
+    /// bucket this removes every version of the key (not just hides it behind
+    /// a delete marker); an object protected by Object Lock is left intact
+    /// and the call fails with [`StorageError::Locked`].
     async fn delete(&self, key: &str) -> Result<()>;
+
+    /// Like `put`, but the object gets an Object Lock retention. Fails (and
+    /// stores nothing) on backends or buckets without Object Lock, rather
+    /// than storing an unprotected object.
+    async fn put_locked(&self, key: &str, body: Body, lock: ObjectLock) -> Result<()> {
+        let _ = (key, body, lock);
+        Err(StorageError::Other(format!(
+            "object lock is not supported by {}",
+            self.describe()
+        )))
+    }
+
+    /// `Some` if the bucket has Object Lock enabled. A store that does not
+    /// implement Object Lock (or the probe request) reports `None`: servers
+    /// such as Garage accept lock headers on uploads and silently ignore
+    /// them, so only a positive answer from the lock-configuration API counts
+    /// as "enabled".
+    async fn object_lock_status(&self) -> Result<Option<BucketObjectLock>> {
+        Ok(None)
+    }
+
+    /// The object's retain-until time (microseconds since the Unix epoch),
+    /// `None` if it has no retention (or the store has no Object Lock).
+    /// A missing object is `NotFound`.
+    async fn retention(&self, key: &str) -> Result<Option<i64>> {
+        let _ = key;
+        Ok(None)
+    }
+
+    /// Requests made through this store so far (see `counting`). Backends
+    /// that do not count report zeros.
+    fn request_counts(&self) -> RequestCounts {
+        RequestCounts::default()
+    }
 }
 
 pub type DynStorage = Arc<dyn Storage>;

@@ -6,9 +6,27 @@
 //! "when required", which self-hosted servers need (Garage rejects streaming
 //! trailer checksums). Large bodies go up as multipart uploads streamed part
 //! by part from the file, so memory stays bounded.
+//!
+//! Object Lock: `put_locked` sends the lock mode and retain-until date (and,
+//! as S3 requires with Object Lock, a CRC32 checksum, on those requests
+//! only), after checking once that the bucket really has Object Lock
+//! enabled: Garage accepts lock headers and silently ignores them. A bucket
+//! is "enabled" only if GetObjectLockConfiguration says so; servers that do
+//! not implement it (501, s3s) or have no configuration count as not
+//! enabled. `delete` on a versioned bucket (Object Lock implies versioning)
+//! deletes every version of the key by version id, because a plain
+//! DeleteObject there only adds a delete marker and keeps the data; a
+//! version the server refuses to delete because of its retention or legal
+//! hold yields `StorageError::Locked`. Whether the bucket is versioned is
+//! probed once (GetBucketVersioning) on the first delete and cached, so on a
+//! plain bucket every later delete is still a single request.
+//!
+//! Every HTTP request (including retries) is counted by an SDK interceptor;
+//! see `counting`.
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,17 +34,28 @@ use aws_config::meta::region::RegionProviderChain;
 use aws_config::retry::RetryConfig;
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::http::HttpResponse;
-use aws_sdk_s3::config::{Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef;
+use aws_sdk_s3::config::{
+    ConfigBag, Intercept, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    RuntimeComponents,
+};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::{ByteStream, Length};
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::primitives::{ByteStream, DateTime, Length};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockEnabled,
+    ObjectLockLegalHoldStatus, ObjectLockMode, ObjectLockRetention, ObjectLockRetentionMode,
+};
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use tokio::io::AsyncWriteExt;
 
+use super::counting::classify_s3_request;
 use super::url::S3Config;
-use super::{check_key, Body, ObjectMeta, Result, Storage, StorageError};
+use super::{
+    check_key, Body, BucketObjectLock, LockMode, ObjectLock, ObjectMeta, RequestCounter,
+    RequestCounts, Result, Storage, StorageError,
+};
 
 /// Bodies at least this large are uploaded as multipart uploads.
 pub const DEFAULT_MULTIPART_THRESHOLD: u64 = 16 * 1024 * 1024;
@@ -51,6 +80,34 @@ pub struct S3Storage {
     multipart_threshold: u64,
     part_size: u64,
     list_page_size: i32,
+    /// Every HTTP request sent, by class (shared with the SDK interceptor).
+    counter: Arc<RequestCounter>,
+    /// The bucket's Object Lock status, probed once.
+    lock_status: Arc<tokio::sync::OnceCell<Option<BucketObjectLock>>>,
+}
+
+/// Counts every HTTP request the SDK transmits (each retry attempt too).
+#[derive(Debug)]
+struct CountingInterceptor {
+    counter: Arc<RequestCounter>,
+}
+
+impl Intercept for CountingInterceptor {
+    fn name(&self) -> &'static str {
+        "offsite::CountingInterceptor"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let req = context.request();
+        self.counter
+            .record(classify_s3_request(req.method(), req.uri()));
+        Ok(())
+    }
 }
 
 /// Hand-written so no client internals (which hold credentials providers)
@@ -111,6 +168,10 @@ impl S3Storage {
                 .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
                 .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
         }
+        let counter = Arc::new(RequestCounter::default());
+        b = b.interceptor(CountingInterceptor {
+            counter: counter.clone(),
+        });
         let client = Client::from_conf(b.build());
         Ok(Self {
             client,
@@ -120,6 +181,8 @@ impl S3Storage {
             multipart_threshold: DEFAULT_MULTIPART_THRESHOLD,
             part_size: DEFAULT_PART_SIZE,
             list_page_size: DEFAULT_LIST_PAGE_SIZE,
+            counter,
+            lock_status: Arc::default(),
         })
     }
 
@@ -275,7 +338,13 @@ impl S3Storage {
         ))
     }
 
-    async fn put_single(&self, key: &str, full: &str, body: Body) -> Result<()> {
+    async fn put_single(
+        &self,
+        key: &str,
+        full: &str,
+        body: Body,
+        lock: Option<ObjectLock>,
+    ) -> Result<()> {
         let stream = match &body {
             Body::Bytes(b) => ByteStream::from(b.clone()),
             Body::File(p) => ByteStream::read_from()
@@ -284,24 +353,46 @@ impl S3Storage {
                 .await
                 .map_err(|e| source_err(p, e))?,
         };
-        self.client
+        let mut req = self
+            .client
             .put_object()
             .bucket(&self.cfg.bucket)
             .key(full)
-            .body(stream)
-            .send()
+            .body(stream);
+        if let Some(lock) = lock {
+            // S3 requires Content-MD5 or an SDK checksum with Object Lock.
+            req = req
+                .object_lock_mode(sdk_mode(lock.mode))
+                .object_lock_retain_until_date(datetime_from_us(lock.retain_until_us))
+                .checksum_algorithm(ChecksumAlgorithm::Crc32);
+        }
+        req.send()
             .await
             .map_err(|e| self.map_err("PutObject", key, e))?;
         Ok(())
     }
 
-    async fn put_multipart(&self, key: &str, full: &str, body: Body, len: u64) -> Result<()> {
+    async fn put_multipart(
+        &self,
+        key: &str,
+        full: &str,
+        body: Body,
+        len: u64,
+        lock: Option<ObjectLock>,
+    ) -> Result<()> {
         let part_size = self.part_size.max(len.div_ceil(MAX_PARTS));
-        let created = self
+        let mut create = self
             .client
             .create_multipart_upload()
             .bucket(&self.cfg.bucket)
-            .key(full)
+            .key(full);
+        if let Some(lock) = lock {
+            create = create
+                .object_lock_mode(sdk_mode(lock.mode))
+                .object_lock_retain_until_date(datetime_from_us(lock.retain_until_us))
+                .checksum_algorithm(ChecksumAlgorithm::Crc32);
+        }
+        let created = create
             .send()
             .await
             .map_err(|e| self.map_err("CreateMultipartUpload", key, e))?;
@@ -320,7 +411,7 @@ impl S3Storage {
         };
 
         let result = self
-            .upload_parts(key, full, upload_id, &body, len, part_size)
+            .upload_parts(key, full, upload_id, &body, len, part_size, lock.is_some())
             .await;
         let result = match result {
             Ok(parts) => self
@@ -336,11 +427,37 @@ impl S3Storage {
                 )
                 .send()
                 .await
-                .map(|_| ())
+                .map(|out| out.version_id().map(str::to_string))
                 .map_err(|e| self.map_err("CompleteMultipartUpload", key, e)),
             Err(e) => Err(e),
         };
         guard.armed = false;
+        let result = match (result, lock) {
+            // Set the retention on the completed version explicitly too: some
+            // servers (moto) ignore lock headers on CreateMultipartUpload.
+            // On AWS this repeats the same retention and changes nothing.
+            (Ok(version), Some(lock)) => self
+                .client
+                .put_object_retention()
+                .bucket(&self.cfg.bucket)
+                .key(full)
+                .set_version_id(version)
+                .retention(
+                    ObjectLockRetention::builder()
+                        .mode(match lock.mode {
+                            LockMode::Governance => ObjectLockRetentionMode::Governance,
+                            LockMode::Compliance => ObjectLockRetentionMode::Compliance,
+                        })
+                        .retain_until_date(datetime_from_us(lock.retain_until_us))
+                        .build(),
+                )
+                .checksum_algorithm(ChecksumAlgorithm::Crc32)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| self.map_err("PutObjectRetention", key, e)),
+            (r, _) => r.map(|_| ()),
+        };
         if result.is_err() {
             if let Err(e) = self
                 .client
@@ -357,6 +474,7 @@ impl S3Storage {
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn upload_parts(
         &self,
         key: &str,
@@ -365,6 +483,7 @@ impl S3Storage {
         body: &Body,
         len: u64,
         part_size: u64,
+        with_checksum: bool,
     ) -> Result<Vec<CompletedPart>> {
         let n_parts = len.div_ceil(part_size).max(1);
         let uploads = (0..n_parts).map(|i| {
@@ -384,7 +503,7 @@ impl S3Storage {
                         .await
                         .map_err(|e| source_err(p, e))?,
                 };
-                let out = self
+                let mut req = self
                     .client
                     .upload_part()
                     .bucket(&self.cfg.bucket)
@@ -392,7 +511,11 @@ impl S3Storage {
                     .upload_id(upload_id)
                     .part_number(part_number)
                     .content_length(this_len as i64)
-                    .body(stream)
+                    .body(stream);
+                if with_checksum {
+                    req = req.checksum_algorithm(ChecksumAlgorithm::Crc32);
+                }
+                let out = req
                     .send()
                     .await
                     .map_err(|e| self.map_err(&format!("UploadPart {part_number}"), key, e))?;
@@ -402,10 +525,13 @@ impl S3Storage {
                         self.endpoint_desc()
                     ))
                 })?;
+                // An upload created with a checksum algorithm must list
+                // each part's checksum on completion.
                 Ok::<_, StorageError>(
                     CompletedPart::builder()
                         .part_number(part_number)
                         .e_tag(etag)
+                        .set_checksum_crc32(out.checksum_crc32().map(str::to_string))
                         .build(),
                 )
             }
@@ -417,6 +543,262 @@ impl S3Storage {
         parts.sort_by_key(|p| p.part_number());
         Ok(parts)
     }
+
+    async fn body_len(body: &Body) -> Result<u64> {
+        match body {
+            Body::Bytes(b) => Ok(b.len() as u64),
+            Body::File(p) => Ok(tokio::fs::metadata(p)
+                .await
+                .map_err(|e| {
+                    StorageError::Other(format!("reading upload source {}: {e}", p.display()))
+                })?
+                .len()),
+        }
+    }
+
+    async fn put_with(&self, key: &str, body: Body, lock: Option<ObjectLock>) -> Result<()> {
+        let full = self.full_key(key)?;
+        let len = Self::body_len(&body).await?;
+        if len >= self.multipart_threshold && len > 0 {
+            self.put_multipart(key, &full, body, len, lock).await
+        } else {
+            self.put_single(key, &full, body, lock).await
+        }
+    }
+
+    /// GetObjectLockConfiguration. Anything that does not positively say
+    /// "enabled" is `None`: no configuration, a server that does not
+    /// implement the API (501 NotImplemented, s3s), or one that answers with
+    /// something that is not a lock configuration.
+    async fn probe_object_lock(&self) -> Result<Option<BucketObjectLock>> {
+        let res = self
+            .client
+            .get_object_lock_configuration()
+            .bucket(&self.cfg.bucket)
+            .send()
+            .await;
+        let out = match res {
+            Ok(out) => out,
+            Err(e) => {
+                if let SdkError::ServiceError(ctx) = &e {
+                    let status = ctx.raw().status().as_u16();
+                    let code = ctx.err().code().unwrap_or("");
+                    let not_configured = code == "ObjectLockConfigurationNotFoundError"
+                        || code == "NotImplemented"
+                        || status == 501
+                        || (status == 404 && code != "NoSuchBucket")
+                        || (status == 400 && code != "AuthorizationHeaderMalformed");
+                    if not_configured {
+                        tracing::debug!(
+                            "{}: no object lock (GetObjectLockConfiguration: HTTP {status} {code})",
+                            self.cfg
+                        );
+                        return Ok(None);
+                    }
+                }
+                return Err(self.map_err("GetObjectLockConfiguration", "", e));
+            }
+        };
+        let Some(cfg) = out.object_lock_configuration() else {
+            return Ok(None);
+        };
+        if cfg.object_lock_enabled() != Some(&ObjectLockEnabled::Enabled) {
+            return Ok(None);
+        }
+        let default_mode = cfg
+            .rule()
+            .and_then(|r| r.default_retention())
+            .and_then(|d| d.mode())
+            .and_then(|m| match m {
+                ObjectLockRetentionMode::Governance => Some(LockMode::Governance),
+                ObjectLockRetentionMode::Compliance => Some(LockMode::Compliance),
+                _ => None,
+            });
+        Ok(Some(BucketObjectLock { default_mode }))
+    }
+
+    /// Whether deletes must remove versions by id: only on buckets with
+    /// Object Lock (which implies versioning). A versioned bucket without
+    /// Object Lock keeps plain deletes (a delete marker): its owner chose
+    /// versioning as a safety net, and lifecycle rules expire old versions.
+    async fn deletes_versions(&self) -> Result<bool> {
+        Ok(self.object_lock_status().await?.is_some())
+    }
+
+    /// Every version and delete marker of exactly `full`: (version id, is delete marker).
+    async fn list_versions(&self, key: &str, full: &str) -> Result<Vec<(String, bool)>> {
+        let mut out = Vec::new();
+        let mut key_marker: Option<String> = None;
+        let mut version_marker: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_object_versions()
+                .bucket(&self.cfg.bucket)
+                .prefix(full)
+                .set_key_marker(key_marker.take())
+                .set_version_id_marker(version_marker.take())
+                .send()
+                .await
+                .map_err(|e| self.map_err("ListObjectVersions", key, e))?;
+            let mut past = false;
+            for v in page.versions() {
+                match v.key() {
+                    Some(k) if k == full => {
+                        out.push((v.version_id().unwrap_or("null").to_string(), false))
+                    }
+                    Some(k) if k > full => past = true,
+                    _ => {}
+                }
+            }
+            for m in page.delete_markers() {
+                match m.key() {
+                    Some(k) if k == full => {
+                        out.push((m.version_id().unwrap_or("null").to_string(), true))
+                    }
+                    Some(k) if k > full => past = true,
+                    _ => {}
+                }
+            }
+            if past || page.is_truncated() != Some(true) {
+                break;
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            version_marker = page.next_version_id_marker().map(str::to_string);
+            if key_marker.is_none() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Delete every version of `full` by version id. Data versions go first;
+    /// delete markers only once no data version is left, so an object that a
+    /// lock keeps does not reappear from under someone else's delete marker.
+    async fn delete_versions(&self, key: &str, full: &str) -> Result<()> {
+        let versions = self.list_versions(key, full).await?;
+        let mut locked = false;
+        for (vid, _) in versions.iter().filter(|(_, marker)| !marker) {
+            match self.delete_version(key, full, vid).await {
+                Ok(()) => {}
+                Err(StorageError::Locked { .. }) => locked = true,
+                Err(e) => return Err(e),
+            }
+        }
+        if locked {
+            return Err(StorageError::Locked {
+                key: key.to_string(),
+            });
+        }
+        for (vid, _) in versions.iter().filter(|(_, marker)| *marker) {
+            self.delete_version(key, full, vid).await?;
+        }
+        Ok(())
+    }
+
+    async fn delete_version(&self, key: &str, full: &str, vid: &str) -> Result<()> {
+        let res = self
+            .client
+            .delete_object()
+            .bucket(&self.cfg.bucket)
+            .key(full)
+            .version_id(vid)
+            .send()
+            .await;
+        let e = match res {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        if let SdkError::ServiceError(ctx) = &e {
+            let status = ctx.raw().status().as_u16();
+            let code = ctx.err().code().unwrap_or("");
+            if status == 403 || code == "AccessDenied" {
+                let msg = ctx.err().message().unwrap_or("").to_ascii_lowercase();
+                if msg.contains("lock") || msg.contains("retention") || msg.contains("legal hold") {
+                    return Err(StorageError::Locked {
+                        key: key.to_string(),
+                    });
+                }
+                // Some servers (moto) just say "Access Denied": find out
+                // whether the version is protected, or the key lacks rights.
+                if self.version_is_protected(full, vid).await {
+                    return Err(StorageError::Locked {
+                        key: key.to_string(),
+                    });
+                }
+            }
+        }
+        match self.map_err("DeleteObject (version)", key, e) {
+            StorageError::NotFound { .. } => Ok(()),
+            other => Err(other),
+        }
+    }
+
+    /// Does this version have an unexpired retention or a legal hold?
+    /// (HeadObject reports both to callers allowed to read them.)
+    async fn version_is_protected(&self, full: &str, vid: &str) -> bool {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.cfg.bucket)
+            .key(full)
+            .version_id(vid)
+            .send()
+            .await
+        {
+            Ok(out) => {
+                out.object_lock_legal_hold_status() == Some(&ObjectLockLegalHoldStatus::On)
+                    || out
+                        .object_lock_retain_until_date()
+                        .is_some_and(|until| datetime_to_us(until) > now_us())
+            }
+            Err(_) => false,
+        }
+    }
+
+    async fn delete_plain(&self, key: &str, full: &str) -> Result<()> {
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.cfg.bucket)
+            .key(full)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match self.map_err("DeleteObject", key, e) {
+                StorageError::NotFound { .. } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+}
+
+fn sdk_mode(m: LockMode) -> ObjectLockMode {
+    match m {
+        LockMode::Governance => ObjectLockMode::Governance,
+        LockMode::Compliance => ObjectLockMode::Compliance,
+    }
+}
+
+fn datetime_from_us(us: i64) -> DateTime {
+    DateTime::from_secs_and_nanos(
+        us.div_euclid(1_000_000),
+        (us.rem_euclid(1_000_000) * 1000) as u32,
+    )
+}
+
+fn datetime_to_us(dt: &DateTime) -> i64 {
+    dt.secs()
+        .saturating_mul(1_000_000)
+        .saturating_add(i64::from(dt.subsec_nanos() / 1000))
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
 }
 
 fn env_nonempty(name: &str) -> Option<String> {
@@ -484,21 +866,7 @@ impl Storage for S3Storage {
     }
 
     async fn put(&self, key: &str, body: Body) -> Result<()> {
-        let full = self.full_key(key)?;
-        let len = match &body {
-            Body::Bytes(b) => b.len() as u64,
-            Body::File(p) => tokio::fs::metadata(p)
-                .await
-                .map_err(|e| {
-                    StorageError::Other(format!("reading upload source {}: {e}", p.display()))
-                })?
-                .len(),
-        };
-        if len >= self.multipart_threshold && len > 0 {
-            self.put_multipart(key, &full, body, len).await
-        } else {
-            self.put_single(key, &full, body).await
-        }
+        self.put_with(key, body, None).await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes> {
@@ -673,19 +1041,58 @@ impl Storage for S3Storage {
 
     async fn delete(&self, key: &str) -> Result<()> {
         let full = self.full_key(key)?;
+        if self.deletes_versions().await? {
+            self.delete_versions(key, &full).await
+        } else {
+            self.delete_plain(key, &full).await
+        }
+    }
+
+    async fn put_locked(&self, key: &str, body: Body, lock: ObjectLock) -> Result<()> {
+        self.full_key(key)?;
+        if self.object_lock_status().await?.is_none() {
+            return Err(StorageError::Other(format!(
+                "cannot store {key:?} with object lock: bucket {:?} at {} does not have S3 \
+                 Object Lock enabled (or the server does not implement it; Garage and s3s do \
+                 not). Create the bucket with Object Lock enabled",
+                self.cfg.bucket,
+                self.endpoint_desc()
+            )));
+        }
+        self.put_with(key, body, Some(lock)).await
+    }
+
+    async fn object_lock_status(&self) -> Result<Option<BucketObjectLock>> {
+        self.lock_status
+            .get_or_try_init(|| self.probe_object_lock())
+            .await
+            .copied()
+    }
+
+    async fn retention(&self, key: &str) -> Result<Option<i64>> {
+        let full = self.full_key(key)?;
+        // Without Object Lock on the bucket nothing has a retention, whatever
+        // headers a server echoes back.
+        let enabled = self.object_lock_status().await?.is_some();
+        // HeadObject carries the retention (x-amz-object-lock-retain-until-date)
+        // for callers allowed s3:GetObjectRetention, so one request answers
+        // both "is it there" and "until when"; moto does not implement
+        // GetObjectRetention at all (it answers with the object).
         match self
             .client
-            .delete_object()
+            .head_object()
             .bucket(&self.cfg.bucket)
             .key(&full)
             .send()
             .await
         {
-            Ok(_) => Ok(()),
-            Err(e) => match self.map_err("DeleteObject", key, e) {
-                StorageError::NotFound { .. } => Ok(()),
-                other => Err(other),
-            },
+            Ok(out) if enabled => Ok(out.object_lock_retain_until_date().map(datetime_to_us)),
+            Ok(_) => Ok(None),
+            Err(e) => Err(self.map_err("HeadObject (retention)", key, e)),
         }
+    }
+
+    fn request_counts(&self) -> RequestCounts {
+        self.counter.snapshot()
     }
 }

@@ -4,7 +4,7 @@
 //! it, hence the `dead_code` allowance.
 //!
 //! Sections:
-//! * S3 test targets (`s3_targets`, `s3_target`, `unique_prefix`)
+//! * S3 test targets (`s3_targets`, `s3_target`, `s3_lock_target`, `unique_prefix`)
 #![allow(dead_code)]
 
 pub mod harness;
@@ -17,6 +17,10 @@ pub mod harness;
 /// `name=s3://bucket?endpoint=...&region=...&force-path-style=true;name2=...`.
 /// Written by `scripts/test-servers.sh start` into its env file.
 pub const S3_TARGETS_ENV: &str = "OFFSITE_TEST_S3_TARGETS";
+/// Environment variable naming the S3 bucket with Object Lock enabled (moto):
+/// `name=s3://bucket?endpoint=...`. Kept apart from `OFFSITE_TEST_S3_TARGETS`
+/// because it is an emulator, used only for what the real stores lack.
+pub const S3_LOCK_TARGET_ENV: &str = "OFFSITE_TEST_S3_LOCK_TARGET";
 /// Set to `1` to run without S3 servers (S3 tests then pass vacuously, with a warning).
 pub const ALLOW_NO_S3_ENV: &str = "OFFSITE_TEST_ALLOW_NO_S3";
 
@@ -82,6 +86,45 @@ pub fn s3_targets() -> Vec<S3Target> {
             name,
         })
         .collect()
+}
+
+/// The Object Lock test target from `OFFSITE_TEST_S3_LOCK_TARGET`, with a
+/// fresh unique prefix.
+///
+/// Panics if the variable is unset, unless `OFFSITE_TEST_ALLOW_NO_S3=1`, in
+/// which case it warns and returns `None`.
+pub fn s3_lock_target() -> Option<S3Target> {
+    let raw = match std::env::var(S3_LOCK_TARGET_ENV) {
+        Ok(v) if !v.trim().is_empty() => v,
+        _ => {
+            if std::env::var(ALLOW_NO_S3_ENV).as_deref() == Ok("1") {
+                eprintln!(
+                    "WARNING: {S3_LOCK_TARGET_ENV} is not set and {ALLOW_NO_S3_ENV}=1: \
+                     skipping Object Lock tests"
+                );
+                return None;
+            }
+            panic!(
+                "{S3_LOCK_TARGET_ENV} is not set, so there is no S3 bucket with Object Lock to \
+                 test against.\n\
+                 Start the local test servers (moto provides it) and load their environment:\n\
+                 \n    scripts/test-servers.sh start\n    \
+                 source ${{OFFSITE_SERVERS_STATE:-/tmp/offsite-test-servers}}/env\n\n\
+                 (or set {ALLOW_NO_S3_ENV}=1 to skip S3 tests)"
+            );
+        }
+    };
+    let mut all = parse_targets(&raw);
+    assert_eq!(
+        all.len(),
+        1,
+        "{S3_LOCK_TARGET_ENV} must name exactly one target, got {raw:?}"
+    );
+    let (name, base) = all.remove(0);
+    Some(S3Target {
+        url: with_prefix(&base, &unique_prefix()),
+        name,
+    })
 }
 
 /// The target called `name`, or `None` (with a message) if the environment
