@@ -17,4 +17,5 @@ pub mod restore;
 pub mod segment;
 pub mod source;
 pub mod storage;
+pub mod verify;
 pub mod workload;
