@@ -75,21 +75,22 @@ fn parse_recipient(s: &str) -> anyhow::Result<age::x25519::Recipient> {
     })
 }
 
-/// Secret keys used to decrypt (restore side only).
-pub struct Identities(Vec<Box<dyn age::Identity + Send + Sync>>);
+/// Secret keys used to decrypt (restore side only). Cloning shares the keys.
+#[derive(Clone)]
+pub struct Identities(Vec<std::sync::Arc<dyn age::Identity + Send + Sync>>);
 
 impl Identities {
     pub fn from_x25519(ids: Vec<age::x25519::Identity>) -> Identities {
         Identities(
             ids.into_iter()
-                .map(|i| Box::new(i) as Box<dyn age::Identity + Send + Sync>)
+                .map(|i| std::sync::Arc::new(i) as std::sync::Arc<dyn age::Identity + Send + Sync>)
                 .collect(),
         )
     }
 
     /// Read age identity files (the format age-keygen and `offsite keygen` write).
     pub fn read_files(paths: &[std::path::PathBuf]) -> anyhow::Result<Identities> {
-        let mut v: Vec<Box<dyn age::Identity + Send + Sync>> = Vec::new();
+        let mut v: Vec<std::sync::Arc<dyn age::Identity + Send + Sync>> = Vec::new();
         for p in paths {
             let f = age::IdentityFile::from_file(p.to_string_lossy().into_owned())
                 .with_context(|| format!("cannot read age identity file {}", p.display()))?;
@@ -99,7 +100,7 @@ impl Identities {
             if ids.is_empty() {
                 bail!("age identity file {} contains no identity", p.display());
             }
-            v.extend(ids);
+            v.extend(ids.into_iter().map(std::sync::Arc::from));
         }
         Ok(Identities(v))
     }

@@ -18,4 +18,5 @@ pub mod retention;
 pub mod segment;
 pub mod source;
 pub mod storage;
+pub mod verify;
 pub mod workload;

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use crate::checksum::PageState;
 use crate::codec::open_object;
 use crate::keys::Identities;
-use crate::layout::{self, Catalog, Plan, SegmentEntry, Target};
+use crate::layout::{self, Catalog, SegmentEntry, SnapshotEntry, Target};
 use crate::segment::{BodyReader, Header};
 use crate::storage::Storage;
 
@@ -66,13 +66,13 @@ impl Drop for TempOutput {
     }
 }
 
-enum Downloaded {
+pub(crate) enum Downloaded {
     Mem(bytes::Bytes),
     File(tempfile::NamedTempFile),
 }
 
 impl Downloaded {
-    fn reader(&self) -> anyhow::Result<Box<dyn Read + '_>> {
+    pub(crate) fn reader(&self) -> anyhow::Result<Box<dyn Read + '_>> {
         Ok(match self {
             Downloaded::Mem(b) => Box::new(&b[..]),
             Downloaded::File(f) => Box::new(BufReader::with_capacity(1 << 20, f.reopen()?)),
@@ -80,7 +80,7 @@ impl Downloaded {
     }
 }
 
-async fn download(
+pub(crate) async fn download(
     store: &dyn Storage,
     key: &str,
     size: u64,
@@ -170,7 +170,7 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
         .with_context(|| format!("cannot create {}", tmp_path.display()))?;
     let ids = opts.identities.as_ref();
     let (mut state, encrypted, mut at_txid, mut at_time) =
-        tokio::task::block_in_place(|| apply_snapshot(&plan, &snap, ids, &mut outf))
+        tokio::task::block_in_place(|| apply_snapshot(&plan.snapshot, &snap, ids, Some(&mut outf)))
             .with_context(|| format!("snapshot {} failed verification", plan.snapshot.key))?;
     drop(snap);
 
@@ -197,7 +197,17 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
         }
         let r = tokio::task::block_in_place(|| {
             apply_segment(
-                &plan, &seg, &d, ids, encrypted, &mut state, &mut outf, at_txid,
+                Stop {
+                    txid: plan.stop_txid,
+                    time_us: plan.stop_time_us,
+                },
+                &seg,
+                &d,
+                ids,
+                encrypted,
+                &mut state,
+                Some(&mut outf),
+                at_txid,
             )
         })
         .with_context(|| format!("segment {} failed verification", seg.key))?;
@@ -248,18 +258,35 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
     })
 }
 
-fn apply_snapshot(
-    plan: &Plan,
+/// Where a replay stops: after `txid`, or before the first commit observed after `time_us`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stop {
+    pub txid: u64,
+    pub time_us: Option<i64>,
+}
+
+impl Stop {
+    /// Apply everything.
+    pub(crate) const NEVER: Stop = Stop {
+        txid: u64::MAX,
+        time_us: None,
+    };
+}
+
+/// Verify a snapshot against its name and stored checksum, computing its
+/// page state; with `out`, also write its pages there (restore). Returns the
+/// state, whether the object is encrypted, and its txid and time.
+pub(crate) fn apply_snapshot(
+    key: &SnapshotEntry,
     obj: &Downloaded,
     ids: Option<&Identities>,
-    out: &mut File,
+    out: Option<&mut File>,
 ) -> anyhow::Result<(PageState, bool, u64, i64)> {
     let (env, body) = open_object(obj.reader()?, ids)?;
     let (mut br, header) = BodyReader::open(body, &env)?;
     let Header::Snapshot(h) = header else {
         bail!("object is not a snapshot");
     };
-    let key = &plan.snapshot;
     ensure!(
         h.lineage == key.lineage && h.txid == key.txid && h.time_us == key.time_us,
         "snapshot contents (lineage {}, txid {}, time {}) do not match its name (swapped or renamed object)",
@@ -269,15 +296,22 @@ fn apply_snapshot(
     );
     let mut state = PageState::new(h.page_size as usize);
     let mut buf = vec![0u8; h.page_size as usize];
-    out.set_len(0)?;
-    out.seek(SeekFrom::Start(0))?;
-    {
-        let mut w = BufWriter::with_capacity(1 << 20, &mut *out);
-        for pgno in 1..=h.db_pages {
-            br.read_page(&mut buf)?;
-            state.set_page(pgno, &buf);
+    let mut w = match out {
+        Some(f) => {
+            f.set_len(0)?;
+            f.seek(SeekFrom::Start(0))?;
+            Some(BufWriter::with_capacity(1 << 20, f))
+        }
+        None => None,
+    };
+    for pgno in 1..=h.db_pages {
+        br.read_page(&mut buf)?;
+        state.set_page(pgno, &buf);
+        if let Some(w) = w.as_mut() {
             w.write_all(&buf)?;
         }
+    }
+    if let Some(mut w) = w {
         w.flush()?;
     }
     state.resize(h.db_pages);
@@ -291,17 +325,19 @@ fn apply_snapshot(
     Ok((state, env.encrypted, h.txid, h.time_us))
 }
 
-/// Apply one segment. Returns the last applied (txid, time), if any, and
+/// Apply one segment to `state` (and, with `out`, to the file being
+/// restored), verifying it against its name, the state it continues and
+/// every stored checksum. Returns the last applied (txid, time), if any, and
 /// whether the target was reached.
 #[allow(clippy::too_many_arguments)]
-fn apply_segment(
-    plan: &Plan,
+pub(crate) fn apply_segment(
+    stop: Stop,
     seg: &SegmentEntry,
     obj: &Downloaded,
     ids: Option<&Identities>,
     encrypted: bool,
     state: &mut PageState,
-    out: &mut File,
+    mut out: Option<&mut File>,
     at_txid: u64,
 ) -> anyhow::Result<(Option<(u64, i64)>, bool)> {
     let (env, body) = open_object(obj.reader()?, ids)?;
@@ -366,7 +402,7 @@ fn apply_segment(
                 "last commit time differs from the object name"
             );
         }
-        if let Some(t) = plan.stop_time_us {
+        if let Some(t) = stop.time_us {
             if head.time_us > t {
                 // The target lies before this commit: stop here.
                 return Ok((last, true));
@@ -377,7 +413,9 @@ fn apply_segment(
                 t <= head.db_pages && t <= state.pages().max(t),
                 "compacted segment truncation size {t} is invalid"
             );
-            out.set_len(t as u64 * ps as u64)?;
+            if let Some(f) = out.as_deref_mut() {
+                f.set_len(t as u64 * ps as u64)?;
+            }
             state.resize(t);
         }
         for _ in 0..head.records {
@@ -386,10 +424,14 @@ fn apply_segment(
                 pgno >= 1 && pgno <= head.db_pages,
                 "record for page {pgno} outside the database"
             );
-            out.write_all_at(&buf, (pgno as u64 - 1) * ps as u64)?;
+            if let Some(f) = out.as_deref_mut() {
+                f.write_all_at(&buf, (pgno as u64 - 1) * ps as u64)?;
+            }
             state.set_page(pgno, &buf);
         }
-        out.set_len(head.db_pages as u64 * ps as u64)?;
+        if let Some(f) = out.as_deref_mut() {
+            f.set_len(head.db_pages as u64 * ps as u64)?;
+        }
         state.resize(head.db_pages);
         let ck = br.read_checksum()?;
         ensure!(
@@ -399,7 +441,7 @@ fn apply_segment(
             state.checksum()
         );
         last = Some((head.txid, head.time_us));
-        if head.txid >= plan.stop_txid {
+        if head.txid >= stop.txid {
             return Ok((last, true));
         }
     }

@@ -29,10 +29,6 @@ pub enum StorageError {
     /// A conditional write found the object already present.
     #[error("object already exists: {key}")]
     AlreadyExists { key: String },
-    /// The store refused a delete because the object is under an Object
-    /// Lock retention.
-    #[error("object is locked (Object Lock retention): {key}")]
-    Locked { key: String },
     /// The store is unreachable or answered with a retryable failure after
     /// all retries (connection refused, 5xx, throttling).
     #[error("{0}")]
