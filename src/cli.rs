@@ -281,6 +281,8 @@ async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
                 o.snapshot_interval = r.snapshot_interval;
                 o.compaction_levels = r.compaction_levels.clone();
                 o.prune_interval = r.prune_interval;
+                o.object_lock = r.object_lock;
+                o.object_lock_margin = r.object_lock_margin;
                 jobs.push((o, r.url.clone(), r.encryption.clone()));
             }
         }
@@ -342,21 +344,31 @@ async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
         let store = storage::open(&url).await?;
         let rx = shutdown.clone();
         let db = o.db_path.clone();
+        let name = o.replica_name.clone();
         set.spawn(async move {
             Replicator::new(o, store, enc)
                 .run(rx)
                 .await
-                .with_context(|| format!("replicating {}", db.display()))
+                .with_context(|| format!("replicating {} to replica {name} ({url})", db.display()))
         });
     }
     let mut first_err = None;
     while let Some(r) = set.join_next().await {
         let r = r.context("replication task panicked").and_then(|x| x);
         if let Err(e) = r {
+            // A replica that cannot go on (wrong credentials, a replica
+            // holding other backups, a database that is not in WAL mode) is
+            // reported; the other replicas keep shipping. The process exits
+            // non-zero once nothing is left running.
+            if !set.is_empty() {
+                tracing::error!(
+                    error = format!("{e:#}"),
+                    running = set.len(),
+                    "a replica stopped; the others go on"
+                );
+            }
             if first_err.is_none() {
                 first_err = Some(e);
-                // One database failing stops the process (a supervisor restarts it).
-                set.abort_all();
             }
         }
     }
@@ -413,6 +425,7 @@ fn resolve_replicas(
                     compaction_levels: Vec::new(),
                     prune_interval: Duration::from_secs(3600),
                     object_lock: None,
+                    object_lock_margin: Duration::ZERO,
                     url,
                     encryption: Encryption::None,
                     age_identity_files: Vec::new(),

@@ -41,6 +41,7 @@ struct RawReplica {
     compaction_levels: Option<Vec<String>>,
     prune_interval: Option<String>,
     object_lock: Option<String>,
+    object_lock_margin: Option<String>,
     encryption: Option<String>,
     #[serde(default)]
     age_recipients: Vec<String>,
@@ -85,12 +86,6 @@ impl DatabaseConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LockModeConfig {
-    Governance,
-    Compliance,
-}
-
 #[derive(Debug, Clone)]
 pub struct ReplicaConfig {
     /// Unique per database (default: replica1, replica2, …).
@@ -100,7 +95,8 @@ pub struct ReplicaConfig {
     pub snapshot_interval: Option<Duration>,
     pub compaction_levels: Vec<Duration>,
     pub prune_interval: Duration,
-    pub object_lock: Option<LockModeConfig>,
+    pub object_lock: Option<crate::storage::LockMode>,
+    pub object_lock_margin: Duration,
     pub url: ReplicaUrl,
     pub encryption: Encryption,
     pub age_identity_files: Vec<PathBuf>,
@@ -363,14 +359,17 @@ fn replica_config(
         dur(&r.prune_interval, "prune-interval")?.unwrap_or(Duration::from_secs(3600));
     let object_lock = match r.object_lock.as_deref().map(|s| x(s, &what)).transpose()?.as_deref() {
         None | Some("off") => None,
-        Some("governance") => Some(LockModeConfig::Governance),
-        Some("compliance") => Some(LockModeConfig::Compliance),
+        Some("governance") => Some(crate::storage::LockMode::Governance),
+        Some("compliance") => Some(crate::storage::LockMode::Compliance),
         Some(o) => bail!("{file}: {what}: object-lock = {o:?} is not valid; use \"governance\", \"compliance\" or \"off\""),
     };
     if object_lock.is_some() && retention.is_none() {
         bail!("{file}: {what}: object-lock needs a retention window (with retention = \"off\" nothing would ever be deleted)");
     }
+    let object_lock_margin =
+        dur(&r.object_lock_margin, "object-lock-margin")?.unwrap_or(Duration::from_secs(24 * 3600));
     Ok(ReplicaConfig {
+        object_lock_margin,
         name,
         retention,
         snapshot_interval,

@@ -19,7 +19,7 @@ use crate::segment::{
     CommitHead, SegmentHeader, SegmentWriter, SnapshotHeader, SnapshotWriter, PAYLOAD_SQLITE_PAGES,
 };
 use crate::source::sqlite::{Break, SqliteSource, WalPos};
-use crate::storage::{Body, DynStorage, StorageError};
+use crate::storage::{Body, DynStorage, ObjectLock, StorageError};
 
 /// Settings for replicating one database.
 #[derive(Debug, Clone)]
@@ -50,6 +50,10 @@ pub struct Options {
     pub prune_interval: Duration,
     /// Name of the replica, for logs.
     pub replica_name: String,
+    /// S3 Object Lock: every upload is retained for the time it may be
+    /// needed (retention window + snapshot interval) plus `object_lock_margin`.
+    pub object_lock: Option<crate::storage::LockMode>,
+    pub object_lock_margin: Duration,
 }
 
 impl Options {
@@ -68,6 +72,8 @@ impl Options {
             retention: None,
             prune_interval: Duration::from_secs(3600),
             replica_name: String::new(),
+            object_lock: None,
+            object_lock_margin: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -210,6 +216,25 @@ impl Replicator {
         self.opts.clock.now_us()
     }
 
+    /// The Object Lock retention for an object uploaded now: it covers the
+    /// longest time a kept restore point can need it (the window, plus up to
+    /// one snapshot interval until the next base snapshot), plus a margin.
+    fn lock(&self) -> Option<ObjectLock> {
+        let mode = self.opts.object_lock?;
+        let window = self
+            .opts
+            .retention
+            .as_ref()
+            .map(|p| p.retention)
+            .unwrap_or_default();
+        let hold =
+            window + self.opts.snapshot_interval.unwrap_or_default() + self.opts.object_lock_margin;
+        Some(ObjectLock {
+            mode,
+            retain_until_us: self.now_us() + hold.as_micros() as i64,
+        })
+    }
+
     fn reset_compactor(&mut self) {
         let ps = self.source.as_ref().map(|s| s.page_size()).unwrap_or(4096) as usize;
         self.compactor = Some(Compactor::new(
@@ -301,6 +326,19 @@ impl Replicator {
     /// Startup: read the replica once and continue its newest lineage if the
     /// local database provably matches, else start a new lineage.
     pub async fn start(&mut self) -> anyhow::Result<()> {
+        if self.opts.object_lock.is_some() {
+            let status = with_retries("check the bucket's Object Lock configuration", || {
+                self.store.object_lock_status()
+            })
+            .await?;
+            if status.is_none() {
+                bail!(
+                    "object-lock is configured for replica {} but the bucket at {} does not have S3 Object Lock enabled (it can only be turned on when a bucket is created, e.g. `aws s3api create-bucket --object-lock-enabled-for-bucket`; some S3-compatible servers do not implement it at all)",
+                    self.opts.replica_name,
+                    self.store.describe()
+                );
+            }
+        }
         let objects =
             with_retries("list the replica", || self.store.list(layout::LINEAGES)).await?;
         let catalog = Catalog::from_list(&objects);
@@ -413,8 +451,10 @@ impl Replicator {
             Ok((staged, st, time_us))
         })?;
         let stored = staged.body.len().await?;
+        let lock = self.lock();
+        let store = &self.store;
         with_retries("upload the snapshot", || {
-            self.store.put(&staged.key, staged.body.clone())
+            put_object(store, &staged.key, staged.body.clone(), lock)
         })
         .await?;
         tracing::info!(db = %self.db(), replica = %self.opts.replica_name, key = %staged.key, txid, raw_bytes = staged.raw_bytes, stored_bytes = stored, "snapshot uploaded");
@@ -462,8 +502,7 @@ impl Replicator {
             bail!("the database state at txid {txid} (checksum {got}) differs from the replicated state ({want}); this is a bug, please report it");
         }
         let stored = staged.body.len().await?;
-        self.store
-            .put(&staged.key, staged.body.clone())
+        put_object(&self.store, &staged.key, staged.body.clone(), self.lock())
             .await
             .with_context(|| format!("cannot upload {}", staged.key))?;
         tracing::info!(db = %self.db(), replica = %self.opts.replica_name, key = %staged.key, txid, raw_bytes = staged.raw_bytes, stored_bytes = stored, "periodic snapshot uploaded");
@@ -616,7 +655,7 @@ impl Replicator {
                 }
             };
             let stored = staged.body.len().await.unwrap_or(0);
-            let put = self.store.put(&staged.key, staged.body.clone()).await;
+            let put = put_object(&self.store, &staged.key, staged.body.clone(), self.lock()).await;
             let state = self.state.as_mut().unwrap();
             match put {
                 Ok(()) => {
@@ -751,8 +790,7 @@ impl Replicator {
             let spool = w.write_body(ow, &header)?.finish()?;
             spool.into_body()
         })?;
-        self.store
-            .put(&key, body)
+        put_object(&self.store, &key, body, self.lock())
             .await
             .with_context(|| format!("cannot upload {key}"))?;
         tracing::debug!(db = %self.db(), %key, level = w.level, raw_bytes = w.raw_bytes(), "compacted segment uploaded");
@@ -989,6 +1027,18 @@ fn build_segment(
         prev: Some(prev),
         sums,
     })
+}
+
+async fn put_object(
+    store: &DynStorage,
+    key: &str,
+    body: Body,
+    lock: Option<ObjectLock>,
+) -> Result<(), StorageError> {
+    match lock {
+        Some(l) => store.put_locked(key, body, l).await,
+        None => store.put(key, body).await,
+    }
 }
 
 fn is_unavailable(e: &anyhow::Error) -> bool {

@@ -325,6 +325,50 @@ async fn retention_window_holds_across_simulated_hours() {
     }
 }
 
+/// `harness::wait_for`, printing the daemon's log when it times out.
+fn wait_log(what: &str, t: Duration, log: &Path, mut f: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + t;
+    while std::time::Instant::now() < until {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(30).collect();
+    panic!(
+        "timed out waiting for {what}; log tail (newest first):\n{}",
+        tail.join("\n")
+    );
+}
+
+/// Wait until the replica's newest state is the database's last commit.
+fn wait_caught_up(url: &str, db: &Path, log: &Path) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let want = workload::last_commit(&c).unwrap();
+    drop(c);
+    let out = db.with_extension("caught-up.db");
+    wait_log(
+        &format!("the replica to hold commit {want}"),
+        Duration::from_secs(60),
+        log,
+        || {
+            harness::restore(url, &out, &["--force"]).ok()
+                && workload::verify(&out).is_ok_and(|m| m == want)
+        },
+    );
+}
+
+/// Kills the child process even when the test fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Two replicas of one database in one daemon: the first points at an
 /// endpoint nobody listens on, the second keeps receiving every commit; a
 /// restore through the config picks the healthy one.
@@ -355,20 +399,19 @@ path = "{db}"
     .unwrap();
     harness::workload(&db, &["--count", "5"]);
     let log_path = dir.join("offsite.log");
-    let mut child = harness::offsite()
-        .args(["replicate", "--config"])
-        .arg(&cfg)
-        .stderr(std::fs::File::create(&log_path).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        harness::offsite()
+            .args(["replicate", "--config"])
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let url = format!("file://{}", good.display());
     harness::workload(&db, &["--count", "200", "--rate", "200"]);
-    harness::wait_for(
-        "the healthy replica has every commit",
-        Duration::from_secs(60),
-        || harness::latest_txid(&url).is_some_and(|t| t >= 200),
-    );
-    assert!(child.try_wait().unwrap().is_none(), "offsite exited");
+    wait_caught_up(&url, &db, &log_path);
+    assert!(child.0.try_wait().unwrap().is_none(), "offsite exited");
     let out = dir.join("restored.db");
     let r = harness::offsite()
         .args(["restore", "--config"])
@@ -389,9 +432,8 @@ path = "{db}"
                 .contains("cannot list the replica")
         },
     );
-    assert!(child.try_wait().unwrap().is_none(), "offsite exited");
-    let _ = child.kill();
-    let _ = child.wait();
+    assert!(child.0.try_wait().unwrap().is_none(), "offsite exited");
+    drop(child);
     // Named restore from the broken replica fails with a clear error.
     let r = harness::offsite()
         .args(["restore", "--replica", "down", "--config"])
@@ -488,4 +530,120 @@ fn prune_cli_dry_run_then_real() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--retention"));
     let _: Option<PathBuf> = None;
+}
+
+/// Object Lock end to end on a server that implements it (moto): every
+/// object the daemon uploads carries a retention; pruning cannot delete a
+/// locked object (the server refuses; prune reports it and keeps going),
+/// and deletes it once the lock has expired. A bucket without Object Lock
+/// is refused at startup.
+#[test]
+fn object_lock_protects_uploads_until_pruning_may_delete_them() {
+    let Some(lock) = support::s3_lock_target() else {
+        return;
+    };
+    let (_g, dir, _url, db, _log, _id, _recipient) = harness::file_fixture();
+    harness::workload(&db, &["--count", "10"]);
+    let cfg = dir.join("offsite.toml");
+    let write_cfg = |url: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"
+[[database]]
+path = "{db}"
+  [[database.replica]]
+  url = "{url}"
+  encryption = "none"
+  object-lock = "governance"
+  retention = "1s"
+  snapshot-interval = "2s"
+  snapshot-retention = "1"
+  object-lock-margin = "6s"
+  prune-interval = "1h"
+"#,
+                db = db.display()
+            ),
+        )
+        .unwrap()
+    };
+    // A bucket without Object Lock: refused at startup, clearly.
+    if let Some(plain) = support::s3_targets().first() {
+        write_cfg(&plain.url);
+        let o = harness::offsite()
+            .args(["replicate", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("does not have S3 Object Lock enabled"),
+            "{err}"
+        );
+    }
+    write_cfg(&lock.url);
+    let log_path = dir.join("offsite.log");
+    let child = KillOnDrop(
+        harness::offsite()
+            .args(["replicate", "--config"])
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..4 {
+        harness::workload(&db, &["--count", "10"]);
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    wait_caught_up(&lock.url, &db, &log_path);
+    drop(child);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("periodic snapshot uploaded"), "{log}");
+    // Every object has a retention about 1s + 2s + 6s after its upload.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = rt.block_on(open_store(&lock.url));
+    let objs = rt.block_on(store.list("lineages/")).unwrap();
+    assert!(objs.len() >= 4, "{objs:?}");
+    let now = offsite::clock::system_now_us();
+    for o in &objs {
+        let until = rt.block_on(store.retention(&o.key)).unwrap();
+        let until = until.unwrap_or_else(|| panic!("{} has no retention", o.key));
+        assert!(
+            until > now - 2_000_000 && until < now + 12_000_000,
+            "{}: {until} vs {now}",
+            o.key
+        );
+    }
+    // Prune now: old objects are due but locked; the server refuses.
+    let prune = || {
+        harness::offsite()
+            .args(["prune", "--json", "--config"])
+            .arg(&cfg)
+            .arg(&db)
+            .output()
+            .unwrap()
+    };
+    let o = prune();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let locked = rep["locked"].as_array().unwrap().len();
+    assert!(locked > 0, "{rep}");
+    assert_eq!(rep["deleted"].as_array().unwrap().len(), 0, "{rep}");
+    assert_eq!(
+        rt.block_on(store.list("lineages/")).unwrap().len(),
+        objs.len()
+    );
+    // After the locks expire, the same prune deletes them.
+    std::thread::sleep(Duration::from_secs(10));
+    let o = prune();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rep: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(rep["deleted"].as_array().unwrap().len() >= locked, "{rep}");
+    assert!(rep["locked"].as_array().unwrap().is_empty(), "{rep}");
+    let out = dir.join("r.db");
+    let r = harness::restore(&lock.url, &out, &[]);
+    assert!(r.ok(), "{}", r.stderr());
+    assert_eq!(workload::verify(&out).unwrap(), 50);
 }
