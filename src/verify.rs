@@ -620,7 +620,21 @@ fn plan_lineage(l: &Lineage, lr: &mut LineageReport) -> Vec<Step> {
                 boundaries.insert(at);
             }
             Err(e) => {
-                problem(&mut lr.problems, &prev_key, err_text(&e));
+                // After pruning, a lineage is: snapshots kept by
+                // snapshot-retention (restorable to their own point, with no
+                // segments), then the window's base snapshot and an unbroken
+                // chain to the head. A gap is legitimate only there: right
+                // after a snapshot, with no level-0 segment at all up to the
+                // next snapshot.
+                let next_snap = l.snapshots.iter().find(|s| s.txid > at);
+                let pruned_tail = l
+                    .snapshots
+                    .iter()
+                    .any(|s| s.txid == at && s.key == prev_key)
+                    && next_snap.is_some_and(|n| l.segments.range(..=n.txid).next().is_none());
+                if !pruned_tail {
+                    problem(&mut lr.problems, &prev_key, err_text(&e));
+                }
                 // Resume the replay at the next snapshot, if any.
                 match l.snapshots.iter().find(|s| s.txid > at) {
                     Some(s) => {
