@@ -283,6 +283,14 @@ async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
                 o.prune_interval = r.prune_interval;
                 o.object_lock = r.object_lock;
                 o.object_lock_margin = r.object_lock_margin;
+                o.verify_interval = r.verify_interval;
+                o.drill_identities = match &r.verify_identity_file {
+                    Some(f) => Some(
+                        Identities::read_files(std::slice::from_ref(f))
+                            .with_context(|| format!("replica {}: verify-identity-file", r.name))?,
+                    ),
+                    None => None,
+                };
                 jobs.push((o, r.url.clone(), r.encryption.clone()));
             }
         }
@@ -426,6 +434,8 @@ fn resolve_replicas(
                     prune_interval: Duration::from_secs(3600),
                     object_lock: None,
                     object_lock_margin: Duration::ZERO,
+                    verify_interval: None,
+                    verify_identity_file: None,
                     url,
                     encryption: Encryption::None,
                     age_identity_files: Vec::new(),
@@ -514,7 +524,9 @@ async fn list(a: ListArgs) -> anyhow::Result<()> {
     let url = rs.remove(0).url;
     let store = storage::open(&url).await?;
     let catalog = Catalog::load(store.as_ref()).await?;
-    let v = restore::describe(&catalog);
+    let mut v = restore::describe(&catalog);
+    // What this listing cost (one LIST per 1000 objects on S3).
+    v["requests"] = serde_json::to_value(store.request_counts())?;
     if a.json {
         println!("{}", serde_json::to_string(&v)?);
         return Ok(());
@@ -539,11 +551,24 @@ async fn list(a: ListArgs) -> anyhow::Result<()> {
             l.object_count(),
             l.bytes()
         );
+        println!(
+            "  objects  {} snapshots, {} level-0 segments, {} compacted segments",
+            l.snapshots.len(),
+            l.segments.values().map(|v| v.len()).sum::<usize>(),
+            l.compacted.values().map(|v| v.len()).sum::<usize>()
+        );
         for s in &l.snapshots {
             println!(
                 "  snapshot txid {} at {}",
                 s.txid,
                 layout::fmt_time_us(s.time_us)
+            );
+        }
+        if let Some(b) = l.continuous_from() {
+            println!(
+                "  every commit restorable from txid {} ({})",
+                b.txid,
+                layout::fmt_time_us(b.time_us)
             );
         }
         if let Some(h) = l.head() {

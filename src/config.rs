@@ -42,6 +42,8 @@ struct RawReplica {
     prune_interval: Option<String>,
     object_lock: Option<String>,
     object_lock_margin: Option<String>,
+    verify_interval: Option<String>,
+    verify_identity_file: Option<String>,
     encryption: Option<String>,
     #[serde(default)]
     age_recipients: Vec<String>,
@@ -97,6 +99,9 @@ pub struct ReplicaConfig {
     pub prune_interval: Duration,
     pub object_lock: Option<crate::storage::LockMode>,
     pub object_lock_margin: Duration,
+    /// Restore drills in the daemon (with their own identity file).
+    pub verify_interval: Option<Duration>,
+    pub verify_identity_file: Option<PathBuf>,
     pub url: ReplicaUrl,
     pub encryption: Encryption,
     pub age_identity_files: Vec<PathBuf>,
@@ -368,7 +373,21 @@ fn replica_config(
     }
     let object_lock_margin =
         dur(&r.object_lock_margin, "object-lock-margin")?.unwrap_or(Duration::from_secs(24 * 3600));
+    let verify_interval = dur(&r.verify_interval, "verify-interval")?;
+    let verify_identity_file = r
+        .verify_identity_file
+        .as_deref()
+        .map(|s| x(s, &what).map(PathBuf::from))
+        .transpose()?;
+    if verify_interval.is_some()
+        && verify_identity_file.is_none()
+        && matches!(encryption, Encryption::Age(_))
+    {
+        bail!("{file}: {what}: verify-interval needs verify-identity-file (an identity that can decrypt this replica, used only for restore drills) because the replica is encrypted");
+    }
     Ok(ReplicaConfig {
+        verify_interval,
+        verify_identity_file,
         object_lock_margin,
         name,
         retention,

@@ -155,3 +155,10 @@ pub fn keygen_to_file(path: &Path) -> anyhow::Result<String> {
     f.sync_all()?;
     Ok(r)
 }
+
+/// Never prints key material: only how many identities there are.
+impl std::fmt::Debug for Identities {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identities(<redacted>)")
+    }
+}

@@ -179,6 +179,30 @@ impl Lineage {
                 .sum::<usize>()
     }
 
+    /// The oldest snapshot from which the level-0 chain reaches the
+    /// lineage's newest txid: every txid from it on is restorable. Older
+    /// snapshots (kept by snapshot-retention after pruning) restore only to
+    /// their own point.
+    pub fn continuous_from(&self) -> Option<&SnapshotEntry> {
+        let max = self.max_txid()?;
+        // Walk back from the head while segments chain.
+        let mut by_last: BTreeMap<u64, &SegmentEntry> = BTreeMap::new();
+        for g in self.segments.values().flatten() {
+            by_last.insert(g.last_txid, g);
+        }
+        let mut at = max;
+        let mut oldest = None;
+        loop {
+            if let Some(s) = self.snapshots.iter().find(|s| s.txid == at) {
+                oldest = Some(s);
+            }
+            match by_last.get(&at) {
+                Some(g) if g.first_txid > 0 => at = g.first_txid - 1,
+                _ => return oldest,
+            }
+        }
+    }
+
     /// Every object of the lineage.
     pub fn keys(&self) -> impl Iterator<Item = (&str, u64)> {
         self.snapshots
@@ -439,6 +463,36 @@ impl Catalog {
                 (l, l.max_txid().unwrap(), Some(t))
             }
         };
+        if let Some(base) = lineage.continuous_from() {
+            let exact_snapshot =
+                stop_time.is_none() && lineage.snapshots.iter().any(|s| s.txid == stop_txid);
+            let before = match stop_time {
+                Some(t) => t < base.time_us,
+                None => stop_txid < base.txid,
+            };
+            // Pruned (no level-0 segment before the base), not damaged: a
+            // missing object inside the history is reported by the route.
+            let pruned = lineage.segments.range(..=base.txid).next().is_none();
+            if before && !exact_snapshot && pruned {
+                bail!(
+                    "{} is before lineage {}'s point-in-time window, which starts at txid {} ({}); older history was pruned, and the snapshots kept before it restore only to their own txid ({})",
+                    match stop_time {
+                        Some(t) => fmt_time_us(t),
+                        None => format!("txid {stop_txid}"),
+                    },
+                    lineage.id,
+                    base.txid,
+                    fmt_time_us(base.time_us),
+                    lineage
+                        .snapshots
+                        .iter()
+                        .filter(|s| s.txid < base.txid)
+                        .map(|s| format!("--txid {}", s.txid))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
         let snapshot = lineage
             .snapshots
             .iter()
@@ -538,6 +592,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("gap") && err.contains("txid 2"), "{err}");
+    }
+
+    #[test]
+    fn pruned_tail_snapshots_stand_alone() {
+        let l = "0000000000000001-000000aa".to_string();
+        // Snapshot 1 (kept tail), segments 2..=5 pruned, base snapshot at 5,
+        // chain 6..=9 to the head.
+        let objs = vec![
+            om(snapshot_key(&l, 1, 100)),
+            om(snapshot_key(&l, 5, 500)),
+            om(segment_key(&l, 0, 6, 7, 700)),
+            om(segment_key(&l, 0, 8, 9, 900)),
+        ];
+        let c = Catalog::from_list(&objs);
+        let lin = c.lineages.values().next().unwrap();
+        assert_eq!(lin.continuous_from().unwrap().txid, 5);
+        assert!(c.plan(Target::Txid(1)).is_ok(), "a kept snapshot restores");
+        assert!(c.plan(Target::Txid(7)).is_ok());
+        let e = c.plan(Target::Txid(3)).unwrap_err().to_string();
+        assert!(e.contains("pruned") && e.contains("--txid 1"), "{e}");
+        let e = c.plan(Target::Time(300)).unwrap_err().to_string();
+        assert!(e.contains("before lineage"), "{e}");
+        // A missing segment inside the chain is a gap, not pruning.
+        let objs2 = vec![
+            om(snapshot_key(&l, 1, 100)),
+            om(segment_key(&l, 0, 2, 3, 300)),
+            om(snapshot_key(&l, 5, 500)),
+            om(segment_key(&l, 0, 6, 7, 700)),
+        ];
+        let e = Catalog::from_list(&objs2)
+            .plan(Target::Txid(4))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gap"), "{e}");
     }
 
     #[test]

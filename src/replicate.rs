@@ -54,6 +54,10 @@ pub struct Options {
     /// needed (retention window + snapshot interval) plus `object_lock_margin`.
     pub object_lock: Option<crate::storage::LockMode>,
     pub object_lock_margin: Duration,
+    /// Restore drills: how often, and the identity they decrypt with (None
+    /// for a plaintext replica). Drills only run when this is set.
+    pub verify_interval: Option<Duration>,
+    pub drill_identities: Option<crate::keys::Identities>,
 }
 
 impl Options {
@@ -74,6 +78,8 @@ impl Options {
             replica_name: String::new(),
             object_lock: None,
             object_lock_margin: Duration::from_secs(24 * 3600),
+            verify_interval: None,
+            drill_identities: None,
         }
     }
 }
@@ -181,6 +187,20 @@ pub struct Replicator {
     last_prune_us: i64,
     uploaded_since_prune: bool,
     prune_task: Option<tokio::task::JoinHandle<()>>,
+    drill_task: Option<tokio::task::JoinHandle<()>>,
+    last_drill_us: i64,
+    /// The newest restore drill's outcome: (time it ran, result).
+    drill: std::sync::Arc<std::sync::Mutex<Option<DrillRecord>>>,
+}
+
+/// What the newest restore drill found.
+#[derive(Debug, Clone)]
+pub struct DrillRecord {
+    pub ran_at_us: i64,
+    pub ok: bool,
+    pub newest_verified_txid: Option<u64>,
+    pub newest_verified_time_us: Option<i64>,
+    pub error: Option<String>,
 }
 
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -209,7 +229,59 @@ impl Replicator {
             last_prune_us: 0,
             uploaded_since_prune: false,
             prune_task: None,
+            drill_task: None,
+            last_drill_us: 0,
+            drill: Default::default(),
         }
+    }
+
+    /// The newest restore drill's outcome, if one ran.
+    pub fn last_drill(&self) -> Option<DrillRecord> {
+        self.drill.lock().unwrap().clone()
+    }
+
+    /// Start a restore drill in the background when one is due.
+    fn maybe_drill(&mut self, now: i64) {
+        let Some(iv) = self.opts.verify_interval else {
+            return;
+        };
+        if self.drill_task.as_ref().is_some_and(|t| !t.is_finished())
+            || now - self.last_drill_us < iv.as_micros() as i64
+            || self.lineage.is_none()
+        {
+            return;
+        }
+        self.last_drill_us = now;
+        let store = self.store.clone();
+        let ids = self.opts.drill_identities.clone();
+        let out = self.drill.clone();
+        let db = self.db();
+        let replica = self.opts.replica_name.clone();
+        self.drill_task = Some(tokio::spawn(async move {
+            let r = crate::verify::drill(store.as_ref(), ids.as_ref(), 1, rand::random()).await;
+            let rec = match r {
+                Ok(d) => DrillRecord {
+                    ran_at_us: now,
+                    ok: d.ok,
+                    newest_verified_txid: d.newest_verified_txid,
+                    newest_verified_time_us: d.newest_verified_time_us,
+                    error: d.samples.iter().find_map(|s| s.error.clone()),
+                },
+                Err(e) => DrillRecord {
+                    ran_at_us: now,
+                    ok: false,
+                    newest_verified_txid: None,
+                    newest_verified_time_us: None,
+                    error: Some(format!("{e:#}")),
+                },
+            };
+            if rec.ok {
+                tracing::info!(%db, %replica, txid = rec.newest_verified_txid, "restore drill passed: the newest point restores and passes integrity_check");
+            } else {
+                tracing::error!(%db, %replica, error = rec.error.as_deref().unwrap_or(""), "restore drill FAILED: the replica does not restore");
+            }
+            *out.lock().unwrap() = Some(rec);
+        }));
     }
 
     fn now_us(&self) -> i64 {
@@ -303,7 +375,7 @@ impl Replicator {
             self.retry_at = None;
             match self.step(true).await {
                 Ok(()) if self.source.as_ref().is_some_and(|s| s.pending().is_empty()) => {
-                    tracing::info!(db = %self.db(), next_txid = self.next_txid, "all commits shipped");
+                    tracing::info!(db = %self.db(), replica = %self.opts.replica_name, next_txid = self.next_txid, requests = %requests_json(self.store.as_ref()), "all commits shipped");
                     return Ok(());
                 }
                 Ok(()) => {}
@@ -581,6 +653,8 @@ impl Replicator {
                 self.checkpoint_locked().await?;
             }
         }
+        let now = self.now_us();
+        self.maybe_drill(now);
         let src = self.source.as_mut().unwrap();
         if src.pending().is_empty() && blocking(|| src.yield_to_checkpointer())? {
             tracing::debug!(db = %db, "let the application's checkpoint run");
@@ -798,9 +872,12 @@ impl Replicator {
         Ok(())
     }
 
-    /// Wait for a background prune to finish (tests and shutdown).
+    /// Wait for a background prune or drill to finish (tests and shutdown).
     pub async fn wait_maintenance(&mut self) {
         if let Some(t) = self.prune_task.take() {
+            let _ = t.await;
+        }
+        if let Some(t) = self.drill_task.take() {
             let _ = t.await;
         }
     }
@@ -832,7 +909,7 @@ impl Replicator {
         self.prune_task = Some(tokio::spawn(async move {
             match crate::retention::prune(store.as_ref(), &policy, now, false).await {
                 Ok(r) => {
-                    tracing::info!(%db, %replica, deleted = r.deleted.len(), kept = r.kept, locked = r.locked.len(), bytes_freed = r.bytes_deleted, "pruned the replica")
+                    tracing::info!(%db, %replica, deleted = r.deleted.len(), kept = r.kept, locked = r.locked.len(), bytes_freed = r.bytes_deleted, requests = %requests_json(store.as_ref()), "pruned the replica")
                 }
                 Err(e) => {
                     tracing::error!(%db, %replica, error = format!("{e:#}"), "pruning failed; will retry after the next upload")
@@ -1039,6 +1116,11 @@ async fn put_object(
         Some(l) => store.put_locked(key, body, l).await,
         None => store.put(key, body).await,
     }
+}
+
+/// Requests made to the store since the process started, by kind.
+fn requests_json(store: &dyn crate::storage::Storage) -> String {
+    serde_json::to_string(&store.request_counts()).unwrap_or_default()
 }
 
 fn is_unavailable(e: &anyhow::Error) -> bool {

@@ -477,12 +477,20 @@ pub fn describe(catalog: &Catalog) -> serde_json::Value {
         .values()
         .map(|l| {
             let head = l.head();
+            let level0 = l.segments.values().map(|v| v.len()).sum::<usize>();
+            let compacted = l.compacted.values().map(|v| v.len()).sum::<usize>();
             serde_json::json!({
                 "lineage": l.id,
                 "snapshots": l.snapshots.iter().map(|s| t(s.txid, s.time_us)).collect::<Vec<_>>(),
                 "earliest": l.snapshots.first().map(|s| t(s.txid, s.time_us)),
+                // Every txid from here to "latest" restores; before it, only
+                // the listed snapshots.
+                "restorable_from": l.continuous_from().map(|s| t(s.txid, s.time_us)),
                 "latest": head.as_ref().map(|h| t(h.last_txid(), h.last_time_us())),
                 "objects": l.object_count(),
+                "snapshot_objects": l.snapshots.len(),
+                "level0_segments": level0,
+                "compacted_segments": compacted,
                 "bytes": l.bytes(),
             })
         })

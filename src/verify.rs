@@ -353,14 +353,17 @@ pub async fn verify(store: &dyn Storage, opts: &VerifyOptions) -> anyhow::Result
                     continue;
                 };
                 let hi = l.max_txid().unwrap_or(first.txid);
+                // Random points inside the continuous range (before it, only
+                // snapshots kept by snapshot-retention, restorable as such).
+                let lo = l.continuous_from().map(|s| s.txid).unwrap_or(first.txid);
                 let mut points = vec![("oldest", first.txid), ("newest", hi)];
                 let mut seen: BTreeSet<u64> = [first.txid, hi].into();
-                if hi > first.txid + 1 {
-                    let inner = (hi - first.txid - 1) as usize;
+                if hi > lo + 1 {
+                    let inner = (hi - lo - 1) as usize;
                     for _ in 0..opts.samples.min(inner) {
                         // Distinct points where there are enough.
                         for _ in 0..16 {
-                            let t = rng.range(first.txid + 1, hi - 1);
+                            let t = rng.range(lo + 1, hi - 1);
                             if seen.insert(t) {
                                 points.push(("random", t));
                                 break;
@@ -379,7 +382,15 @@ pub async fn verify(store: &dyn Storage, opts: &VerifyOptions) -> anyhow::Result
                     report.deep.push(s);
                 }
             }
-            if let Some(((_, t0), (_, t1))) = catalog.window() {
+            let window = catalog.window().map(|((_, t0), (_, t1))| {
+                // Restorable times start at the newest lineage's continuous range.
+                let base = catalog
+                    .newest_lineage()
+                    .and_then(|l| l.continuous_from())
+                    .map(|s| s.time_us);
+                (base.map_or(t0, |b| b.max(t0)), t1)
+            });
+            if let Some((t0, t1)) = window {
                 let t = rng.range(t0 as u64, t1.max(t0) as u64) as i64;
                 let s = sample(store, ids, tmp.path(), "time", Target::Time(t)).await;
                 if !s.ok {
@@ -494,6 +505,7 @@ pub async fn drill(
         return Ok(out);
     };
     let hi = l.max_txid().unwrap_or(first.txid);
+    let first = l.continuous_from().unwrap_or(first);
     let mut rng = Rng(rng_seed);
     let tmp = tempfile::Builder::new()
         .prefix(".offsite-drill-")
