@@ -84,7 +84,7 @@ impl Writer {
         workload::commit(&mut self.c, &self.p, self.s).unwrap();
     }
     fn grow_and_shrink(&mut self, phase: u64) {
-        if phase % 2 == 0 {
+        if phase.is_multiple_of(2) {
             self.c
                 .execute_batch(
                     "CREATE TABLE IF NOT EXISTS junk(b BLOB); INSERT INTO junk SELECT randomblob(3000) FROM (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 60) SELECT i FROM n);",
@@ -140,7 +140,7 @@ async fn compacted_and_uncompacted_replicas_restore_identically() {
                 w.commit();
             }
             step += 1;
-            if step % 40 == 0 {
+            if step.is_multiple_of(40) {
                 w.grow_and_shrink(step / 40);
             }
             hand.advance(Duration::from_secs(10 + next() % 70));
@@ -317,7 +317,7 @@ async fn retention_window_holds_across_simulated_hours() {
                 assert_eq!(workload::verify(&out).unwrap(), s, "commit {s} at {t}");
             }
             let rep = restore_to(&store, Target::Time(ws), &out).await;
-            let want = commits.iter().filter(|(_, t)| *t <= ws).last().unwrap().0;
+            let want = commits.iter().filter(|(_, t)| *t <= ws).next_back().unwrap().0;
             assert_eq!(
                 workload::verify(&out).unwrap(),
                 want,
