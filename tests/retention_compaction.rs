@@ -317,7 +317,7 @@ async fn retention_window_holds_across_simulated_hours() {
                 assert_eq!(workload::verify(&out).unwrap(), s, "commit {s} at {t}");
             }
             let rep = restore_to(&store, Target::Time(ws), &out).await;
-            let want = commits.iter().filter(|(_, t)| *t <= ws).next_back().unwrap().0;
+            let want = commits.iter().rfind(|(_, t)| *t <= ws).unwrap().0;
             assert_eq!(
                 workload::verify(&out).unwrap(),
                 want,
