@@ -475,7 +475,48 @@ mod tests {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/offsite.toml");
         let c = Config::load(&p).unwrap();
         assert_eq!(c.databases.len(), 2);
+        let d = &c.databases[0];
+        assert_eq!(d.replicas.len(), 2);
+        assert_eq!(d.replica(Some("local")).unwrap().name, "local");
+        let r = d.replica(None).unwrap();
+        assert_eq!(r.name, "s3");
+        let p = r.retention.as_ref().unwrap();
+        assert_eq!(p.retention, Duration::from_secs(72 * 3600));
+        assert_eq!(
+            p.snapshot_retention,
+            crate::retention::SnapshotRetention::Count(7)
+        );
+        assert_eq!(r.compaction_levels, crate::compact::DEFAULT_LEVELS.to_vec());
         assert_eq!(c.databases[1].sync_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn replica_settings_are_checked() {
+        let base = "[[database]]\npath = \"/a.db\"\n[[database.replica]]\nurl = \"file:///tmp/x\"\nencryption = \"none\"\n";
+        let bad = |extra: &str| {
+            format!(
+                "{:#}",
+                Config::parse(&format!("{base}{extra}"), "x.toml").unwrap_err()
+            )
+        };
+        assert!(bad("compaction-levels = [\"15m\", \"1m\"]\n").contains("must grow"));
+        assert!(bad("compaction-levels = [\"1m\", \"90s\"]\n").contains("multiple"));
+        assert!(bad("object-lock = \"strict\"\n").contains("governance"));
+        assert!(bad("object-lock = \"governance\"\nretention = \"off\"\n").contains("retention"));
+        assert!(bad("snapshot-retention = \"lots\"\n").contains("snapshot-retention"));
+        let two = format!("{base}[[database.replica]]\nurl = \"file:///tmp/x\"\nencryption = \"none\"\n");
+        assert!(Config::parse(&two, "x.toml").unwrap_err().to_string().contains("same URL"));
+        let c = Config::parse(&format!("{base}retention = \"off\"\ncompaction-levels = []\n"), "x.toml").unwrap();
+        let r = &c.databases[0].replicas[0];
+        assert!(r.retention.is_none() && r.compaction_levels.is_empty());
+        assert_eq!(r.name, "replica1");
+        let enc = "[[database]]\npath = \"/a.db\"\n[[database.replica]]\nurl = \"file:///tmp/x\"\nage-recipients = [\"RCPT\"]\nverify-interval = \"1h\"\n"
+            .replace("RCPT", &r_());
+        assert!(Config::parse(&enc, "x.toml").unwrap_err().to_string().contains("verify-identity-file"));
+    }
+
+    fn r_() -> String {
+        r()
     }
 
     #[test]
