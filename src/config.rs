@@ -504,15 +504,26 @@ mod tests {
         assert!(bad("object-lock = \"strict\"\n").contains("governance"));
         assert!(bad("object-lock = \"governance\"\nretention = \"off\"\n").contains("retention"));
         assert!(bad("snapshot-retention = \"lots\"\n").contains("snapshot-retention"));
-        let two = format!("{base}[[database.replica]]\nurl = \"file:///tmp/x\"\nencryption = \"none\"\n");
-        assert!(Config::parse(&two, "x.toml").unwrap_err().to_string().contains("same URL"));
-        let c = Config::parse(&format!("{base}retention = \"off\"\ncompaction-levels = []\n"), "x.toml").unwrap();
+        let two =
+            format!("{base}[[database.replica]]\nurl = \"file:///tmp/x\"\nencryption = \"none\"\n");
+        assert!(Config::parse(&two, "x.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("same URL"));
+        let c = Config::parse(
+            &format!("{base}retention = \"off\"\ncompaction-levels = []\n"),
+            "x.toml",
+        )
+        .unwrap();
         let r = &c.databases[0].replicas[0];
         assert!(r.retention.is_none() && r.compaction_levels.is_empty());
         assert_eq!(r.name, "replica1");
         let enc = "[[database]]\npath = \"/a.db\"\n[[database.replica]]\nurl = \"file:///tmp/x\"\nage-recipients = [\"RCPT\"]\nverify-interval = \"1h\"\n"
             .replace("RCPT", &r_());
-        assert!(Config::parse(&enc, "x.toml").unwrap_err().to_string().contains("verify-identity-file"));
+        assert!(Config::parse(&enc, "x.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("verify-identity-file"));
     }
 
     fn r_() -> String {

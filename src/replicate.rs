@@ -375,6 +375,7 @@ impl Replicator {
             self.retry_at = None;
             match self.step(true).await {
                 Ok(()) if self.source.as_ref().is_some_and(|s| s.pending().is_empty()) => {
+                    self.flush_compaction().await;
                     tracing::info!(db = %self.db(), replica = %self.opts.replica_name, next_txid = self.next_txid, requests = %requests_json(self.store.as_ref()), "all commits shipped");
                     return Ok(());
                 }
@@ -832,6 +833,24 @@ impl Replicator {
             }
         }
         self.maybe_prune(now);
+    }
+
+    /// At shutdown: write the open compaction windows as they are (a
+    /// compacted segment may cover part of a window; restore plans only
+    /// need objects to tile the txid line), so they are not lost.
+    async fn flush_compaction(&mut self) {
+        if let (Some(c), Some(lineage)) = (self.compactor.as_mut(), self.lineage.as_ref()) {
+            if let Ok(v) = c.close_due(i64::MAX) {
+                self.closed
+                    .extend(v.into_iter().map(|w| (lineage.clone(), w)));
+            }
+        }
+        while let Some((lineage, w)) = self.closed.pop_front() {
+            if let Err(e) = self.upload_closed(&lineage, &w).await {
+                tracing::warn!(db = %self.db(), replica = %self.opts.replica_name, error = format!("{e:#}"), "compacted segment not uploaded at shutdown; restores of that range read level-0 segments");
+                break;
+            }
+        }
     }
 
     async fn upload_closed(&mut self, lineage: &str, w: &Closed) -> anyhow::Result<()> {

@@ -381,6 +381,7 @@ pub(crate) fn apply_segment(
     let ps = h.page_size as usize;
     let mut buf = vec![0u8; ps];
     let mut last = None;
+    let mut done = false;
     for i in 0..h.commit_count {
         let head = br.read_commit_head()?;
         // A compacted segment holds one merged commit, named by its last txid.
@@ -404,13 +405,22 @@ pub(crate) fn apply_segment(
         }
         if let Some(t) = stop.time_us {
             if head.time_us > t {
-                // The target lies before this commit: stop here.
-                return Ok((last, true));
+                // The target lies before this commit: stop applying here.
+                done = true;
             }
+        }
+        if done {
+            // Past the target: read (and hash) the rest without applying it,
+            // so damage anywhere in an object a restore uses is detected.
+            for _ in 0..head.records {
+                br.read_record(&mut buf)?;
+            }
+            br.read_checksum()?;
+            continue;
         }
         if let Some(t) = h.truncate_to {
             ensure!(
-                t <= head.db_pages && t <= state.pages().max(t),
+                t <= head.db_pages,
                 "compacted segment truncation size {t} is invalid"
             );
             if let Some(f) = out.as_deref_mut() {
@@ -442,11 +452,11 @@ pub(crate) fn apply_segment(
         );
         last = Some((head.txid, head.time_us));
         if head.txid >= stop.txid {
-            return Ok((last, true));
+            done = true;
         }
     }
     br.finish()?;
-    Ok((last, false))
+    Ok((last, done))
 }
 
 /// `PRAGMA integrity_check` on the restored file; anything but "ok" fails.

@@ -10,6 +10,11 @@ use std::time::Duration;
 
 use support::harness::*;
 
+/// The WAL-bound test measures how fast offsite keeps up with a writer; it
+/// runs alone (the other tests of this file run in parallel with each other)
+/// so that the machine's load from other tests does not decide its outcome.
+static GATE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 fn verify(path: &Path) -> u64 {
     offsite::workload::verify(path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()))
 }
@@ -122,6 +127,7 @@ fn check_replica(url: &str, dir: &Path, key: &Path, final_commit: u64, log: &Pat
 
 #[test]
 fn live_writer_checkpoints_vacuum_big_transactions() {
+    let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     for target in targets(tmp.path()) {
         let dir = tmp.path().join(&target.name);
@@ -194,6 +200,7 @@ fn live_writer_checkpoints_vacuum_big_transactions() {
 
 #[test]
 fn application_truncate_checkpoints_complete_while_offsite_runs() {
+    let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     // offsite holds a read lock; an application's TRUNCATE checkpoint would
     // wait for it (holding the write lock) until its busy timeout. offsite
     // steps aside once everything is shipped, then proves the database still
@@ -244,6 +251,7 @@ fn application_truncate_checkpoints_complete_while_offsite_runs() {
 
 #[test]
 fn kill9_restart_resumes_without_gap_or_duplicate() {
+    let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let all = targets(tmp.path());
     for target in all
@@ -315,6 +323,7 @@ fn kill9_restart_resumes_without_gap_or_duplicate() {
 
 #[test]
 fn wal_reset_while_offsite_is_down_starts_a_new_lineage() {
+    let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     let (_tmp, dir_buf, url, db, log, key, rcpt) = file_fixture();
     let dir = dir_buf.as_path();
     let logs = log.to_str().unwrap();
@@ -371,6 +380,7 @@ fn wal_reset_while_offsite_is_down_starts_a_new_lineage() {
 
 #[test]
 fn database_replaced_while_running_starts_a_new_lineage() {
+    let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let url = format!("file://{}", dir.join("replica").display());
@@ -405,6 +415,7 @@ fn database_replaced_while_running_starts_a_new_lineage() {
 
 #[test]
 fn replicate_from_config_file_with_env_expansion() {
+    let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (key, rcpt) = keygen(dir);
@@ -499,6 +510,7 @@ age-recipients = ["{rcpt}"]
 
 #[test]
 fn idle_database_uploads_nothing() {
+    let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     // No commits, no objects: an idle database costs no PUT (and the loop
     // never lists the bucket: it reads only the local WAL).
     let tmp = tempfile::tempdir().unwrap();
@@ -541,6 +553,7 @@ fn idle_database_uploads_nothing() {
 
 #[test]
 fn replicating_a_restored_database_continues_the_replica() {
+    let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     // Litestream #781: after a restore the shipper must keep backing up,
     // continuing the txids, not silently stop.
     let tmp = tempfile::tempdir().unwrap();
@@ -584,6 +597,7 @@ fn replicating_a_restored_database_continues_the_replica() {
 
 #[test]
 fn wal_stays_bounded_under_a_steady_writer() {
+    let _alone = GATE.write().unwrap_or_else(|e| e.into_inner());
     // offsite's read lock stops the application's own checkpoints, so offsite
     // must checkpoint even when the writer never pauses.
     let (_tmp, dir_buf, url, db, log, key, rcpt) = file_fixture();
@@ -613,6 +627,7 @@ fn wal_stays_bounded_under_a_steady_writer() {
         ],
     );
     let wal = std::fs::metadata(dir.join("app.db-wal")).unwrap().len();
+    eprintln!("WAL after the writer: {wal} bytes");
     let (st, out) = s.stop();
     assert!(st.success(), "{out}");
     assert!(
@@ -624,6 +639,7 @@ fn wal_stays_bounded_under_a_steady_writer() {
 
 #[test]
 fn a_transaction_larger_than_memory_staging_and_multipart() {
+    let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     // One 40 MB transaction (~20 MB compressed): staged through a spool file (8 MiB memory limit),
     // uploaded with multipart to S3 (16 MiB threshold), restored exactly.
     let tmp = tempfile::tempdir().unwrap();
@@ -668,6 +684,7 @@ fn a_transaction_larger_than_memory_staging_and_multipart() {
 
 #[test]
 fn restart_after_the_application_checkpointed_and_deleted_the_wal_resumes() {
+    let _shared = GATE.read().unwrap_or_else(|e| e.into_inner());
     // A pod restart: offsite stops after shipping everything, the application
     // closes last (SQLite checkpoints and deletes the WAL), the application
     // starts again and writes before offsite is back. The database file is

@@ -50,23 +50,43 @@ fn walk(d: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// (first, last) txid from a segment's file name.
+fn txids(p: &Path) -> (u64, u64) {
+    let n = p.file_name().unwrap().to_string_lossy().into_owned();
+    let f: Vec<&str> = n.trim_end_matches(".seg").split('-').collect();
+    (
+        u64::from_str_radix(f[0], 16).unwrap(),
+        u64::from_str_radix(f[1], 16).unwrap(),
+    )
+}
+
 fn key_of(p: &Path) -> String {
     p.file_name().unwrap().to_string_lossy().into_owned()
 }
 
 /// Restore must fail, mention `needle` (and the object), leave no output.
-fn assert_restore_fails(url: &str, dir: &Path, key: &Option<(PathBuf, String)>, needle: &str) {
+fn assert_restore_fails(
+    url: &str,
+    dir: &Path,
+    key: &Option<(PathBuf, String)>,
+    needle: &str,
+    extra: &[&str],
+) {
     let out = dir.join(format!("out-{:08x}.db", rand::random::<u32>()));
-    let mut args = vec![];
+    let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     if let Some((k, _)) = key {
-        args = vec![
+        args.extend([
             "--age-identity".to_string(),
             k.to_string_lossy().into_owned(),
-        ];
+        ]);
     }
     let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let r = restore(url, &out, &a);
-    assert!(!r.ok(), "restore of a damaged replica succeeded");
+    assert!(
+        !r.ok(),
+        "restore {extra:?} of a damaged replica succeeded (expected an error naming {needle}): {}",
+        r.stderr()
+    );
     let line = last_line(&r.stderr());
     assert!(
         line.contains(needle),
@@ -92,8 +112,22 @@ fn tampered_objects_are_detected_and_named() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let (url, key) = build_replica(dir, encrypt);
-        let segs = objects(dir, "seg");
+        // Level-0 segments of more than one commit. Restores below go to the
+        // victim's first txid: a state only the victim holds (compacted
+        // segments end on level-0 boundaries, so none can stand in for it).
+        let segs: Vec<PathBuf> = objects(dir, "seg")
+            .into_iter()
+            .filter(|p| p.parent().unwrap().ends_with("segments/0"))
+            .collect();
         assert!(segs.len() >= 3, "need several segments, got {segs:?}");
+        let victim_i = (1..segs.len() - 1)
+            .find(|&i| {
+                let (a, b) = txids(&segs[i]);
+                a < b
+            })
+            .expect("a segment with several commits");
+        let inside = txids(&segs[victim_i]).0.to_string();
+        let at_txid: &[&str] = &["--txid", inside.as_str()];
         let snap = objects(dir, "snap").pop().unwrap();
         let ok = dir.join("ok.db");
         let id: Vec<String> = key.iter().map(|(k, _)| k.display().to_string()).collect();
@@ -108,41 +142,42 @@ fn tampered_objects_are_detected_and_named() {
         );
 
         // 1. A flipped byte in the middle of a segment.
-        let victim = &segs[1];
+        let victim = &segs[victim_i];
+        let next = &segs[victim_i + 1];
         let orig = std::fs::read(victim).unwrap();
         let mut bad = orig.clone();
-        let at = bad.len() / 2;
-        bad[at] ^= 0x20;
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x20;
         std::fs::write(victim, &bad).unwrap();
-        assert_restore_fails(&url, dir, &key, &key_of(victim));
+        assert_restore_fails(&url, dir, &key, &key_of(victim), at_txid);
         // 2. Truncated.
         std::fs::write(victim, &orig[..orig.len() - 7]).unwrap();
-        assert_restore_fails(&url, dir, &key, &key_of(victim));
+        assert_restore_fails(&url, dir, &key, &key_of(victim), at_txid);
         // 3. Deleted: a gap.
         std::fs::remove_file(victim).unwrap();
-        assert_restore_fails(&url, dir, &key, "gap");
+        assert_restore_fails(&url, dir, &key, "gap", at_txid);
         std::fs::write(victim, &orig).unwrap();
         // 4. Two segments swapped (contents under each other's names).
-        let other = std::fs::read(&segs[2]).unwrap();
-        std::fs::write(&segs[2], &orig).unwrap();
+        let other = std::fs::read(next).unwrap();
+        std::fs::write(next, &orig).unwrap();
         std::fs::write(victim, &other).unwrap();
-        assert_restore_fails(&url, dir, &key, &key_of(victim));
+        assert_restore_fails(&url, dir, &key, &key_of(victim), at_txid);
         std::fs::write(victim, &orig).unwrap();
-        std::fs::write(&segs[2], &other).unwrap();
+        std::fs::write(next, &other).unwrap();
         // 5. A flipped byte in the snapshot.
         let s_orig = std::fs::read(&snap).unwrap();
         let mut s_bad = s_orig.clone();
         let at = s_bad.len() - 40;
         s_bad[at] ^= 1;
         std::fs::write(&snap, &s_bad).unwrap();
-        assert_restore_fails(&url, dir, &key, &key_of(&snap));
+        assert_restore_fails(&url, dir, &key, &key_of(&snap), &[]);
         std::fs::write(&snap, &s_orig).unwrap();
         // 6. Envelope metadata edited (plaintext part of the object).
         let mut e_bad = orig.clone();
         let pos = e_bad.windows(9).position(|w| w == b"last_txid").unwrap();
         e_bad[pos + 11] = if e_bad[pos + 11] == b'9' { b'8' } else { b'9' };
         std::fs::write(victim, &e_bad).unwrap();
-        assert_restore_fails(&url, dir, &key, &key_of(victim));
+        assert_restore_fails(&url, dir, &key, &key_of(victim), at_txid);
         std::fs::write(victim, &orig).unwrap();
         // Restored intact again.
         let again = dir.join("again.db");
@@ -428,18 +463,30 @@ fn damaged_objects_in_s3_are_detected() {
             .unwrap()
             .into_iter()
             .map(|o| o.key)
-            .filter(|k| k.ends_with(".seg"))
+            .filter(|k| k.ends_with(".seg") && k.contains("/segments/0/"))
             .collect();
         // A segment in the middle (deleting the newest one is indistinguishable
         // from a shipper that stopped earlier; see the closing note of issue 2).
         assert!(segs.len() >= 3, "{}: {segs:?}", target.name);
-        let victim = &segs[1];
+        // Restore to the victim's first txid: only the victim holds that state.
+        let victim = (1..segs.len() - 1)
+            .map(|i| &segs[i])
+            .find(|k| {
+                let (a, b) = txids(Path::new(k));
+                a < b
+            })
+            .unwrap_or(&segs[1]);
+        let first = txids(Path::new(victim)).0.to_string();
         let orig = rt.block_on(store.get(victim)).unwrap();
         let id = key.to_str().unwrap();
         let out_db = dir.join("out.db");
         // Missing → gap; damaged → named; restored → fine.
         rt.block_on(store.delete(victim)).unwrap();
-        let r = restore(&target.url, &out_db, &["--age-identity", id]);
+        let r = restore(
+            &target.url,
+            &out_db,
+            &["--age-identity", id, "--txid", &first],
+        );
         assert!(
             !r.ok() && last_line(&r.stderr()).contains("gap"),
             "{}: {}",
@@ -451,7 +498,11 @@ fn damaged_objects_in_s3_are_detected() {
         bad[mid] ^= 0x01;
         rt.block_on(store.put(victim, offsite::storage::Body::Bytes(bad.into())))
             .unwrap();
-        let r = restore(&target.url, &out_db, &["--age-identity", id]);
+        let r = restore(
+            &target.url,
+            &out_db,
+            &["--age-identity", id, "--txid", &first],
+        );
         let name = victim.rsplit('/').next().unwrap();
         assert!(
             !r.ok() && last_line(&r.stderr()).contains(name),
