@@ -17,6 +17,7 @@
 #   OFFSITE_BIN, WORKLOAD_BIN   binaries to measure [target/release/offsite, target/release/offsite-workload];
 #                               built with `cargo build --release --bins` if missing
 #   BENCH_DIR                   parent of the work directory [/tmp]
+#   SHIPPER_ARGS                extra `offsite replicate` arguments, e.g. "--compaction-levels off"
 #   RESTORE_BASE_COMMITS, RESTORE_TAIL_COMMITS, RESTORE_BIG_BYTES, RESTORE_TAIL_RATE,
 #   SHIP_COMMITS, SHIP_BIG_BYTES  override the sizes (see "sizes" below)
 #
@@ -224,7 +225,7 @@ vm_hwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"; }
 start_shipper() {
     OFFSITE_LOG=${OFFSITE_LOG:-info,offsite=debug,aws_config=warn,aws_smithy_runtime=warn} \
         "$OFFSITE_BIN" --log-format json replicate "$1" "$2" --age-recipient "$RECIPIENT" \
-        --sync-interval "$SYNC" --spool-dir "$WORK/spool" >"$3" 2>&1 &
+        --sync-interval "$SYNC" --spool-dir "$WORK/spool" ${SHIPPER_ARGS:-} >"$3" 2>&1 &
     SHIPPER_PID=$!
     PIDS+=("$SHIPPER_PID")
 }

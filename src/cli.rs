@@ -88,6 +88,9 @@ pub struct ReplicateArgs {
     /// Take a new snapshot this often (default 24h; "off": only at lineage start).
     #[arg(long, value_name = "DURATION|off")]
     pub snapshot_interval: Option<String>,
+    /// Compaction windows, comma-separated (default 1m,15m,4h; "off": none).
+    #[arg(long, value_name = "LIST|off")]
+    pub compaction_levels: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -332,6 +335,9 @@ async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
                 Some(p)
             }
         };
+        if let Some(l) = &a.compaction_levels {
+            o.compaction_levels = crate::config::parse_levels(l).context("--compaction-levels")?;
+        }
         o.snapshot_interval = match a.snapshot_interval.as_deref().map(str::trim) {
             Some("off") => None,
             Some(s) => Some(parse_duration(s, "--snapshot-interval")?),

@@ -261,6 +261,39 @@ impl Config {
     }
 }
 
+/// Compaction windows: whole seconds, growing, each a multiple of the one before.
+fn check_levels(v: &[String]) -> anyhow::Result<Vec<Duration>> {
+    let mut out: Vec<Duration> = Vec::new();
+    for s in v {
+        let d = parse_duration(s, "compaction level")?;
+        if d.as_micros() % 1_000_000 != 0 {
+            bail!("{s:?} must be whole seconds");
+        }
+        if let Some(prev) = out.last() {
+            if d <= *prev || d.as_micros() % prev.as_micros() != 0 {
+                bail!(
+                    "levels must grow and each must be a multiple of the one before ({s:?} after {})",
+                    humantime::format_duration(*prev)
+                );
+            }
+        }
+        out.push(d);
+    }
+    Ok(out)
+}
+
+/// `--compaction-levels 1m,15m,4h` or `off`.
+pub fn parse_levels(s: &str) -> anyhow::Result<Vec<Duration>> {
+    if s.trim() == "off" {
+        return Ok(Vec::new());
+    }
+    check_levels(
+        &s.split(',')
+            .map(|p| p.trim().to_string())
+            .collect::<Vec<_>>(),
+    )
+}
+
 fn replica_config(
     r: &RawReplica,
     name: String,
@@ -343,21 +376,11 @@ fn replica_config(
     let compaction_levels = match &r.compaction_levels {
         None => crate::compact::DEFAULT_LEVELS.to_vec(),
         Some(v) => {
-            let mut out: Vec<Duration> = Vec::new();
-            for s in v {
-                let d =
-                    parse_duration(&x(s, &what)?, &format!("{file}: {what}: compaction-levels"))?;
-                if d.as_micros() % 1_000_000 != 0 {
-                    bail!("{file}: {what}: compaction-levels: {s:?} must be whole seconds");
-                }
-                if let Some(prev) = out.last() {
-                    if d <= *prev || d.as_micros() % prev.as_micros() != 0 {
-                        bail!("{file}: {what}: compaction-levels must grow and each must be a multiple of the one before ({s:?} after {})", humantime::format_duration(*prev));
-                    }
-                }
-                out.push(d);
-            }
-            out
+            let v = v
+                .iter()
+                .map(|s| x(s, &what))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            check_levels(&v).with_context(|| format!("{file}: {what}: compaction-levels"))?
         }
     };
     let prune_interval =
