@@ -384,13 +384,10 @@ pub(crate) fn apply_segment(
     let mut done = false;
     for i in 0..h.commit_count {
         let head = br.read_commit_head()?;
-        // A compacted segment holds one merged commit, named by its last txid.
-        let want = if h.level == 0 {
-            h.first_txid + i as u64
-        } else {
-            h.last_txid
-        };
-        ensure!(head.txid == want, "commit txids are not consecutive");
+        ensure!(
+            head.txid == h.commit_txid(i),
+            "commit txids are not consecutive"
+        );
         ensure!(
             h.level == seg.level,
             "segment level {} differs from its name's level {}",

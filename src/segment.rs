@@ -53,6 +53,18 @@ pub struct SegmentHeader {
     pub truncate_to: Option<u32>,
 }
 
+impl SegmentHeader {
+    /// The txid the `i`-th commit of the body must carry: consecutive from
+    /// `first_txid`, or `last_txid` for a compacted segment's merged commit.
+    pub fn commit_txid(&self, i: u32) -> u64 {
+        if self.level == 0 {
+            self.first_txid + i as u64
+        } else {
+            self.last_txid
+        }
+    }
+}
+
 fn is_zero(v: &u8) -> bool {
     *v == 0
 }

@@ -775,12 +775,10 @@ fn check_lone_segment(
     let mut buf = vec![0u8; h.page_size as usize];
     for i in 0..h.commit_count {
         let head = br.read_commit_head()?;
-        let want = if h.level == 0 {
-            h.first_txid + i as u64
-        } else {
-            h.last_txid
-        };
-        ensure!(head.txid == want, "commit txids are not consecutive");
+        ensure!(
+            head.txid == h.commit_txid(i),
+            "commit txids are not consecutive"
+        );
         for _ in 0..head.records {
             let pgno = br.read_record(&mut buf)?;
             ensure!(

@@ -373,6 +373,19 @@ fn wait_caught_up(url: &str, db: &Path, log: &Path) {
     );
 }
 
+/// `offsite replicate --config CFG`, logging to LOG, killed when dropped.
+fn daemon(cfg: &Path, log: &Path) -> KillOnDrop {
+    KillOnDrop(
+        harness::offsite()
+            .args(["replicate", "--config"])
+            .arg(cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 /// Kills the child process even when the test fails.
 struct KillOnDrop(std::process::Child);
 
@@ -413,15 +426,7 @@ path = "{db}"
     .unwrap();
     harness::workload(&db, &["--count", "5"]);
     let log_path = dir.join("offsite.log");
-    let mut child = KillOnDrop(
-        harness::offsite()
-            .args(["replicate", "--config"])
-            .arg(&cfg)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let mut child = daemon(&cfg, &log_path);
     let url = format!("file://{}", good.display());
     harness::workload(&db, &["--count", "200", "--rate", "200"]);
     wait_caught_up(&url, &db, &log_path);
@@ -598,15 +603,7 @@ path = "{db}"
     }
     write_cfg(&lock.url);
     let log_path = dir.join("offsite.log");
-    let child = KillOnDrop(
-        harness::offsite()
-            .args(["replicate", "--config"])
-            .arg(&cfg)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let child = daemon(&cfg, &log_path);
     for _ in 0..4 {
         harness::workload(&db, &["--count", "10"]);
         std::thread::sleep(Duration::from_millis(1500));
