@@ -425,20 +425,9 @@ async fn run(args: Args) -> anyhow::Result<String> {
                 let _ = std::fs::remove_file(&out);
                 let before = r.store.request_counts();
                 let t = Instant::now();
-                let rep = restore(
-                    r.store.as_ref(),
-                    RestoreOptions {
-                        target: *target,
-                        output: out.clone(),
-                        force: true,
-                        identities: None,
-                        integrity_check: true,
-                        parallel: 8,
-                        progress: false,
-                    },
-                )
-                .await
-                .with_context(|| format!("restore {tname} from {}", r.name))?;
+                let rep = restore(r.store.as_ref(), RestoreOptions::new(*target, out.clone()))
+                    .await
+                    .with_context(|| format!("restore {tname} from {}", r.name))?;
                 walls.push(t.elapsed().as_secs_f64());
                 if i == 0 {
                     reqs = r.store.request_counts() - before;

@@ -27,6 +27,22 @@ pub struct RestoreOptions {
     pub progress: bool,
 }
 
+impl RestoreOptions {
+    /// The CLI's defaults: integrity check on, 8 parallel downloads, no
+    /// identity, no progress bar, and replacing `output` if it exists.
+    pub fn new(target: Target, output: PathBuf) -> RestoreOptions {
+        RestoreOptions {
+            target,
+            output,
+            force: true,
+            identities: None,
+            integrity_check: true,
+            parallel: 8,
+            progress: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RestoreReport {
     pub lineage: String,

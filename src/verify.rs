@@ -436,13 +436,8 @@ async fn sample(
     let r = restore::restore(
         store,
         restore::RestoreOptions {
-            target,
-            output: out.clone(),
-            force: true,
             identities: ids.cloned(),
-            integrity_check: true,
-            parallel: 8,
-            progress: false,
+            ..restore::RestoreOptions::new(target, out.clone())
         },
     )
     .await;

@@ -46,15 +46,7 @@ async fn restore_to(
 ) -> offsite::restore::RestoreReport {
     restore(
         store.as_ref(),
-        RestoreOptions {
-            target,
-            output: out.to_path_buf(),
-            force: true,
-            identities: None,
-            integrity_check: true,
-            parallel: 8,
-            progress: false,
-        },
+        RestoreOptions::new(target, out.to_path_buf()),
     )
     .await
     .unwrap_or_else(|e| panic!("restore {target:?}: {e:#}"))
