@@ -93,11 +93,15 @@ port_open() {
 http_status() {
     local port=$1 path=$2 auth=${3:-}
     if command -v curl >/dev/null 2>&1; then
+        # curl prints 000 itself when it cannot connect (and exits non-zero):
+        # print exactly one code either way.
+        local code
         if [[ -n $auth ]]; then
-            curl -s -o /dev/null -m 5 -w '%{http_code}' -H "$auth" "http://$HOST:$port$path" || echo 000
+            code=$(curl -s -o /dev/null -m 5 -w '%{http_code}' -H "$auth" "http://$HOST:$port$path") || code=000
         else
-            curl -s -o /dev/null -m 5 -w '%{http_code}' "http://$HOST:$port$path" || echo 000
+            code=$(curl -s -o /dev/null -m 5 -w '%{http_code}' "http://$HOST:$port$path") || code=000
         fi
+        echo "${code:-000}"
         return 0
     fi
     # No curl: speak HTTP/1.0 over bash's /dev/tcp.
