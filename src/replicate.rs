@@ -350,7 +350,19 @@ impl Replicator {
     }
 
     async fn run_inner(mut self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
-        // A sidecar may start before its application created the database.
+        // A sidecar may start before its application created the database;
+        // a directory that does not exist is a wrong path, not a wait.
+        let dir = self
+            .opts
+            .db_path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty());
+        if !self.opts.db_path.exists() && dir.is_some_and(|d| !d.is_dir()) {
+            bail!(
+                "cannot open database {}: its directory does not exist (check the path)",
+                self.db()
+            );
+        }
         if !self.opts.db_path.exists() {
             tracing::info!(db = %self.db(), "waiting for the database to be created");
             self.opts.status.waiting_for_db.store(true, Relaxed);

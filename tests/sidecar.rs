@@ -756,3 +756,46 @@ path = "{}"
     }
     assert!(with_fields > 5, "{text}");
 }
+
+#[test]
+fn waits_for_a_database_the_application_has_not_created_yet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let url = format!("file://{}", dir.join("replica").display());
+    let db = dir.join("later.db");
+    let addr = free_addr();
+    let log = dir.join("daemon.log");
+    let mut d = daemon(
+        &[
+            db.to_str().unwrap(),
+            &url,
+            "--no-encryption",
+            "--listen",
+            &addr,
+            "--max-lag",
+            "1s",
+        ],
+        &log,
+        &[],
+    );
+    wait_for("the waiting line", Duration::from_secs(30), || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("waiting for the database to be created")
+    });
+    // Nothing to ship yet is not "behind".
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(ready(&addr), Some(200));
+    workload(&db, &["--count", "3"]);
+    let out = dir.join("r.db");
+    wait_for(
+        "the new database replicated",
+        Duration::from_secs(60),
+        || {
+            harness::restore(&url, &out, &["--force"]).ok()
+                && offsite::workload::verify(&out).ok() == Some(3)
+        },
+    );
+    sigterm(&d);
+    assert!(wait_timeout(&mut d, Duration::from_secs(60)).success());
+}
