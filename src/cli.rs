@@ -121,6 +121,11 @@ pub struct ReplicateArgs {
     /// /readyz fails when a replica is further behind than this (default 1m).
     #[arg(long, value_name = "DURATION")]
     pub max_lag: Option<String>,
+    /// While the replica is unreachable, hold the WAL (no gap) up to this
+    /// size; beyond it, let it be checkpointed and take a new snapshot later
+    /// (default 512MiB).
+    #[arg(long, value_name = "SIZE")]
+    pub max_wal_size: Option<String>,
     /// Restore a missing database from its replica (latest state) before replicating.
     #[arg(long)]
     pub restore_if_db_not_exists: bool,
@@ -316,6 +321,12 @@ async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
                 d.max_lag = l;
             }
         }
+        if let Some(v) = &a.max_wal_size {
+            let b = crate::config::parse_size(v, "--max-wal-size")?;
+            for d in &mut databases {
+                d.max_wal_bytes = b;
+            }
+        }
     } else {
         let (Some(db), Some(url)) = (&a.db_path, &a.replica_url) else {
             bail!("usage: offsite replicate DB_PATH REPLICA_URL [--age-recipient KEY | --no-encryption], or offsite replicate --config PATH");
@@ -364,6 +375,10 @@ async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
             path: std::path::absolute(db).unwrap_or_else(|_| db.clone()),
             discover: None,
             max_lag: dur(&a.max_lag, "--max-lag")?.unwrap_or(Duration::from_secs(60)),
+            max_wal_bytes: match &a.max_wal_size {
+                Some(v) => crate::config::parse_size(v, "--max-wal-size")?,
+                None => crate::replicate::DEFAULT_MAX_WAL_BYTES,
+            },
             sync_interval: dur(&a.sync_interval, "--sync-interval")?
                 .unwrap_or(Duration::from_secs(1)),
             checkpoint_frames: a.checkpoint_frames,

@@ -20,6 +20,7 @@ struct RawConfig {
     exec: Option<String>,
     shutdown_timeout: Option<String>,
     max_lag: Option<String>,
+    max_wal_size: Option<String>,
     #[serde(default)]
     database: Vec<RawDatabase>,
 }
@@ -32,6 +33,7 @@ struct RawDatabase {
     pattern: Option<String>,
     recursive: Option<bool>,
     max_lag: Option<String>,
+    max_wal_size: Option<String>,
     sync_interval: Option<String>,
     checkpoint_frames: Option<u32>,
     #[serde(default)]
@@ -80,6 +82,9 @@ pub struct DatabaseConfig {
     pub discover: Option<Discover>,
     /// `/readyz` fails when a replica is further behind than this.
     pub max_lag: Duration,
+    /// The WAL is held for unshipped commits up to this size (see
+    /// `replicate::Options::max_wal_bytes`).
+    pub max_wal_bytes: u64,
     pub sync_interval: Duration,
     pub checkpoint_frames: u32,
     /// One or more replicas, each shipped independently.
@@ -251,6 +256,33 @@ pub fn expand_env(s: &str, what: &str) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// `512MiB`, `1GiB`, `64MB`, `1048576`: a size in bytes (at least 1 MiB).
+pub fn parse_size(s: &str, what: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{what}: invalid size {s:?} (examples: 512MiB, 2GiB)"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        u => bail!("{what}: unknown size unit {u:?} in {s:?} (use KiB, MiB, GiB, KB, MB or GB)"),
+    };
+    let v = n
+        .checked_mul(mult)
+        .with_context(|| format!("{what}: {s:?} is too large"))?;
+    if v < 1 << 20 {
+        bail!("{what}: {s:?} is below the minimum of 1MiB");
+    }
+    Ok(v)
+}
+
 pub fn parse_duration(s: &str, what: &str) -> anyhow::Result<Duration> {
     let d = humantime::parse_duration(s.trim()).map_err(|e| {
         anyhow::anyhow!("{what}: invalid duration {s:?}: {e} (examples: 1s, 250ms, 5m)")
@@ -290,6 +322,10 @@ impl Config {
                 .transpose()
         };
         let default_max_lag = top_dur(&raw.max_lag, "max-lag")?.unwrap_or(Duration::from_secs(60));
+        let default_max_wal = match &raw.max_wal_size {
+            Some(v) => parse_size(&x(v, "max-wal-size")?, &format!("{file}: max-wal-size"))?,
+            None => crate::replicate::DEFAULT_MAX_WAL_BYTES,
+        };
         if raw.database.is_empty() {
             bail!("{file}: no [[database]] section; add one with `path = \"/data/app.db\"` and a [[database.replica]] with `url = ...`");
         }
@@ -333,6 +369,10 @@ impl Config {
                 Some(s) => parse_duration(&x(s, &what)?, &format!("{file}: {what}: max-lag"))?,
                 None => default_max_lag,
             };
+            let max_wal_bytes = match &d.max_wal_size {
+                Some(v) => parse_size(&x(v, &what)?, &format!("{file}: {what}: max-wal-size"))?,
+                None => default_max_wal,
+            };
             let sync_interval = match &d.sync_interval {
                 Some(s) => {
                     parse_duration(&x(s, &what)?, &format!("{file}: {what}: sync-interval"))?
@@ -373,6 +413,7 @@ impl Config {
                 path,
                 discover,
                 max_lag,
+                max_wal_bytes,
                 sync_interval,
                 checkpoint_frames: d.checkpoint_frames.unwrap_or(1000),
                 replicas,
@@ -672,6 +713,23 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("not an address"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512MiB", "x").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2GiB", "x").unwrap(), 2 << 30);
+        assert_eq!(parse_size("64 MB", "x").unwrap(), 64_000_000);
+        assert_eq!(parse_size("1048576", "x").unwrap(), 1 << 20);
+        assert!(parse_size("12", "x")
+            .unwrap_err()
+            .to_string()
+            .contains("minimum"));
+        assert!(parse_size("5 furlongs", "x")
+            .unwrap_err()
+            .to_string()
+            .contains("unit"));
+        assert!(parse_size("big", "x").is_err());
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub fn options_for(d: &DatabaseConfig, r: &ReplicaConfig) -> anyhow::Result<repl
     let mut o = replicate::Options::new(d.path.clone(), PathBuf::new());
     o.sync_interval = d.sync_interval;
     o.checkpoint_frames = d.checkpoint_frames;
+    o.max_wal_bytes = d.max_wal_bytes;
     o.replica_name = r.name.clone();
     o.retention = r.retention.clone();
     o.snapshot_interval = r.snapshot_interval;

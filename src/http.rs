@@ -249,6 +249,11 @@ const COUNTERS: &[(&str, &str, Count)] = &[
         |s| s.lineage_breaks.load(Relaxed),
     ),
     (
+        "offsite_wal_overflows",
+        "Times the WAL outgrew max-wal-size while the replica was unreachable and was released (continuity lost, a new snapshot follows)",
+        |s| s.wal_overflows.load(Relaxed),
+    ),
+    (
         "offsite_drill_failures",
         "Restore drills that failed",
         |s| s.drill_failures.load(Relaxed),

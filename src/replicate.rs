@@ -59,6 +59,10 @@ pub struct Options {
     /// for a plaintext replica). Drills only run when this is set.
     pub verify_interval: Option<Duration>,
     pub drill_identities: Option<crate::keys::Identities>,
+    /// While the replica cannot take commits, offsite holds the WAL (no gap)
+    /// up to this size; beyond it, it lets the WAL be checkpointed, records
+    /// the loss of continuity and takes a new snapshot once the replica is back.
+    pub max_wal_bytes: u64,
     /// Live counters for metrics, readiness and `sync --wait`.
     pub status: std::sync::Arc<crate::status::ReplicaStatus>,
 }
@@ -84,9 +88,13 @@ impl Options {
             verify_interval: None,
             drill_identities: None,
             status: crate::status::ReplicaStatus::detached(),
+            max_wal_bytes: DEFAULT_MAX_WAL_BYTES,
         }
     }
 }
+
+/// Default `max-wal-size`.
+pub const DEFAULT_MAX_WAL_BYTES: u64 = 512 << 20;
 
 /// At most this much WAL is shipped while holding the application's write
 /// lock for a checkpoint (more is shipped without the lock, and the
@@ -195,6 +203,9 @@ pub struct Replicator {
     last_drill_us: i64,
     /// The newest restore drill's outcome: (time it ran, result).
     drill: std::sync::Arc<std::sync::Mutex<Option<DrillRecord>>>,
+    /// The WAL was released at `max-wal-size`: the next lineage starts only
+    /// once the replica answers again.
+    overflowed: bool,
 }
 
 /// What the newest restore drill found.
@@ -236,6 +247,7 @@ impl Replicator {
             drill_task: None,
             last_drill_us: 0,
             drill: Default::default(),
+            overflowed: false,
         }
     }
 
@@ -713,8 +725,24 @@ impl Replicator {
     /// One iteration: poll, ship when due, checkpoint when useful.
     pub async fn step(&mut self, force_ship: bool) -> anyhow::Result<()> {
         if self.source.is_none() || self.lineage.is_none() {
+            let why = if self.overflowed {
+                // Probe before reading the whole database for a snapshot.
+                if self.retry_at.is_some_and(|t| Instant::now() < t) {
+                    return Ok(());
+                }
+                if let Err(e) = self.store.list(layout::LINEAGES).await {
+                    self.upload_failed(&anyhow::Error::new(e));
+                    return Ok(());
+                }
+                self.overflowed = false;
+                self.failures = 0;
+                self.retry_at = None;
+                "the WAL outgrew max-wal-size while the replica was unreachable and was checkpointed"
+            } else {
+                "restarting after an error"
+            };
             self.source = None;
-            self.new_lineage("restarting after an error").await?;
+            self.new_lineage(why).await?;
         }
         let mut next = self.next_txid;
         // Every commit found by this poll is stamped at or after t0.
@@ -754,13 +782,15 @@ impl Replicator {
                     self.retry_at = None;
                 }
                 Err(e) => {
-                    self.opts.status.add(&self.opts.status.upload_errors, 1);
-                    self.failures += 1;
-                    let wait = Duration::from_millis(500 * 2u64.pow(self.failures.min(7)));
-                    tracing::error!(db = %self.db(), replica = %self.store.describe(), error = format!("{e:#}"), retry_in = ?wait, "upload failed; commits stay in the WAL and will be retried");
-                    self.retry_at = Some(Instant::now() + wait);
+                    self.upload_failed(&e);
+                    self.release_wal_if_over_bound();
                     return Ok(());
                 }
+            }
+        } else if pending > 0 && backoff {
+            self.release_wal_if_over_bound();
+            if self.source.is_none() {
+                return Ok(());
             }
         }
         if self.source.as_ref().unwrap().pending().is_empty() && !backoff {
@@ -790,6 +820,47 @@ impl Replicator {
             tracing::debug!(db = %db, "let the application's checkpoint run");
         }
         Ok(())
+    }
+
+    fn upload_failed(&mut self, e: &anyhow::Error) {
+        self.opts.status.add(&self.opts.status.upload_errors, 1);
+        self.failures += 1;
+        let wait = Duration::from_millis(500 * 2u64.pow(self.failures.min(7)));
+        tracing::error!(db = %self.db(), replica = %self.store.describe(), error = format!("{e:#}"), retry_in = ?wait, "upload failed; commits stay in the WAL and will be retried");
+        self.retry_at = Some(Instant::now() + wait);
+    }
+
+    /// While commits cannot be shipped, offsite's read lock keeps the
+    /// application from checkpointing them away, so the WAL grows. Past
+    /// `max_wal_bytes` that would end in a full disk: release the lock,
+    /// checkpoint, and record that continuity is lost (a new lineage starts
+    /// with a snapshot once the replica answers). Never blocks the application.
+    fn release_wal_if_over_bound(&mut self) {
+        let mut wal = self.opts.db_path.clone().into_os_string();
+        wal.push("-wal");
+        let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        if size <= self.opts.max_wal_bytes {
+            return;
+        }
+        let unshipped = self.source.as_ref().map(|s| s.pending().len()).unwrap_or(0);
+        tracing::error!(db = %self.db(), replica = %self.opts.replica_name, wal_bytes = size, max_wal_bytes = self.opts.max_wal_bytes, unshipped_commits = unshipped, "the WAL reached max-wal-size while the replica cannot take commits: releasing it so the database can checkpoint. Continuity with the replica is LOST; a new snapshot (new lineage) is taken as soon as the replica is back");
+        self.opts.status.add(&self.opts.status.wal_overflows, 1);
+        self.source = None;
+        self.lineage = None;
+        self.state = None;
+        self.overflowed = true;
+        self.closed.clear();
+        self.reset_compactor();
+        let db = self.opts.db_path.clone();
+        match blocking(|| crate::source::sqlite::checkpoint_truncate(&db)) {
+            Ok(true) => tracing::info!(db = %self.db(), "WAL checkpointed and truncated"),
+            Ok(false) => {
+                tracing::warn!(db = %self.db(), "WAL checkpoint could not finish now (busy); the application's own checkpoints go on")
+            }
+            Err(e) => {
+                tracing::warn!(db = %self.db(), error = format!("{e:#}"), "WAL checkpoint failed")
+            }
+        }
     }
 
     /// Checkpoint while holding the write lock across the last ship. The

@@ -43,6 +43,9 @@ pub struct ReplicaStatus {
     pub checkpoints: AtomicU64,
     pub snapshots: AtomicU64,
     pub lineage_breaks: AtomicU64,
+    /// Times the WAL outgrew `max-wal-size` while commits could not be
+    /// shipped, and offsite let it go (continuity lost).
+    pub wal_overflows: AtomicU64,
     /// Restore drills: when the newest ran, the commit time of the newest
     /// point it verified, and how many failed.
     pub drill_ran_us: AtomicI64,
@@ -77,6 +80,7 @@ impl ReplicaStatus {
             checkpoints: AtomicU64::new(0),
             snapshots: AtomicU64::new(0),
             lineage_breaks: AtomicU64::new(0),
+            wal_overflows: AtomicU64::new(0),
             drill_ran_us: AtomicI64::new(0),
             verified_time_us: AtomicI64::new(0),
             verified_txid: AtomicU64::new(0),

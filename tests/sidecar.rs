@@ -7,11 +7,12 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use support::harness::{self, offsite, wait_for, wait_timeout, workload, workload_cmd};
+use support::private_s3::PrivateS3;
 
 /// `GET`/`POST` on the daemon's listener: (status, body).
 fn http(addr: &str, method: &str, path: &str) -> Option<(u16, String)> {
@@ -52,70 +53,6 @@ fn scrape(addr: &str) -> String {
 
 fn ready(addr: &str) -> Option<u16> {
     http(addr, "GET", "/readyz").map(|(c, _)| c)
-}
-
-/// A private s3s-fs server that the test can stop and start again (on the
-/// same port, with the same data), to take the store away from offsite.
-struct PrivateS3 {
-    child: Option<Child>,
-    port: u16,
-    data: PathBuf,
-}
-
-impl PrivateS3 {
-    fn start(dir: &Path) -> PrivateS3 {
-        let data = dir.join("s3data");
-        std::fs::create_dir_all(data.join("bucket")).unwrap();
-        let port = free_addr().rsplit(':').next().unwrap().parse().unwrap();
-        let mut s = PrivateS3 {
-            child: None,
-            port,
-            data,
-        };
-        s.resume();
-        s
-    }
-
-    fn url(&self, prefix: &str) -> String {
-        format!(
-            "s3://bucket/{prefix}?endpoint=http://127.0.0.1:{}&region=garage&force-path-style=true",
-            self.port
-        )
-    }
-
-    fn resume(&mut self) {
-        let bin = std::env::var("OFFSITE_TEST_S3S_BIN")
-            .expect("OFFSITE_TEST_S3S_BIN (run scripts/test-servers.sh start and source its env)");
-        let child = Command::new(bin)
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .arg("--access-key")
-            .arg(std::env::var("AWS_ACCESS_KEY_ID").unwrap())
-            .arg("--secret-key")
-            .arg(std::env::var("AWS_SECRET_ACCESS_KEY").unwrap())
-            .arg(&self.data)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let addr = format!("127.0.0.1:{}", self.port);
-        wait_for("the private S3 server", Duration::from_secs(20), || {
-            TcpStream::connect(&addr).is_ok()
-        });
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for PrivateS3 {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// `offsite replicate ARGS…` with its log in `log`.
@@ -242,6 +179,11 @@ fn metrics_and_readiness_follow_the_store_going_away_and_back() {
     });
     let shipped = metric(&m, "offsite_shipped_txid", &db).unwrap() as u64;
     assert_eq!(harness::latest_txid(&url), Some(shipped));
+    // Within max-wal-size the outage left no gap: still one lineage.
+    let l = harness::list_json(&url);
+    assert_eq!(l["lineages"].as_array().unwrap().len(), 1, "{l}");
+    assert_eq!(metric(&m, "offsite_lineage_breaks_total", &db), Some(0.0));
+    assert_eq!(metric(&m, "offsite_wal_overflows_total", &db), Some(0.0));
     sigterm(&d);
     assert!(wait_timeout(&mut d, Duration::from_secs(90)).success());
     let want = offsite::workload::verify(&db).unwrap();

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod harness;
+pub mod private_s3;
 
 // ---------------------------------------------------------------------------
 // S3 test targets

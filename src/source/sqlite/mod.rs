@@ -886,3 +886,18 @@ impl SqliteSource {
         Ok(true)
     }
 }
+
+/// Checkpoint the whole WAL into the database and truncate it, from a
+/// connection of its own (offsite's read lock must already be released).
+/// Used when the WAL outgrew `max-wal-size` while the replica was down.
+/// Returns whether SQLite completed it (the application's writers or
+/// readers may keep it from finishing; its own checkpoints then go on).
+pub fn checkpoint_truncate(db: &Path) -> anyhow::Result<bool> {
+    let c = open_conn(db, Duration::from_millis(1000))?;
+    let (busy, _log, _done): (i64, i64, i64) = c
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .with_context(|| format!("checkpoint of {}", db.display()))?;
+    Ok(busy == 0)
+}
