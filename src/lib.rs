@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod http;
 pub mod keys;
 pub mod layout;
+pub mod lease;
 pub mod replicate;
 pub mod restore;
 pub mod retention;

@@ -63,6 +63,11 @@ pub struct Options {
     /// up to this size; beyond it, it lets the WAL be checkpointed, records
     /// the loss of continuity and takes a new snapshot once the replica is back.
     pub max_wal_bytes: u64,
+    /// Fencing (see `lease`): another shipper's lease blocks writing until it
+    /// is this old without renewal; ours is renewed before uploads once
+    /// older than `lease_renew`.
+    pub lease_ttl: Duration,
+    pub lease_renew: Duration,
     /// Live counters for metrics, readiness and `sync --wait`.
     pub status: std::sync::Arc<crate::status::ReplicaStatus>,
 }
@@ -89,9 +94,16 @@ impl Options {
             drill_identities: None,
             status: crate::status::ReplicaStatus::detached(),
             max_wal_bytes: DEFAULT_MAX_WAL_BYTES,
+            lease_ttl: Duration::from_secs(300),
+            lease_renew: Duration::from_secs(60),
         }
     }
 }
+
+/// Snapshots built and uploaded at once in this process. A sidecar that
+/// starts with a thousand databases snapshots them a few at a time, so its
+/// memory does not grow with the number of databases (Litestream #331).
+static SNAPSHOT_PERMITS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// Default `max-wal-size`.
 pub const DEFAULT_MAX_WAL_BYTES: u64 = 512 << 20;
@@ -206,6 +218,7 @@ pub struct Replicator {
     /// The WAL was released at `max-wal-size`: the next lineage starts only
     /// once the replica answers again.
     overflowed: bool,
+    lease: crate::lease::Lease,
 }
 
 /// What the newest restore drill found.
@@ -225,7 +238,6 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 impl Replicator {
     pub fn new(opts: Options, store: DynStorage, enc: Encryption) -> Replicator {
         Replicator {
-            opts,
             store,
             enc,
             source: None,
@@ -248,6 +260,12 @@ impl Replicator {
             last_drill_us: 0,
             drill: Default::default(),
             overflowed: false,
+            lease: crate::lease::Lease::new(
+                &opts.db_path.display().to_string(),
+                opts.lease_ttl,
+                opts.lease_renew,
+            ),
+            opts,
         }
     }
 
@@ -395,6 +413,17 @@ impl Replicator {
         loop {
             match self.start().await {
                 Ok(()) => break,
+                Err(e) if crate::lease::is_held(&e) => {
+                    tracing::error!(db = %self.db(), replica = %self.opts.replica_name, url = %self.store.describe(), error = format!("{e:#}"), "not writing to this replica");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    if *shutdown.borrow() {
+                        bail!("{e:#}");
+                    }
+                    self.source = None;
+                }
                 Err(e) if is_unavailable(&e) => {
                     self.opts.status.add(&self.opts.status.upload_errors, 1);
                     tracing::error!(db = %self.db(), replica = %self.opts.replica_name, url = %self.store.describe(), error = format!("{e:#}"), retry_in = ?wait, "replica unreachable; commits stay in the WAL until it is back");
@@ -443,6 +472,17 @@ impl Replicator {
                     if force && self.caught_up() {
                         synced = requested;
                         self.opts.status.sync_satisfied(requested);
+                    }
+                }
+                Err(e) if crate::lease::is_held(&e) => {
+                    // Another shipper writes this replica now: stop writing
+                    // (nothing interleaves) and check again later.
+                    tracing::error!(db = %self.db(), replica = %self.opts.replica_name, error = format!("{e:#}"), "not writing to this replica");
+                    self.source = None;
+                    self.lineage = None;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                        _ = shutdown.changed() => {}
                     }
                 }
                 Err(e) => {
@@ -501,10 +541,21 @@ impl Replicator {
             match self.step(true).await {
                 Ok(()) if self.source.as_ref().is_some_and(|s| s.pending().is_empty()) => {
                     self.flush_compaction().await;
+                    // A drill only reads; a prune must not outlive the lease.
+                    if let Some(t) = self.drill_task.take() {
+                        t.abort();
+                    }
+                    if let Some(t) = self.prune_task.take() {
+                        let _ = t.await;
+                    }
+                    self.lease.release(self.store.as_ref()).await;
                     tracing::info!(db = %self.db(), replica = %self.opts.replica_name, next_txid = self.next_txid, requests = %requests_json(self.store.as_ref()), "all commits shipped");
                     return Ok(());
                 }
                 Ok(()) => {}
+                Err(e) if crate::lease::is_held(&e) => {
+                    bail!("the last commits of {} were not shipped: {e:#}", self.db());
+                }
                 Err(e) => {
                     if !self.opts.db_path.exists() {
                         bail!(
@@ -543,6 +594,7 @@ impl Replicator {
                 );
             }
         }
+        self.lease_ok().await?;
         let objects =
             with_retries("list the replica", || self.store.list(layout::LINEAGES)).await?;
         let catalog = Catalog::from_list(&objects);
@@ -633,6 +685,8 @@ impl Replicator {
     }
 
     async fn new_lineage(&mut self, why: &str) -> anyhow::Result<()> {
+        self.lease_ok().await?;
+        let _permit = SNAPSHOT_PERMITS.acquire().await?;
         // Txids observed but never shipped named no stored state: reuse them,
         // so the new lineage continues right after the highest stored txid.
         let txid = self.stored_txid + 1;
@@ -685,6 +739,8 @@ impl Replicator {
     /// and older history can be pruned. Its state checksum must equal the
     /// replicated state's: a mismatch is reported and starts a new lineage.
     async fn snapshot_in_lineage(&mut self) -> anyhow::Result<()> {
+        self.lease_ok().await?;
+        let _permit = SNAPSHOT_PERMITS.acquire().await?;
         let txid = self.stored_txid;
         let lineage = self.lineage.clone().unwrap();
         let floor = self.last_time_us;
@@ -822,6 +878,12 @@ impl Replicator {
         Ok(())
     }
 
+    /// Hold the replica's lease before writing to it (fencing).
+    async fn lease_ok(&mut self) -> anyhow::Result<()> {
+        let now = self.now_us();
+        self.lease.ensure(self.store.as_ref(), now).await
+    }
+
     fn upload_failed(&mut self, e: &anyhow::Error) {
         self.opts.status.add(&self.opts.status.upload_errors, 1);
         self.failures += 1;
@@ -913,6 +975,7 @@ impl Replicator {
 
     /// Ship every pending commit, in segments of bounded size.
     async fn ship_pending(&mut self) -> anyhow::Result<()> {
+        self.lease_ok().await?;
         while !self.source.as_ref().unwrap().pending().is_empty() {
             let n = self.next_batch();
             let staged = {
@@ -1061,6 +1124,7 @@ impl Replicator {
     }
 
     async fn upload_closed(&mut self, lineage: &str, w: &Closed) -> anyhow::Result<()> {
+        self.lease_ok().await?;
         let enc = self.enc.clone();
         let spool = Spool::new(self.opts.spool_dir.clone());
         let key = layout::segment_key(
@@ -1119,7 +1183,7 @@ impl Replicator {
         let Some(policy) = self.opts.retention.clone() else {
             return;
         };
-        if self.prune_task.as_ref().is_some_and(|t| !t.is_finished()) {
+        if self.prune_task.as_ref().is_some_and(|t| !t.is_finished()) || !self.lease.held() {
             return;
         }
         if !self.uploaded_since_prune

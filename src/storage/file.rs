@@ -150,6 +150,23 @@ fn ensure_dir(root: &Path, dir: &Path) -> std::result::Result<(), (PathBuf, io::
     Ok(())
 }
 
+/// A file's version for conditional writes: size, modification time and
+/// inode (a rename-into-place always changes the inode). None if missing.
+fn version_tag(path: &Path) -> Result<Option<String>> {
+    use std::os::unix::fs::MetadataExt;
+    match fs::metadata(path) {
+        Ok(m) => Ok(Some(format!(
+            "{}-{}.{}-{}",
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ino()
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("reading metadata of", path, e)),
+    }
+}
+
 /// Removes the temp file on drop unless disarmed (error or panic mid-write).
 struct TempGuard {
     path: PathBuf,
@@ -319,6 +336,50 @@ impl Storage for FileStorage {
         let key = key.to_string();
         self.blocking(move |root| put_sync(root, &key, &path, body))
             .await
+    }
+
+    async fn get_versioned(&self, key: &str) -> Result<Option<(Bytes, String)>> {
+        self.counter.record(RequestKind::Get);
+        let path = self.path_for(key)?;
+        self.blocking(move |_| match fs::read(&path) {
+            Ok(b) => Ok(Some((
+                Bytes::from(b),
+                version_tag(&path)?.unwrap_or_default(),
+            ))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("reading", &path, e)),
+        })
+        .await
+    }
+
+    async fn put_conditional(&self, key: &str, body: Bytes, expect: Option<&str>) -> Result<()> {
+        self.counter.record(RequestKind::Put);
+        let path = self.path_for(key)?;
+        let key = key.to_string();
+        let expect = expect.map(str::to_string);
+        self.blocking(move |root| {
+            // One conditional writer at a time on this directory tree
+            // (processes on one host, or a filesystem with working flock).
+            let lock_path = root.join(format!("{TMP_PREFIX}conditional.lock"));
+            let lock = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|e| io_err("opening", &lock_path, e))?;
+            // SAFETY: flock on a descriptor we own; released when `lock` closes.
+            if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+                return Err(io_err("locking", &lock_path, io::Error::last_os_error()));
+            }
+            let cur = version_tag(&path)?;
+            if cur.as_deref() != expect.as_deref() {
+                return Err(StorageError::AlreadyExists { key });
+            }
+            let r = put_sync(root, &key, &path, Body::Bytes(body));
+            drop(lock);
+            r
+        })
+        .await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes> {

@@ -154,6 +154,28 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
+    /// The object and a version tag for [`Storage::put_conditional`]
+    /// (S3: the ETag); `None` if it does not exist.
+    async fn get_versioned(&self, key: &str) -> Result<Option<(Bytes, String)>> {
+        let _ = key;
+        Err(StorageError::Other(format!(
+            "conditional writes are not supported by {}",
+            self.describe()
+        )))
+    }
+
+    /// Store `body` only if the object is absent (`expect` = None: S3
+    /// `If-None-Match: *`) or still at version `expect` (`If-Match`). A failed
+    /// condition is `AlreadyExists`. Servers that ignore the condition
+    /// headers (Garage) overwrite: callers that fence read back.
+    async fn put_conditional(&self, key: &str, body: Bytes, expect: Option<&str>) -> Result<()> {
+        let _ = (key, body, expect);
+        Err(StorageError::Other(format!(
+            "conditional writes are not supported by {}",
+            self.describe()
+        )))
+    }
+
     /// Requests made through this store so far (see `counting`). Backends
     /// that do not count report zeros.
     fn request_counts(&self) -> RequestCounts {

@@ -869,6 +869,62 @@ impl Storage for S3Storage {
         self.put_with(key, body, None).await
     }
 
+    async fn get_versioned(&self, key: &str) -> Result<Option<(Bytes, String)>> {
+        let full = self.full_key(key)?;
+        let out = match self
+            .client
+            .get_object()
+            .bucket(&self.cfg.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                return match self.map_err("GetObject", key, e) {
+                    StorageError::NotFound { .. } => Ok(None),
+                    e => Err(e),
+                }
+            }
+        };
+        let etag = out.e_tag().unwrap_or_default().to_string();
+        let data = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| self.stream_err("GetObject", key, e))?;
+        Ok(Some((data.into_bytes(), etag)))
+    }
+
+    async fn put_conditional(&self, key: &str, body: Bytes, expect: Option<&str>) -> Result<()> {
+        let full = self.full_key(key)?;
+        let req = self
+            .client
+            .put_object()
+            .bucket(&self.cfg.bucket)
+            .key(&full)
+            .body(ByteStream::from(body));
+        let req = match expect {
+            None => req.if_none_match("*"),
+            Some(tag) => req.if_match(tag),
+        };
+        match req.send().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                if let SdkError::ServiceError(ctx) = &e {
+                    // 412 Precondition Failed; 409 for a concurrent
+                    // conditional write (AWS ConditionalRequestConflict).
+                    if matches!(ctx.raw().status().as_u16(), 412 | 409) {
+                        return Err(StorageError::AlreadyExists {
+                            key: key.to_string(),
+                        });
+                    }
+                }
+                Err(self.map_err("PutObject", key, e))
+            }
+        }
+    }
+
     async fn get(&self, key: &str) -> Result<Bytes> {
         let full = self.full_key(key)?;
         let out = self
