@@ -1279,7 +1279,7 @@ fn compose_commands_replicate_and_restore_against_s3() {
     let written2 = db_state(&app_db);
     sigterm(&off);
     assert!(wait_timeout(&mut off, Duration::from_secs(90)).success());
-    std::fs::remove_file(&restored).unwrap();
+    remove_db(&restored);
     let (ok, err) = r.run(&c, "restore");
     assert!(ok, "restore after recover failed:\n{err}");
     assert_eq!(
