@@ -1288,3 +1288,246 @@ fn compose_commands_replicate_and_restore_against_s3() {
         "the commits after recover were not all shipped"
     );
 }
+
+// ---------------------------------------------------------------------------
+// (b') the Kubernetes pod's commands, run
+// ---------------------------------------------------------------------------
+
+/// A container of the example pod as a local process: `$(VAR)` expanded from
+/// its env (as the kubelet does), the Secret's keys as the test server's
+/// credentials, volumes as temp dirs. The manifests name no endpoint (they
+/// target AWS); AWS_ENDPOINT_URL points the SDK at the test server instead.
+struct PodRunner {
+    tmp: PathBuf,
+    s3: S3Map,
+    pod: Yaml,
+    configmaps: BTreeMap<String, Yaml>,
+    recipient: String,
+    /// Whether Secret offsite-age-identity exists (its volume is optional).
+    identity: Option<PathBuf>,
+    listen_port: u16,
+}
+
+impl PodRunner {
+    fn volume_dir(&self, c: &Yaml) -> Vec<(String, PathBuf)> {
+        let mut m = Vec::new();
+        for (vol, path) in mounts(c) {
+            let dir = self.tmp.join("pod").join(&vol);
+            let spec = self.pod["volumes"]
+                .as_vec()
+                .unwrap()
+                .iter()
+                .find(|v| s(&v["name"]) == vol)
+                .unwrap_or_else(|| {
+                    assert_eq!(vol, "data", "volume {vol} not in the pod");
+                    &Yaml::BadValue
+                });
+            // The PVC ("data", from volumeClaimTemplates) persists; config
+            // and secret volumes are laid out anew for every container start.
+            if spec.is_hash() {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            std::fs::create_dir_all(&dir).unwrap();
+            if spec["configMap"].is_hash() {
+                let cm = &self.configmaps[&s(&spec["configMap"]["name"])];
+                for (k, v) in cm["data"].as_hash().unwrap() {
+                    std::fs::write(dir.join(s(k)), s(v)).unwrap();
+                }
+            } else if spec["secret"].is_hash() {
+                if let Some(id) = &self.identity {
+                    std::fs::copy(id, dir.join("age-identity.txt")).unwrap();
+                }
+            }
+            m.push((path, dir));
+        }
+        // Container paths inside the mounted files, and the recipient.
+        let dirs = m.clone();
+        for (_, dir) in &m {
+            for f in std::fs::read_dir(dir).unwrap() {
+                let p = f.unwrap().path();
+                if let Ok(text) = std::fs::read_to_string(&p) {
+                    let text = map_paths_in_text(&text, &dirs)
+                        .replace("REPLACE_WITH_YOUR_AGE_RECIPIENT", &self.recipient);
+                    std::fs::write(&p, text).unwrap();
+                }
+            }
+        }
+        m.sort_by_key(|(t, _)| std::cmp::Reverse(t.len()));
+        m
+    }
+
+    fn env(&self, c: &Yaml) -> BTreeMap<String, String> {
+        let mut e = BTreeMap::new();
+        for v in c["env"].as_vec().into_iter().flatten() {
+            let (k, mut val) = (s(&v["name"]), s(&v["value"]));
+            match k.as_str() {
+                "OFFSITE_BUCKET" => val = self.s3.bucket.clone(),
+                "AWS_REGION" => val = self.s3.region.clone(),
+                _ => {}
+            }
+            e.insert(k, val);
+        }
+        for name in secret_refs(c) {
+            assert_eq!(name, "offsite-s3");
+            e.insert("AWS_ACCESS_KEY_ID".into(), self.s3.access_key.clone());
+            e.insert("AWS_SECRET_ACCESS_KEY".into(), self.s3.secret_key.clone());
+        }
+        if !secret_refs(c).is_empty() {
+            e.insert("AWS_ENDPOINT_URL".into(), self.s3.endpoint.clone());
+        }
+        e
+    }
+
+    fn command(&self, c: &Yaml) -> Command {
+        let mounts = self.volume_dir(c);
+        let env = self.env(c);
+        let mut argv = match &c["command"] {
+            Yaml::BadValue => dockerfile_entrypoint(),
+            x => strs(x),
+        };
+        argv.extend(strs(&c["args"]));
+        let argv: Vec<String> = argv
+            .iter()
+            .map(|a| {
+                let mut a = a.clone();
+                for (k, v) in &env {
+                    a = a.replace(&format!("$({k})"), v);
+                }
+                if a.starts_with("0.0.0.0:") {
+                    a = format!("127.0.0.1:{}", self.listen_port);
+                }
+                map_path(&a, &mounts)
+            })
+            .collect();
+        eprintln!("{}: {argv:?}", s(&c["name"]));
+        let exe = match argv[0].as_str() {
+            "offsite" => env!("CARGO_BIN_EXE_offsite"),
+            "offsite-workload" => env!("CARGO_BIN_EXE_offsite-workload"),
+            other => panic!("runs {other}, which is not in the image"),
+        };
+        let tmp = mounts
+            .iter()
+            .find(|(t, _)| t == "/tmp")
+            .map(|(_, h)| h.clone())
+            .unwrap_or_else(|| self.tmp.clone());
+        let mut cmd = Command::new(exe);
+        cmd.args(&argv[1..])
+            .env_clear()
+            .envs(env)
+            .env("TMPDIR", tmp)
+            .env("OFFSITE_LOG", "info,offsite=debug")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    fn spawn(&self, c: &Yaml) -> (Child, PathBuf) {
+        let err = self.tmp.join(format!("{}.err", s(&c["name"])));
+        let child = self
+            .command(c)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        (child, err)
+    }
+
+    fn run(&self, c: &Yaml) -> (bool, String) {
+        let out = self.command(c).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+#[test]
+fn kubernetes_commands_restore_only_when_needed_and_without_identity_when_not() {
+    let Some(target) = support::s3_target("garage") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (identity, recipient) = harness::keygen(tmp.path());
+    let docs = k8s_docs();
+    let configmaps = docs
+        .iter()
+        .filter(|(_, d)| s(&d["kind"]) == "ConfigMap")
+        .map(|(_, d)| (s(&d["metadata"]["name"]), d.clone()))
+        .collect();
+    let mut r = PodRunner {
+        tmp: tmp.path().to_path_buf(),
+        s3: S3Map::from_target(&target),
+        pod: k8s_pod(&docs),
+        configmaps,
+        recipient,
+        identity: None,
+        listen_port: free_port(),
+    };
+    let pod = r.pod.clone();
+    let init = container(&pod["initContainers"], "restore");
+    let sidecar = container(&pod["initContainers"], "offsite");
+    let app = container(&pod["containers"], "app");
+    let db = tmp.path().join("pod/data/app.db");
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    let replica = {
+        let e = r.env(sidecar);
+        format!(
+            "s3://{}/{}/app.db?endpoint={}&region={}&force-path-style=true",
+            r.s3.bucket, e["OFFSITE_PREFIX"], r.s3.endpoint, r.s3.region
+        )
+    };
+
+    // First deploy, no identity Secret: empty bucket, no database → nothing to do.
+    let (ok, err) = r.run(init);
+    assert!(
+        ok,
+        "init container on an empty bucket without identity:\n{err}"
+    );
+    assert!(!db.exists());
+
+    // The sidecar starts before the app and picks the database up once it appears.
+    let (mut off, off_err) = r.spawn(sidecar);
+    wait_for("offsite's /healthz", Duration::from_secs(60), || {
+        still_running(&mut off, &off_err, "offsite sidecar");
+        http_get(r.listen_port, "/healthz").is_some_and(|(st, _)| st == 200)
+    });
+    let (mut a, a_err) = r.spawn(app);
+    wait_for("15 commits shipped", Duration::from_secs(120), || {
+        still_running(&mut off, &off_err, "offsite sidecar");
+        still_running(&mut a, &a_err, "app");
+        harness::latest_txid(&replica).unwrap_or(0) >= 15
+    });
+    // Pod deletion: the app stops first, then the native sidecar.
+    sigterm(&a);
+    wait_timeout(&mut a, Duration::from_secs(30));
+    let written = db_state(&db);
+    sigterm(&off);
+    let st = wait_timeout(&mut off, Duration::from_secs(90));
+    assert!(
+        st.success(),
+        "{}",
+        std::fs::read_to_string(&off_err).unwrap()
+    );
+
+    // Restart with the volume intact, no identity: nothing to do.
+    let before = std::fs::read(&db).unwrap();
+    let (ok, err) = r.run(init);
+    assert!(
+        ok,
+        "init container with the database present, without identity:\n{err}"
+    );
+    assert_eq!(std::fs::read(&db).unwrap(), before);
+
+    // Volume lost, no identity: the init container fails, the app does not
+    // start on an empty database.
+    remove_db(&db);
+    let (ok, err) = r.run(init);
+    assert!(!ok, "a needed restore without identity must fail");
+    assert!(err.contains("identity"), "{err}");
+    assert!(!db.exists());
+
+    // With the identity Secret: the database comes back.
+    r.identity = Some(identity);
+    let (ok, err) = r.run(init);
+    assert!(ok, "init container restore:\n{err}");
+    assert_eq!(db_state(&db), written);
+}
