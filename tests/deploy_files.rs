@@ -1048,16 +1048,22 @@ fn map_path(arg: &str, mounts: &[(String, PathBuf)]) -> String {
     arg.to_string()
 }
 
-/// Container paths inside a mounted config file ("/data/app.db").
+/// Container paths inside a mounted config file ("/data/app.db"): every
+/// quoted string is mapped once, like an argument.
 fn map_paths_in_text(text: &str, mounts: &[(String, PathBuf)]) -> String {
-    let mut out = text.to_string();
     let mut m = mounts.to_vec();
     m.sort_by_key(|(t, _)| std::cmp::Reverse(t.len()));
-    for (tgt, host) in m {
-        out = out.replace(&format!("\"{tgt}/"), &format!("\"{}/", host.display()));
-        out = out.replace(&format!("\"{tgt}\""), &format!("\"{}\"", host.display()));
-    }
-    out
+    text.split('"')
+        .enumerate()
+        .map(|(i, part)| {
+            if i % 2 == 1 {
+                map_path(part, &m)
+            } else {
+                part.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\"")
 }
 
 fn free_port() -> u16 {
