@@ -361,6 +361,8 @@ export AWS_REGION=$REGION
 export OFFSITE_TEST_S3_TARGETS="garage=$garage_url;s3s=$s3s_url"
 # moto (emulator) bucket with Object Lock enabled; only for Object Lock tests.
 export OFFSITE_TEST_S3_LOCK_TARGET="moto=$lock_url"
+# For tests that start (and stop) a private S3 server of their own.
+export OFFSITE_TEST_S3S_BIN=$S3S_BIN
 EOF
         mv "$ENV_FILE.tmp" "$ENV_FILE"
     )

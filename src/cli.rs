@@ -6,13 +6,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use tokio::sync::watch;
 
 use crate::codec::Encryption;
 use crate::config::{parse_duration, Config};
 use crate::keys::{Identities, Recipients};
 use crate::layout::{self, Catalog, Target};
-use crate::replicate::{self, Replicator};
 use crate::restore::{self, RestoreOptions};
 use crate::storage::{self, ReplicaUrl};
 
@@ -39,7 +37,7 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Replicate a database (or every database in --config) until SIGINT/SIGTERM.
-    Replicate(ReplicateArgs),
+    Replicate(Box<ReplicateArgs>),
     /// Restore a database from a replica, to the latest state or to a txid/time.
     Restore(RestoreArgs),
     /// Show the restore window, lineages and snapshots of a replica.
@@ -50,6 +48,25 @@ pub enum Command {
     Prune(PruneArgs),
     /// Check a replica: continuity, every object's envelope and checksums, and with --deep real restores.
     Verify(VerifyArgs),
+    /// Ask the running daemon to ship a database now; with --wait, return once it is durable.
+    Sync(SyncArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    /// The database (as the daemon knows it).
+    pub db_path: PathBuf,
+    /// Return only once the database's current state is durable in every replica.
+    #[arg(long)]
+    pub wait: bool,
+    /// The daemon's HTTP listener (default: `listen` from --config, else 127.0.0.1:9090).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Give up (exit 1) after this long.
+    #[arg(long, value_name = "DURATION", default_value = "60s")]
+    pub timeout: String,
 }
 
 #[derive(Args, Debug)]
@@ -91,6 +108,26 @@ pub struct ReplicateArgs {
     /// Compaction windows, comma-separated (default 1m,15m,4h; "off": none).
     #[arg(long, value_name = "LIST|off")]
     pub compaction_levels: Option<String>,
+    /// Serve /metrics, /healthz, /readyz and POST /sync on this address (e.g. 127.0.0.1:9090).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Run the application as a child: signals are forwarded to it, and when
+    /// it exits everything is shipped and offsite exits with its status.
+    #[arg(long, value_name = "\"CMD ARGS\"")]
+    pub exec: Option<String>,
+    /// How long shutdown may spend shipping pending commits (default 60s).
+    #[arg(long, value_name = "DURATION")]
+    pub shutdown_timeout: Option<String>,
+    /// /readyz fails when a replica is further behind than this (default 1m).
+    #[arg(long, value_name = "DURATION")]
+    pub max_lag: Option<String>,
+    /// Restore a missing database from its replica (latest state) before replicating.
+    #[arg(long)]
+    pub restore_if_db_not_exists: bool,
+    /// age identity for --restore-if-db-not-exists; repeatable (with --config:
+    /// default the replica's age-identity-files).
+    #[arg(long = "age-identity", value_name = "PATH")]
+    pub age_identity: Vec<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -148,6 +185,13 @@ pub struct RestoreArgs {
     /// listing works and holds the target).
     #[arg(long, value_name = "NAME")]
     pub replica: Option<String>,
+    /// Do nothing (exit 0) if OUTPUT already exists: for init containers.
+    #[arg(long, conflicts_with = "force")]
+    pub if_db_not_exists: bool,
+    /// Do nothing (exit 0) if the replica holds no backup yet (an unreachable
+    /// replica is still an error).
+    #[arg(long)]
+    pub if_replica_exists: bool,
 }
 
 #[derive(Args, Debug)]
@@ -219,12 +263,13 @@ pub fn init_logging(format: Option<LogFormat>) {
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Replicate(a) => replicate(a).await,
+        Command::Replicate(a) => replicate(*a).await,
         Command::Restore(a) => restore_cmd(a).await,
         Command::List(a) => list(a).await,
         Command::Keygen(a) => keygen(a),
         Command::Prune(a) => prune_cmd(a).await,
         Command::Verify(a) => verify_cmd(a).await,
+        Command::Sync(a) => sync_cmd(a).await,
     }
 }
 
@@ -247,54 +292,28 @@ fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolve a shutdown signal into a watch channel.
-fn shutdown_channel() -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("signal received; finishing");
-        let _ = tx.send(true);
-    });
-    rx
-}
-
 async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
     let clock = crate::clock::Clock::from_env()?;
-    let mut jobs: Vec<(replicate::Options, ReplicaUrl, Encryption)> = Vec::new();
-    let spool_base;
+    let dur = |v: &Option<String>, what: &str| -> anyhow::Result<Option<Duration>> {
+        v.as_deref().map(|s| parse_duration(s, what)).transpose()
+    };
+    let mut databases;
+    let (spool_base, mut listen, mut exec, mut shutdown_timeout);
     if let Some(cfg_path) = &a.config {
         let cfg = Config::load(cfg_path)?;
         spool_base = a.spool_dir.clone().or(cfg.spool_dir.clone());
-        for d in cfg.databases {
-            let mut o = replicate::Options::new(d.path.clone(), PathBuf::new());
-            o.sync_interval = match &a.sync_interval {
-                Some(s) => parse_duration(s, "--sync-interval")?,
-                None => d.sync_interval,
-            };
-            o.checkpoint_frames = d.checkpoint_frames;
-            for r in &d.replicas {
-                let mut o = o.clone();
-                o.replica_name = r.name.clone();
-                o.retention = r.retention.clone();
-                o.snapshot_interval = r.snapshot_interval;
-                o.compaction_levels = r.compaction_levels.clone();
-                o.prune_interval = r.prune_interval;
-                o.object_lock = r.object_lock;
-                o.object_lock_margin = r.object_lock_margin;
-                o.verify_interval = r.verify_interval;
-                o.drill_identities = match &r.verify_identity_file {
-                    Some(f) => Some(
-                        Identities::read_files(std::slice::from_ref(f))
-                            .with_context(|| format!("replica {}: verify-identity-file", r.name))?,
-                    ),
-                    None => None,
-                };
-                jobs.push((o, r.url.clone(), r.encryption.clone()));
+        listen = cfg.listen.clone();
+        exec = cfg.exec.clone();
+        shutdown_timeout = cfg.shutdown_timeout;
+        databases = cfg.databases;
+        if let Some(iv) = dur(&a.sync_interval, "--sync-interval")? {
+            for d in &mut databases {
+                d.sync_interval = iv;
+            }
+        }
+        if let Some(l) = dur(&a.max_lag, "--max-lag")? {
+            for d in &mut databases {
+                d.max_lag = l;
             }
         }
     } else {
@@ -302,12 +321,15 @@ async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
             bail!("usage: offsite replicate DB_PATH REPLICA_URL [--age-recipient KEY | --no-encryption], or offsite replicate --config PATH");
         };
         spool_base = a.spool_dir.clone();
+        listen = None;
+        exec = None;
+        shutdown_timeout = None;
         let url: ReplicaUrl = url.parse()?;
         let mut recipients = Recipients::parse_list(&a.age_recipient)?;
         if let Some(f) = &a.age_recipients_file {
             recipients.extend(Recipients::read_file(f)?);
         }
-        let enc = match (recipients.is_empty(), a.no_encryption) {
+        let encryption = match (recipients.is_empty(), a.no_encryption) {
             (false, false) => Encryption::Age(recipients),
             (true, true) => Encryption::None,
             (false, true) => bail!("--no-encryption contradicts the age recipients given; use one or the other"),
@@ -315,13 +337,7 @@ async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
                 "no encryption recipient: pass --age-recipient age1… (create a key with `offsite keygen -o key.txt`), or --no-encryption to store plaintext backups"
             ),
         };
-        let mut o = replicate::Options::new(db.clone(), PathBuf::new());
-        if let Some(s) = &a.sync_interval {
-            o.sync_interval = parse_duration(s, "--sync-interval")?;
-        }
-        o.checkpoint_frames = a.checkpoint_frames;
-        o.replica_name = "replica1".into();
-        o.retention = match a.retention.as_deref().map(str::trim) {
+        let retention = match a.retention.as_deref().map(str::trim) {
             Some("off") => None,
             r => {
                 let mut p = crate::retention::Policy::default();
@@ -335,62 +351,74 @@ async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
                 Some(p)
             }
         };
-        if let Some(l) = &a.compaction_levels {
-            o.compaction_levels = crate::config::parse_levels(l).context("--compaction-levels")?;
-        }
-        o.snapshot_interval = match a.snapshot_interval.as_deref().map(str::trim) {
+        let compaction_levels = match &a.compaction_levels {
+            Some(l) => crate::config::parse_levels(l).context("--compaction-levels")?,
+            None => crate::compact::DEFAULT_LEVELS.to_vec(),
+        };
+        let snapshot_interval = match a.snapshot_interval.as_deref().map(str::trim) {
             Some("off") => None,
             Some(s) => Some(parse_duration(s, "--snapshot-interval")?),
-            None => o.snapshot_interval,
+            None => Some(Duration::from_secs(24 * 3600)),
         };
-        jobs.push((o, url, enc));
+        databases = vec![crate::config::DatabaseConfig {
+            path: std::path::absolute(db).unwrap_or_else(|_| db.clone()),
+            discover: None,
+            max_lag: dur(&a.max_lag, "--max-lag")?.unwrap_or(Duration::from_secs(60)),
+            sync_interval: dur(&a.sync_interval, "--sync-interval")?
+                .unwrap_or(Duration::from_secs(1)),
+            checkpoint_frames: a.checkpoint_frames,
+            replicas: vec![crate::config::ReplicaConfig {
+                name: "replica1".into(),
+                retention,
+                snapshot_interval,
+                compaction_levels,
+                prune_interval: Duration::from_secs(3600),
+                object_lock: None,
+                object_lock_margin: Duration::from_secs(24 * 3600),
+                verify_interval: None,
+                verify_identity_file: None,
+                url,
+                encryption,
+                age_identity_files: Vec::new(),
+            }],
+        }];
     }
-    let spool = replicate::spool_dir(spool_base)?;
-    let shutdown = shutdown_channel();
-    let mut set = tokio::task::JoinSet::new();
-    for (mut o, url, enc) in jobs {
-        if matches!(enc, Encryption::None) {
-            tracing::warn!(db = %o.db_path.display(), replica = %url, "encryption is off: backups are stored in plaintext, as requested");
-        }
-        o.spool_dir = spool.path().to_path_buf();
-        o.clock = clock.clone();
-        o.poll_interval = o.sync_interval.min(Duration::from_millis(100));
-        let store = storage::open(&url).await?;
-        let rx = shutdown.clone();
-        let db = o.db_path.clone();
-        let name = o.replica_name.clone();
-        set.spawn(async move {
-            Replicator::new(o, store, enc)
-                .run(rx)
-                .await
-                .with_context(|| format!("replicating {} to replica {name} ({url})", db.display()))
-        });
+    if a.listen.is_some() {
+        listen = a.listen.clone();
     }
-    let mut first_err = None;
-    while let Some(r) = set.join_next().await {
-        let r = r.context("replication task panicked").and_then(|x| x);
-        if let Err(e) = r {
-            // A replica that cannot go on (wrong credentials, a replica
-            // holding other backups, a database that is not in WAL mode) is
-            // reported; the other replicas keep shipping. The process exits
-            // non-zero once nothing is left running.
-            if !set.is_empty() {
-                tracing::error!(
-                    error = format!("{e:#}"),
-                    running = set.len(),
-                    "a replica stopped; the others go on"
-                );
-            }
-            if first_err.is_none() {
-                first_err = Some(e);
-            }
-        }
+    if a.exec.is_some() {
+        exec = a.exec.clone();
     }
-    drop(spool);
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(()),
+    if let Some(t) = dur(&a.shutdown_timeout, "--shutdown-timeout")? {
+        shutdown_timeout = Some(t);
     }
+    crate::daemon::Daemon {
+        databases,
+        listen,
+        exec,
+        shutdown_timeout: shutdown_timeout.unwrap_or(Duration::from_secs(60)),
+        restore_if_db_not_exists: a.restore_if_db_not_exists,
+        restore_identities: a.age_identity.clone(),
+        spool_base,
+        clock,
+        discover_interval: Duration::from_secs(1),
+    }
+    .run()
+    .await
+}
+
+async fn sync_cmd(a: SyncArgs) -> anyhow::Result<()> {
+    let timeout = parse_duration(&a.timeout, "--timeout")?;
+    let addr = match (&a.listen, &a.config) {
+        (Some(l), _) => l.clone(),
+        (None, Some(c)) => Config::load(c)?.listen.with_context(|| {
+            format!("{} has no `listen` address; the daemon needs one for `offsite sync` (or pass --listen)", c.display())
+        })?,
+        (None, None) => "127.0.0.1:9090".to_string(),
+    };
+    let body = crate::daemon::sync_via_http(&addr, &a.db_path, a.wait, timeout).await?;
+    println!("{body}");
+    Ok(())
 }
 
 /// The replica URL and identities for restore/list, from args or config.
@@ -483,9 +511,35 @@ async fn pick_replica(
     bail!("no replica can restore this target: {}", errors.join("; "))
 }
 
+/// Whether any of `replicas` holds a lineage. A replica that cannot be
+/// listed is an error: "no backup" must not be confused with "unreachable".
+async fn any_backup(replicas: &[crate::config::ReplicaConfig]) -> anyhow::Result<bool> {
+    for r in replicas {
+        let store = storage::open(&r.url).await?;
+        let catalog = Catalog::load(store.as_ref())
+            .await
+            .with_context(|| format!("checking whether replica {} holds a backup", r.name))?;
+        if catalog.newest_lineage().is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 async fn restore_cmd(a: RestoreArgs) -> anyhow::Result<()> {
     let (replicas, id_files) =
         resolve_replicas(&a.source, &a.config, &a.age_identity, a.replica.as_deref())?;
+    if a.if_db_not_exists && std::fs::symlink_metadata(&a.output).is_ok() {
+        eprintln!(
+            "{} exists; nothing restored (--if-db-not-exists)",
+            a.output.display()
+        );
+        return Ok(());
+    }
+    if a.if_replica_exists && !any_backup(&replicas).await? {
+        eprintln!("the replica holds no backup yet; nothing restored (--if-replica-exists)");
+        return Ok(());
+    }
     let target = match (&a.timestamp, a.txid) {
         (Some(t), None) => Target::Time(layout::parse_time(t)?),
         (None, Some(n)) => Target::Txid(n),

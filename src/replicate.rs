@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -58,6 +59,8 @@ pub struct Options {
     /// for a plaintext replica). Drills only run when this is set.
     pub verify_interval: Option<Duration>,
     pub drill_identities: Option<crate::keys::Identities>,
+    /// Live counters for metrics, readiness and `sync --wait`.
+    pub status: std::sync::Arc<crate::status::ReplicaStatus>,
 }
 
 impl Options {
@@ -80,6 +83,7 @@ impl Options {
             object_lock_margin: Duration::from_secs(24 * 3600),
             verify_interval: None,
             drill_identities: None,
+            status: crate::status::ReplicaStatus::detached(),
         }
     }
 }
@@ -257,31 +261,46 @@ impl Replicator {
         let out = self.drill.clone();
         let db = self.db();
         let replica = self.opts.replica_name.clone();
-        self.drill_task = Some(tokio::spawn(async move {
-            let r = crate::verify::drill(store.as_ref(), ids.as_ref(), 1, rand::random()).await;
-            let rec = match r {
-                Ok(d) => DrillRecord {
-                    ran_at_us: now,
-                    ok: d.ok,
-                    newest_verified_txid: d.newest_verified_txid,
-                    newest_verified_time_us: d.newest_verified_time_us,
-                    error: d.samples.iter().find_map(|s| s.error.clone()),
-                },
-                Err(e) => DrillRecord {
-                    ran_at_us: now,
-                    ok: false,
-                    newest_verified_txid: None,
-                    newest_verified_time_us: None,
-                    error: Some(format!("{e:#}")),
-                },
-            };
-            if rec.ok {
-                tracing::info!(%db, %replica, txid = rec.newest_verified_txid, "restore drill passed: the newest point restores and passes integrity_check");
-            } else {
-                tracing::error!(%db, %replica, error = rec.error.as_deref().unwrap_or(""), "restore drill FAILED: the replica does not restore");
-            }
-            *out.lock().unwrap() = Some(rec);
-        }));
+        let status = self.opts.status.clone();
+        self.drill_task = Some(tokio::spawn(tracing::Instrument::in_current_span(
+            async move {
+                let r = crate::verify::drill(store.as_ref(), ids.as_ref(), 1, rand::random()).await;
+                let rec = match r {
+                    Ok(d) => DrillRecord {
+                        ran_at_us: now,
+                        ok: d.ok,
+                        newest_verified_txid: d.newest_verified_txid,
+                        newest_verified_time_us: d.newest_verified_time_us,
+                        error: d.samples.iter().find_map(|s| s.error.clone()),
+                    },
+                    Err(e) => DrillRecord {
+                        ran_at_us: now,
+                        ok: false,
+                        newest_verified_txid: None,
+                        newest_verified_time_us: None,
+                        error: Some(format!("{e:#}")),
+                    },
+                };
+                status.drill_ran_us.store(now, Relaxed);
+                if let (true, Some(t), Some(x)) = (
+                    rec.ok,
+                    rec.newest_verified_time_us,
+                    rec.newest_verified_txid,
+                ) {
+                    status.verified_time_us.store(t, Relaxed);
+                    status.verified_txid.store(x, Relaxed);
+                }
+                if !rec.ok {
+                    status.add(&status.drill_failures, 1);
+                }
+                if rec.ok {
+                    tracing::info!(%db, %replica, txid = rec.newest_verified_txid, "restore drill passed: the newest point restores and passes integrity_check");
+                } else {
+                    tracing::error!(%db, %replica, error = rec.error.as_deref().unwrap_or(""), "restore drill FAILED: the replica does not restore");
+                }
+                *out.lock().unwrap() = Some(rec);
+            },
+        )));
     }
 
     fn now_us(&self) -> i64 {
@@ -321,7 +340,43 @@ impl Replicator {
     }
 
     /// Replicate until `shutdown` turns true, then ship what is pending.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let status = self.opts.status.clone();
+        let r = self.run_inner(&mut shutdown).await;
+        if let Err(e) = &r {
+            *status.failed.lock().unwrap() = Some(format!("{e:#}"));
+        }
+        r
+    }
+
+    async fn run_inner(mut self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+        // A sidecar may start before its application created the database;
+        // a directory that does not exist is a wrong path, not a wait.
+        let dir = self
+            .opts
+            .db_path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty());
+        if !self.opts.db_path.exists() && dir.is_some_and(|d| !d.is_dir()) {
+            bail!(
+                "cannot open database {}: its directory does not exist (check the path)",
+                self.db()
+            );
+        }
+        if !self.opts.db_path.exists() {
+            tracing::info!(db = %self.db(), "waiting for the database to be created");
+            self.opts.status.waiting_for_db.store(true, Relaxed);
+            while !self.opts.db_path.exists() {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.opts.poll_interval.max(Duration::from_millis(250))) => {}
+                    _ = shutdown.changed() => {}
+                }
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+            }
+            self.opts.status.waiting_for_db.store(false, Relaxed);
+        }
         // An unreachable replica is retried for as long as it takes; other
         // replicas of the same database are separate tasks and go on.
         let mut wait = Duration::from_secs(1);
@@ -329,6 +384,7 @@ impl Replicator {
             match self.start().await {
                 Ok(()) => break,
                 Err(e) if is_unavailable(&e) => {
+                    self.opts.status.add(&self.opts.status.upload_errors, 1);
                     tracing::error!(db = %self.db(), replica = %self.opts.replica_name, url = %self.store.describe(), error = format!("{e:#}"), retry_in = ?wait, "replica unreachable; commits stay in the WAL until it is back");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
@@ -347,25 +403,82 @@ impl Replicator {
                 Err(e) => return Err(e),
             }
         }
+        self.opts.status.running.store(true, Relaxed);
+        self.publish();
         let mut tick = tokio::time::interval(self.opts.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sync_rx = self.opts.status.sync_requests();
+        let mut synced = 0u64;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => {}
+                _ = sync_rx.changed() => {}
             }
             if *shutdown.borrow() {
                 break;
             }
-            if let Err(e) = self.step(false).await {
-                // Local errors (I/O on the database, lost read lock): start over
-                // with a fresh lineage rather than risk a wrong replica.
-                tracing::error!(db = %self.db(), error = format!("{e:#}"), "replication step failed; will take a new snapshot");
-                self.source = None;
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            // Read before the step: the step's poll sees every commit made
+            // before the request.
+            let requested = *sync_rx.borrow_and_update();
+            let force = requested > synced;
+            if force {
+                // An explicit request skips the upload backoff once.
+                self.retry_at = None;
             }
+            match self.step(force).await {
+                Ok(()) => {
+                    if force && self.caught_up() {
+                        synced = requested;
+                        self.opts.status.sync_satisfied(requested);
+                    }
+                }
+                Err(e) => {
+                    // Local errors (I/O on the database, lost read lock): start over
+                    // with a fresh lineage rather than risk a wrong replica.
+                    tracing::error!(db = %self.db(), error = format!("{e:#}"), "replication step failed; will take a new snapshot");
+                    self.source = None;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            self.publish();
         }
-        self.shutdown().await
+        let requested = *sync_rx.borrow();
+        let status = self.opts.status.clone();
+        let r = self.shutdown().await;
+        if r.is_ok() {
+            status.sync_satisfied(requested);
+        }
+        r
+    }
+
+    fn count_snapshot(&self, raw: u64, stored: u64) {
+        let st = &self.opts.status;
+        st.add(&st.snapshots, 1);
+        st.add(&st.raw_bytes, raw);
+        st.add(&st.stored_bytes, stored);
+        st.last_upload_us.store(self.opts.clock.now_us(), Relaxed);
+    }
+
+    /// Everything observed is durable in the replica.
+    fn caught_up(&self) -> bool {
+        self.source.as_ref().is_some_and(|s| s.pending().is_empty()) && self.lineage.is_some()
+    }
+
+    /// Refresh the gauges read by `/metrics` and `/readyz`.
+    fn publish(&self) {
+        let st = &self.opts.status;
+        st.shipped_txid.store(self.stored_txid, Relaxed);
+        if let Some(src) = self.source.as_ref() {
+            let since = src.pending().first().map(|p| p.time_us).unwrap_or(0);
+            st.pending_since_us.store(since, Relaxed);
+        }
+        {
+            let mut wal = self.opts.db_path.clone().into_os_string();
+            wal.push("-wal");
+            let len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+            st.wal_bytes.store(len, Relaxed);
+        }
     }
 
     async fn shutdown(mut self) -> anyhow::Result<()> {
@@ -381,6 +494,12 @@ impl Replicator {
                 }
                 Ok(()) => {}
                 Err(e) => {
+                    if !self.opts.db_path.exists() {
+                        bail!(
+                            "{} was removed before its last commits were shipped: {e:#}",
+                            self.db()
+                        );
+                    }
                     tracing::warn!(db = %self.db(), error = format!("{e:#}"), "final ship failed")
                 }
             }
@@ -531,6 +650,11 @@ impl Replicator {
         })
         .await?;
         tracing::info!(db = %self.db(), replica = %self.opts.replica_name, key = %staged.key, txid, raw_bytes = staged.raw_bytes, stored_bytes = stored, "snapshot uploaded");
+        self.count_snapshot(staged.raw_bytes, stored);
+        if self.stored_txid > 0 {
+            // A lineage existed: continuity with it is broken.
+            self.opts.status.add(&self.opts.status.lineage_breaks, 1);
+        }
         self.state = Some(state);
         self.lineage = Some(lineage);
         self.next_txid = txid + 1;
@@ -579,6 +703,7 @@ impl Replicator {
             .await
             .with_context(|| format!("cannot upload {}", staged.key))?;
         tracing::info!(db = %self.db(), replica = %self.opts.replica_name, key = %staged.key, txid, raw_bytes = staged.raw_bytes, stored_bytes = stored, "periodic snapshot uploaded");
+        self.count_snapshot(staged.raw_bytes, stored);
         self.last_snapshot = (txid, time_us);
         self.last_time_us = self.last_time_us.max(time_us);
         self.uploaded_since_prune = true;
@@ -629,6 +754,7 @@ impl Replicator {
                     self.retry_at = None;
                 }
                 Err(e) => {
+                    self.opts.status.add(&self.opts.status.upload_errors, 1);
                     self.failures += 1;
                     let wait = Duration::from_millis(500 * 2u64.pow(self.failures.min(7)));
                     tracing::error!(db = %self.db(), replica = %self.store.describe(), error = format!("{e:#}"), retry_in = ?wait, "upload failed; commits stay in the WAL and will be retried");
@@ -647,6 +773,9 @@ impl Replicator {
             let done = blocking(|| src.checkpoint())?;
             tracing::debug!(db = %db, done, "checkpoint attempt");
             self.checkpoint_misses = if done { 0 } else { self.checkpoint_misses + 1 };
+            if done {
+                self.opts.status.add(&self.opts.status.checkpoints, 1);
+            }
             let far = src_frames >= self.opts.checkpoint_frames.saturating_mul(2);
             if self.checkpoint_misses >= 3 || (self.checkpoint_misses >= 1 && far) {
                 // A steady writer always commits between our ship and our
@@ -706,6 +835,7 @@ impl Replicator {
         tracing::debug!(db = %self.db(), done, "checkpoint under the write lock");
         if done {
             self.checkpoint_misses = 0;
+            self.opts.status.add(&self.opts.status.checkpoints, 1);
         }
         Ok(())
     }
@@ -741,6 +871,12 @@ impl Replicator {
                     src.mark_shipped(n);
                     self.last_ship = Instant::now();
                     self.uploaded_since_prune = true;
+                    let st = &self.opts.status;
+                    st.add(&st.segments, 1);
+                    st.add(&st.raw_bytes, staged.raw_bytes);
+                    st.add(&st.stored_bytes, stored);
+                    st.last_upload_us.store(self.opts.clock.now_us(), Relaxed);
+                    st.shipped_txid.store(self.stored_txid, Relaxed);
                     tracing::debug!(db = %self.db(), key = %staged.key, commits = n, raw_bytes = staged.raw_bytes, stored_bytes = stored, "segment uploaded");
                 }
                 Err(e) => {
@@ -925,16 +1061,18 @@ impl Replicator {
         let store = self.store.clone();
         let db = self.db();
         let replica = self.opts.replica_name.clone();
-        self.prune_task = Some(tokio::spawn(async move {
-            match crate::retention::prune(store.as_ref(), &policy, now, false).await {
-                Ok(r) => {
-                    tracing::info!(%db, %replica, deleted = r.deleted.len(), kept = r.kept, locked = r.locked.len(), bytes_freed = r.bytes_deleted, requests = %requests_json(store.as_ref()), "pruned the replica")
+        self.prune_task = Some(tokio::spawn(tracing::Instrument::in_current_span(
+            async move {
+                match crate::retention::prune(store.as_ref(), &policy, now, false).await {
+                    Ok(r) => {
+                        tracing::info!(%db, %replica, deleted = r.deleted.len(), kept = r.kept, locked = r.locked.len(), bytes_freed = r.bytes_deleted, requests = %requests_json(store.as_ref()), "pruned the replica")
+                    }
+                    Err(e) => {
+                        tracing::error!(%db, %replica, error = format!("{e:#}"), "pruning failed; will retry after the next upload")
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(%db, %replica, error = format!("{e:#}"), "pruning failed; will retry after the next upload")
-                }
-            }
-        }));
+            },
+        )));
     }
 
     /// How many pending commits go into the next segment.
