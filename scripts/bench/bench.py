@@ -1134,8 +1134,6 @@ def main():
         meta["loadavg_end"] = os.getloadavg()
         rep = report(results, S, meta)
         print(rep)
-        check(results, S, only)
-        ok = True
         if a.out:
             out = Path(a.out)
             out.mkdir(parents=True, exist_ok=True)
@@ -1146,7 +1144,11 @@ def main():
             log(f"wrote {out}/results.json, report.md" + (", lag.png" if "steady" in only else ""))
         elif "steady" in only:
             plot(results, S, ctx.work / "lag.png")  # the plotting code runs in quick mode too
+        check(results, S, only)
+        ok = True
     finally:
+        if not ok:
+            (ctx.work / "results-partial.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
         PROCS.cleanup()
         ctx.proxy.close()
         if ctx.s3_prefixes:
