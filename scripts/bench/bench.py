@@ -1059,8 +1059,19 @@ def main():
                     help="comma-separated experiments (default: all)")
     ap.add_argument("--restore-mb", type=float, help="size of the restore database (default 1024, quick 20)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--configs", help="target/setting pairs for the steady and kill runs, e.g. s3/default,s3/fast")
+    ap.add_argument("--idle-secs", type=float, help="idle period of the steady runs on S3 (default 45)")
+    ap.add_argument("--report-from", nargs="+", metavar="RESULTS_JSON",
+                    help="no measurement: merge these results.json files (of runs that each measured a part) "
+                         "and write the report and picture to --out")
     a = ap.parse_args()
+    if a.report_from:
+        return merge_report(a)
     S = sizes(a.quick)
+    if a.configs:
+        S["configs"] = [tuple(c.split("/")) for c in a.configs.split(",")]
+    if a.idle_secs:
+        S["idle_secs"] = a.idle_secs
     if a.reps:
         S["reps"] = a.reps
     if a.restore_mb:
@@ -1163,6 +1174,29 @@ def main():
             log(f"kept {ctx.work}")
         else:
             shutil.rmtree(ctx.work, ignore_errors=True)
+
+
+def merge_report(a):
+    runs = [json.loads(Path(f).read_text()) for f in a.report_from]
+    results = [r for run in runs for r in run["results"]]
+    meta = dict(runs[0]["meta"])
+    S = sizes(meta["mode"] == "quick")
+    S["reps"] = meta["sizes"]["reps"]
+    for run in runs[1:]:
+        m = run["meta"]
+        meta["run_id"] += " + " + m["run_id"]
+        meta["finished"] = m.get("finished", meta.get("finished"))
+        meta.setdefault("wal_bytes", m.get("wal_bytes"))
+        meta.setdefault("merged", []).append(m)
+    meta["idle_secs_s3"] = sorted({r.get("idle_s", 0) // 1 for r in results if r["kind"] == "steady" and r["target"] == "s3"})
+    rep = report(results, S, meta)
+    print(rep)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, parts=[r["meta"] for r in runs], results=results), indent=1))
+    (out / "report.md").write_text(rep + "\n")
+    plot(results, S, out / "lag.png")
+    log(f"wrote {out}/results.json, report.md, lag.png")
 
 
 def check(results, S, only):
