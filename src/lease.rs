@@ -193,15 +193,23 @@ impl Lease {
         }
     }
 
-    /// At a clean shutdown: delete the lease if it is still ours, so a
-    /// successor can start at once. Best effort.
+    /// At a clean shutdown: if the lease is still ours, overwrite it as
+    /// expired (renewed at time 0), so a successor can take it at once. An
+    /// overwrite, not a delete: a shipper without delete permission can
+    /// release too. Best effort.
     pub async fn release(&mut self, store: &dyn Storage) {
         if self.confirmed.take().is_none() {
             return;
         }
-        if let Ok(Some((b, _))) = store.get_versioned(LEASE_KEY).await {
+        if let Ok(Some((b, tag))) = store.get_versioned(LEASE_KEY).await {
             if serde_json::from_slice::<LeaseDoc>(&b).is_ok_and(|d| d.shipper == self.me.shipper) {
-                if let Err(e) = store.delete(LEASE_KEY).await {
+                let mut doc = self.me.clone();
+                doc.renewed_us = 0;
+                let body = match serde_json::to_vec(&doc) {
+                    Ok(v) => Bytes::from(v),
+                    Err(_) => return,
+                };
+                if let Err(e) = store.put_conditional(LEASE_KEY, body, Some(&tag)).await {
                     tracing::warn!(error = %e, "could not release the replica's lease; a successor waits for it to expire");
                 }
             }

@@ -858,8 +858,14 @@ fn iam_policies_are_least_privilege_and_match_the_compose_example() {
         for st in p["Statement"].as_array().unwrap() {
             for r in st["Resource"].as_array().unwrap() {
                 let r = r.as_str().unwrap();
+                // The replica's objects, and the shipper's lease (fencing).
+                let lease = r == "arn:aws:s3:::BUCKET/PREFIX/lease.json"
+                    && name.starts_with("shipper")
+                    && st["Action"] == serde_json::json!(["s3:GetObject", "s3:PutObject"]);
                 assert!(
-                    r == "arn:aws:s3:::BUCKET" || r == "arn:aws:s3:::BUCKET/PREFIX/lineages/*",
+                    r == "arn:aws:s3:::BUCKET"
+                        || r == "arn:aws:s3:::BUCKET/PREFIX/lineages/*"
+                        || lease,
                     "{name}: resource {r}"
                 );
             }
