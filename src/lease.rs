@@ -57,6 +57,21 @@ fn describe(d: &LeaseDoc) -> String {
     )
 }
 
+/// The holder ran on this host (same host name) and is not running any
+/// more: its pid is ours (a restarted container reuses pids), or no process
+/// has it. Its lease needs no waiting for.
+fn holder_is_dead(holder: &LeaseDoc, me: &LeaseDoc) -> bool {
+    if holder.host != me.host || holder.host == "unknown" {
+        return false;
+    }
+    if holder.pid == me.pid {
+        return true;
+    }
+    // SAFETY: kill with signal 0 only checks that the pid exists.
+    let r = unsafe { libc::kill(holder.pid as libc::pid_t, 0) };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -114,7 +129,11 @@ impl Lease {
                     Some(d) => {
                         let age = (now_us - d.renewed_us) as f64 / 1e6;
                         let lost = self.confirmed.take().is_some();
-                        if age < self.ttl.as_secs_f64() || lost {
+                        let dead = !lost && holder_is_dead(&d, &self.me);
+                        if dead {
+                            tracing::warn!(holder = %describe(&d), "the lease's holder ran on this host and is gone (killed?); taking the lease over");
+                        }
+                        if (age < self.ttl.as_secs_f64() && !dead) || lost {
                             if lost {
                                 tracing::error!(holder = %describe(&d), "another offsite took this replica's lease; this one stops writing to it");
                             }
@@ -138,10 +157,17 @@ impl Lease {
         let mut doc = self.me.clone();
         doc.renewed_us = now_us;
         let body = Bytes::from(serde_json::to_vec(&doc)?);
+        let renewal = self.confirmed.is_some() && expect.is_some();
         match store
             .put_conditional(LEASE_KEY, body, expect.as_deref())
             .await
         {
+            Ok(()) if renewal => {
+                // Our lease, rewritten at the version we just read: the
+                // conditional write did the check (one GET + one PUT a minute).
+                self.confirmed = Some((Instant::now(), String::new()));
+                return Ok(());
+            }
             Ok(()) => {}
             Err(StorageError::AlreadyExists { .. }) => {
                 self.confirmed = None;
@@ -232,7 +258,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = FileStorage::new(tmp.path().to_path_buf()).unwrap();
         let ttl = Duration::from_secs(300);
+        // All leases here share this process's host and pid; A pretends to be
+        // another live process (pid 1 always exists).
         let mut a = Lease::new("/a.db", ttl, Duration::ZERO);
+        a.me.pid = 1;
         let mut b = Lease::new("/b.db", ttl, Duration::ZERO);
         let t0 = 1_000_000_000_000;
         a.ensure(&store, t0).await.unwrap();
@@ -246,9 +275,26 @@ mod tests {
         let e = a.ensure(&store, t0 + 302_000_000).await.unwrap_err();
         assert!(is_held(&e));
         assert!(!a.held());
-        // A clean shutdown releases the lease for a successor.
+        // A holder that ran on this host and is gone (kill -9) is taken over at once.
+        let mut dead = Lease::new("/d.db", ttl, Duration::ZERO);
+        dead.me.pid = 0x7fff_fff0; // no such process
+        let mut e2 = Lease::new("/e.db", ttl, Duration::ZERO);
+        let fresh = t0 + 400_000_000;
         b.release(&store).await;
+        dead.ensure(&store, fresh).await.unwrap();
+        e2.ensure(&store, fresh + 1_000_000).await.unwrap();
+        // A holder on another host is waited for.
+        let mut other = Lease::new("/o.db", ttl, Duration::ZERO);
+        other.me.host = "elsewhere".into();
+        e2.release(&store).await;
+        other.ensure(&store, fresh + 2_000_000).await.unwrap();
+        let mut f = Lease::new("/f.db", ttl, Duration::ZERO);
+        assert!(is_held(
+            &f.ensure(&store, fresh + 3_000_000).await.unwrap_err()
+        ));
+        other.release(&store).await;
+        // A clean shutdown releases the lease for a successor.
         let mut c = Lease::new("/c.db", ttl, Duration::ZERO);
-        c.ensure(&store, t0 + 303_000_000).await.unwrap();
+        c.ensure(&store, fresh + 4_000_000).await.unwrap();
     }
 }

@@ -473,7 +473,8 @@ age-recipients = ["{rcpt}"]
     // Encryption configured in the file really is applied (Litestream #790:
     // encryption silently dropped while the config still parsed it).
     for r in ["ra", "rb"] {
-        let mut stack = vec![dir.join(r)];
+        // Every object (the lease beside them holds no data).
+        let mut stack = vec![dir.join(r).join("lineages")];
         let mut n = 0;
         while let Some(p) = stack.pop() {
             if p.is_dir() {

@@ -440,7 +440,7 @@ path = "{db}"
         || {
             std::fs::read_to_string(&log_path)
                 .unwrap_or_default()
-                .contains("cannot list the replica")
+                .contains("replica unreachable")
         },
     );
     assert!(child.0.try_wait().unwrap().is_none(), "offsite exited");

@@ -285,7 +285,10 @@ fn encryption_is_never_silently_off() {
     assert_eq!(&b[..8], b"OFFSITE\0");
     assert_eq!(b[11], 0, "plaintext objects carry encryption byte 0");
     // Encrypted replica objects carry 1.
-    let enc = walk(&dir.join("replica")).into_iter().next().unwrap();
+    let enc = walk(&dir.join("replica").join("lineages"))
+        .into_iter()
+        .next()
+        .unwrap();
     assert_eq!(std::fs::read(&enc).unwrap()[11], 1);
 }
 
