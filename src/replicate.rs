@@ -113,6 +113,10 @@ pub const DEFAULT_MAX_WAL_BYTES: u64 = 512 << 20;
 /// checkpoint retried).
 const LOCKED_SHIP_MAX_BYTES: u64 = 2 << 20;
 
+/// At most this long is spent uploading while holding the application's
+/// write lock for a checkpoint.
+const LOCKED_SHIP_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// Objects up to this size are staged in memory, larger ones in a spool file.
 const SPOOL_MEMORY_LIMIT: usize = 8 << 20;
 
@@ -956,7 +960,19 @@ impl Replicator {
             if bytes > LOCKED_SHIP_MAX_BYTES {
                 return Ok(false);
             }
-            self.ship_pending().await?;
+            // The application's writers wait meanwhile: a slow store must not
+            // stall them. Give up the attempt (the commits stay pending; an
+            // upload that did land is superseded by the next, see FORMAT.md).
+            match tokio::time::timeout(LOCKED_SHIP_TIMEOUT, self.ship_pending()).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    if let Some(st) = self.state.as_mut() {
+                        st.rollback();
+                    }
+                    tracing::debug!(db = %self.db(), "upload under the write lock too slow; checkpoint postponed");
+                    return Ok(false);
+                }
+            }
             let src = self.source.as_mut().unwrap();
             blocking(|| src.checkpoint_run())
         }
