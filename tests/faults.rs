@@ -507,6 +507,79 @@ fn store_faults_leave_no_gap_and_never_block_the_writer() {
     );
 }
 
+fn wal_size(db: &Path) -> u64 {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-wal");
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+/// A long outage (the store refuses connections) under 20 commits/s: the
+/// writer goes on, the commits wait in the WAL, and once the store is back
+/// the replica catches up with no gap. `OFFSITE_OUTAGE_SECS` sets the
+/// outage (CI: 20 s; docs/FAULTS.md reports a 120 s run).
+#[test]
+fn long_outage_without_gap() {
+    let Some(t) = garage() else { return };
+    let secs: u64 = std::env::var("OFFSITE_OUTAGE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let (_tmp, dir, _, db, _, key, rcpt) = file_fixture();
+    workload(&db, &["--count", "5"]);
+    let (proxy, url) = FaultProxy::in_front_of(&t.url);
+    let r = Replica::new(&t.url, Some(&key));
+    let mut w = Writer::start(&db, 20, 1_000_000, &[]);
+    let shipper = spawn_shipper(&db, &url, &["--age-recipient", &rcpt], &[], false);
+    wait_for("the first snapshot", Duration::from_secs(60), || {
+        r.latest_txid().is_some()
+    });
+    let offset = learn_offset(&r, &dir);
+    let wal_before = wal_size(&db);
+    let res = phase(
+        "outage",
+        &proxy,
+        Scope::All,
+        Fault::Refuse,
+        Duration::from_secs(secs),
+        &mut w,
+        &shipper,
+        &r,
+        offset,
+    );
+    let wal_after = wal_size(&db);
+    let log = w.stop();
+    let (st, out) = shipper.stop();
+    assert!(st.success(), "{out}");
+    let final_commit =
+        offsite::workload::last_commit(&rusqlite::Connection::open(&db).unwrap()).unwrap();
+    let n = check_no_gap(
+        &r,
+        &t.url,
+        &key,
+        offset,
+        final_commit,
+        &res.commits_inside,
+        &dir,
+    );
+    let waits: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("upload failed"))
+        .filter_map(|l| l.split("retry_in=").nth(1))
+        .collect();
+    eprintln!(
+        "OUTAGE RESULT: {secs} s outage at 20 commits/s: writer {} commits during it ({:.1}/s, max commit latency {} ms), no gap ({n} exact restores, one lineage); WAL {} KiB before, {} KiB at the end of the outage; upload retries waited {waits:?}; caught up {:.1?} after the store came back",
+        res.writer_commits,
+        res.writer_rate,
+        res.max_commit_latency_ms,
+        wal_before / 1024,
+        wal_after / 1024,
+        res.catch_up
+    );
+    assert!(res.writer_rate >= 16.0 && res.max_commit_latency_ms < 1000);
+    assert!(waits.len() >= 2, "offsite retried: {waits:?}");
+    assert!(log.len() as u64 >= res.writer_commits as u64);
+}
+
 /// Uploads whose response is lost (the object was stored, the client saw
 /// the connection die) for long enough that offsite gives up on the attempt
 /// and ships again later, with more commits in the segment. The replica must
