@@ -494,6 +494,14 @@ fn store_faults_leave_no_gap_and_never_block_the_writer() {
             "{}: the fault was not felt",
             res.name
         );
+        // At most the SDK's 5 attempts per upload, a few uploads per fault.
+        assert!(
+            res.requests <= 40,
+            "{}: {} requests in {:?}: not backing off",
+            res.name,
+            res.requests,
+            res.held
+        );
         assert!(
             res.catch_up < Duration::from_secs(60),
             "{}: catching up took {:?}",
@@ -576,7 +584,15 @@ fn long_outage_without_gap() {
         res.catch_up
     );
     assert!(res.writer_rate >= 16.0 && res.max_commit_latency_ms < 1000);
+    // Retried with exponential backoff, not hammered.
+    let secs_of = |w: &str| w.trim().trim_end_matches('s').parse::<f64>().unwrap_or(0.0);
     assert!(waits.len() >= 2, "offsite retried: {waits:?}");
+    assert!(
+        waits
+            .windows(2)
+            .all(|p| secs_of(p[1]) > secs_of(p[0]) || secs_of(p[1]) >= 64.0),
+        "backoff must grow: {waits:?}"
+    );
     assert!(log.len() as u64 >= res.writer_commits as u64);
 }
 
@@ -1036,14 +1052,38 @@ pub struct SoakReport {
     mismatches: Vec<String>,
     final_commit: u64,
     commits_individually_restorable: u64,
+    killed_in: std::collections::BTreeMap<&'static str, usize>,
 }
 
-/// SIGKILL offsite at random moments (during uploads, checkpoints,
-/// snapshots: it runs 0.2–3 s per cycle, checkpoints every 200 frames, and
-/// every 97th commit is 3 MB) for `cycles` cycles under a steady writer
-/// (50 commits/s, with its own PASSIVE autocheckpoints), then restore
-/// sampled txids of every lineage and compare each with what the writer
-/// committed.
+/// What the shipper was doing when it was killed, from its last log line.
+fn doing(log: &str) -> &'static str {
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(" offsite"))
+        .unwrap_or("");
+    if last.contains("starting a new lineage") || last.contains("snapshot") {
+        "snapshot"
+    } else if last.contains("checkpoint") || last.contains("application's checkpoint") {
+        "checkpoint"
+    } else if last.contains("segment uploaded") || last.contains("compacted") {
+        "shipping"
+    } else if last.contains("resuming") || last.contains("listing") {
+        "start-up"
+    } else {
+        "other"
+    }
+}
+
+/// SIGKILL offsite at random moments for `cycles` cycles under a steady
+/// writer, then restore sampled txids of every lineage (the commits around
+/// every kill among them) and compare each with what the writer committed.
+///
+/// offsite runs 0.2–3 s per cycle and is down 0–0.5 s between cycles; it
+/// checkpoints every 200 frames and compacts in 2 s and 10 s windows. The
+/// writer commits 50 times a second (every 199th commit 1 MB) and runs a
+/// TRUNCATE checkpoint every 400 commits (offsite steps aside for it when
+/// running; when not, the WAL restarts and the next start needs a new lineage).
 fn soak(url: &str, cycles: usize, seed: u64) -> SoakReport {
     let (_tmp, dir, _, db, _, key, rcpt) = file_fixture();
     workload(&db, &["--count", "5"]);
@@ -1052,7 +1092,18 @@ fn soak(url: &str, cycles: usize, seed: u64) -> SoakReport {
         &db,
         50,
         10_000_000,
-        &["--big-every", "97", "--big-bytes", "3000000"],
+        &[
+            "--big-every",
+            "199",
+            "--big-bytes",
+            "1000000",
+            "--checkpoint-every",
+            "400",
+            "--checkpoint-mode",
+            "truncate",
+            "--checkpoint-busy-ms",
+            "300",
+        ],
     );
     let mut rng = seed | 1;
     let mut next = move || {
@@ -1073,11 +1124,13 @@ fn soak(url: &str, cycles: usize, seed: u64) -> SoakReport {
         cycles,
         ..Default::default()
     };
+    let mut kills: Vec<u64> = Vec::new();
     for c in 0..cycles {
         let s = spawn_shipper(&db, url, &args, &[], false);
-        let ms = 200 + next() % 2800;
-        std::thread::sleep(Duration::from_millis(ms));
+        std::thread::sleep(Duration::from_millis(200 + next() % 2800));
         let log = s.kill9();
+        kills.push(w.last());
+        *rep.killed_in.entry(doing(&log)).or_default() += 1;
         w.assert_alive();
         if log.contains("panicked") {
             rep.mismatches
@@ -1086,6 +1139,7 @@ fn soak(url: &str, cycles: usize, seed: u64) -> SoakReport {
         if c % 10 == 9 {
             eprintln!("soak: {} cycles, writer at commit {}", c + 1, w.last());
         }
+        std::thread::sleep(Duration::from_millis(next() % 500));
     }
     // A last, clean run ships everything the writer committed.
     let log = w.stop();
@@ -1094,7 +1148,7 @@ fn soak(url: &str, cycles: usize, seed: u64) -> SoakReport {
     rep.final_commit = final_commit;
     let s = spawn_shipper(&db, url, &args, &[], false);
     let out = dir.join("soak.db");
-    wait_for("the final state shipped", Duration::from_secs(180), || {
+    wait_for("the final state shipped", Duration::from_secs(300), || {
         r.restore(Target::Latest, &out)
             .is_ok_and(|(_, m)| m == final_commit)
     });
@@ -1103,40 +1157,54 @@ fn soak(url: &str, cycles: usize, seed: u64) -> SoakReport {
         rep.mismatches
             .push(format!("final shipper exit {st}: {slog}"));
     }
-    // Every lineage: its first snapshot, its head, runs of consecutive
-    // txids, random txids; each must be an exact committed state, commit
-    // numbers never go backwards, and inside a lineage one txid is one commit.
+    // Every lineage: its first snapshot, its head, the commits around every
+    // kill, random txids and their successors. Each must be an exact
+    // committed state, and inside a lineage txid `lo + k` must hold the
+    // snapshot's commit plus k (one txid per commit, no gap).
     let c = r.catalog();
     rep.lineages = c.lineages.len();
     let mut by_txid: std::collections::BTreeMap<u64, u64> = Default::default();
     for l in c.lineages.values() {
         let lo = l.snapshots[0].txid;
         let hi = l.max_txid().unwrap();
-        let mut ts = vec![lo, hi, lo + 1, hi.saturating_sub(1)];
+        let f = match r.restore(Target::Txid(lo), &out) {
+            Ok((_, m)) => m,
+            Err(e) => {
+                rep.mismatches.push(format!(
+                    "lineage {}: its snapshot does not restore: {e:#}",
+                    l.id
+                ));
+                continue;
+            }
+        };
+        rep.restores += 1;
+        by_txid.insert(lo, f);
+        rep.commits_individually_restorable += hi - lo;
+        let mut ts = vec![hi, lo + 1, hi.saturating_sub(1)];
         for _ in 0..3 {
             let t = lo + next() % (hi - lo + 1);
             ts.extend([t, t + 1]);
         }
-        ts.retain(|t| (lo..=hi).contains(t));
+        for &k in &kills {
+            if k >= f && k - f <= hi - lo {
+                let t = lo + (k - f);
+                ts.extend([t.saturating_sub(1), t, t + 1]);
+            }
+        }
+        ts.retain(|t| (lo + 1..=hi).contains(t));
         ts.sort_unstable();
         ts.dedup();
-        let mut first_commit = None;
         for t in ts {
             match r.restore(Target::Txid(t), &out) {
                 Ok((got, m)) if got == t => {
                     rep.restores += 1;
                     by_txid.insert(t, m);
-                    if t == lo {
-                        first_commit = Some(m);
-                    }
-                    if let Some(f) = first_commit {
-                        if m != f + (t - lo) {
-                            rep.mismatches.push(format!(
-                                "lineage {}: txid {t} holds commit {m}, expected {} (snapshot txid {lo} = commit {f})",
-                                l.id,
-                                f + (t - lo)
-                            ));
-                        }
+                    if m != f + (t - lo) {
+                        rep.mismatches.push(format!(
+                            "lineage {}: txid {t} holds commit {m}, expected {} (snapshot txid {lo} = commit {f})",
+                            l.id,
+                            f + (t - lo)
+                        ));
                     }
                 }
                 Ok((got, _)) => rep
@@ -1146,10 +1214,6 @@ fn soak(url: &str, cycles: usize, seed: u64) -> SoakReport {
                     .mismatches
                     .push(format!("restore --txid {t} failed: {e:#}")),
             }
-        }
-        if let Some(f) = first_commit {
-            rep.commits_individually_restorable += hi - lo;
-            let _ = f;
         }
     }
     let v: Vec<(&u64, &u64)> = by_txid.iter().collect();
@@ -1161,9 +1225,9 @@ fn soak(url: &str, cycles: usize, seed: u64) -> SoakReport {
             ));
         }
     }
-    // Times: a restore at a commit's observed time never holds a commit the
-    // writer had not made by then.
-    for l in c.lineages.values().step_by(3) {
+    // Times: a restore at a lineage head's time never holds a commit the
+    // writer had not begun by then.
+    for l in c.lineages.values() {
         let Some(h) = l.head() else { continue };
         let t = h.last_time_us();
         match r.restore(Target::Time(t), &out) {
@@ -1228,9 +1292,10 @@ fn soak_kill9_cycles() {
     let t0 = Instant::now();
     let rep = soak(&url, cycles, seed);
     eprintln!(
-        "SOAK RESULT: seed {seed}, {} kill -9 cycles in {:.0?}, {} lineages, final commit {}, {} commits individually restorable, {} restores checked, {} mismatches",
+        "SOAK RESULT: seed {seed}, {} kill -9 cycles in {:.0?} (killed during {:?}), {} lineages, final commit {}, {} commits individually restorable, {} restores checked, {} mismatches",
         rep.cycles,
         t0.elapsed(),
+        rep.killed_in,
         rep.lineages,
         rep.final_commit,
         rep.commits_individually_restorable,

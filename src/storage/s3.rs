@@ -23,6 +23,13 @@
 //!
 //! Every HTTP request (including retries) is counted by an SDK interceptor;
 //! see `counting`.
+//!
+//! Faults (docs/FAULTS.md): every request attempt has a deadline (the SDK
+//! sets none but a connect timeout, so a server that never answers would
+//! stall the caller forever), failed attempts are retried with backoff, and
+//! a multipart upload that fails is aborted; if the abort fails too (the
+//! store went away mid-upload) it is retried before the next upload, and
+//! `abort_abandoned_uploads` removes what a killed process left behind.
 
 use std::fmt;
 use std::path::Path;
@@ -67,6 +74,7 @@ const MAX_PARTS: u64 = 10_000;
 /// does not multiply memory use.
 const PART_CONCURRENCY: usize = 4;
 const MAX_ATTEMPTS: u32 = 5;
+const DEFAULT_LIST_PAGE_SIZE: i32 = 1000;
 /// A request attempt without a body to send gets this long for its response
 /// (headers; a streamed GET body is guarded by the SDK's stalled-stream
 /// protection instead). Without it a server that accepts a request and never
@@ -91,7 +99,6 @@ fn upload_config(len: u64) -> aws_sdk_s3::config::Builder {
         REQUEST_TIMEOUT + Duration::from_secs(len / SLOWEST_UPLOAD_BYTES_PER_SEC),
     ))
 }
-const DEFAULT_LIST_PAGE_SIZE: i32 = 1000;
 
 #[derive(Clone)]
 pub struct S3Storage {
@@ -355,7 +362,15 @@ impl S3Storage {
                 unavailable(format!("the response could not be read ({})", chain(&err)))
             }
             _ => {
-                let detail = chain(&err);
+                let mut detail = chain(&err);
+                if let Some(i) = detail.find("no credentials found in chain") {
+                    // The SDK lists every provider it tried on many lines;
+                    // the hint below says what to set.
+                    detail = format!(
+                        "{}no credentials found (tried the environment, profiles, web identity, ECS and EC2 instance metadata)",
+                        &detail[..i]
+                    );
+                }
                 let hint = if detail.to_ascii_lowercase().contains("credential") {
                     ". No usable AWS credentials were found: set AWS_ACCESS_KEY_ID and \
                      AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or configure web identity"
