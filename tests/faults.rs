@@ -596,6 +596,55 @@ fn long_outage_without_gap() {
     assert!(log.len() as u64 >= res.writer_commits as u64);
 }
 
+/// offsite checkpoints for the application once the WAL is long; under a
+/// steady writer it ships the last commits while holding the write lock
+/// (docs/SQLITE.md, "Checkpoints"). With a slow store that upload must not
+/// hold the application's writers.
+#[test]
+fn slow_store_at_checkpoints_does_not_block_the_writer() {
+    let Some(t) = garage() else { return };
+    let (_tmp, dir, _, db, _, key, rcpt) = file_fixture();
+    workload(&db, &["--count", "5"]);
+    let (proxy, url) = FaultProxy::in_front_of(&t.url);
+    let r = Replica::new(&t.url, Some(&key));
+    let mut w = Writer::start(&db, 25, 1_000_000, &[]);
+    let shipper = spawn_shipper(
+        &db,
+        &url,
+        &["--age-recipient", &rcpt, "--checkpoint-frames", "100"],
+        &[],
+        false,
+    );
+    wait_for("the first snapshot", Duration::from_secs(60), || {
+        r.latest_txid().is_some()
+    });
+    let offset = learn_offset(&r, &dir);
+    let res = phase(
+        "slow uploads (1.5 s) at checkpoints",
+        &proxy,
+        Scope::Writes,
+        Fault::Delay(Duration::from_millis(1500)),
+        Duration::from_secs(15),
+        &mut w,
+        &shipper,
+        &r,
+        offset,
+    );
+    let _ = w.stop();
+    let (st, out) = shipper.stop();
+    assert!(st.success(), "{out}");
+    let locked = count_in(&out, "checkpoint under the write lock");
+    eprintln!(
+        "slow store: writer {:.1}/s, max commit latency {} ms; {locked} checkpoints under the write lock",
+        res.writer_rate, res.max_commit_latency_ms
+    );
+    assert!(
+        res.max_commit_latency_ms < 1000,
+        "the writer waited {} ms for offsite's checkpoint",
+        res.max_commit_latency_ms
+    );
+}
+
 /// Uploads whose response is lost (the object was stored, the client saw
 /// the connection die) for long enough that offsite gives up on the attempt
 /// and ships again later, with more commits in the segment. The replica must
