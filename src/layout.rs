@@ -227,6 +227,7 @@ impl Lineage {
     ) -> anyhow::Result<&SegmentEntry> {
         match self.segments.get(&(at + 1)).map(|v| v.as_slice()) {
             Some([one]) => Ok(one),
+            Some(many) if self.superseding(many).is_some() => Ok(self.superseding(many).unwrap()),
             Some(many) => bail!(
                 "conflicting segments start at txid {} in lineage {} ({}); were two offsite processes shipping to this replica?",
                 at + 1,
@@ -239,6 +240,27 @@ impl Lineage {
                 self.id,
             ),
         }
+    }
+
+    /// Of several level-0 segments starting at one txid, the one the chain
+    /// continues with, when the others are only shorter dead ends: nothing
+    /// starts right after them. That is what a shipper leaves when an upload
+    /// reached the store but its response was lost: the retry ships the same
+    /// commits plus newer ones under another name. Both hold the same
+    /// commits (`verify` checks that the states agree); restores use the
+    /// longer one. Anything else (two segments continued, equal ends) is a
+    /// conflict: two shippers wrote different histories.
+    pub fn superseding<'a>(&self, same_start: &'a [SegmentEntry]) -> Option<&'a SegmentEntry> {
+        let longest = same_start.iter().max_by_key(|g| g.last_txid)?;
+        let dead_end = |g: &SegmentEntry| {
+            !self.segments.contains_key(&(g.last_txid + 1))
+                && !self.compacted.contains_key(&(g.last_txid + 1))
+        };
+        same_start
+            .iter()
+            .filter(|g| g.key != longest.key)
+            .all(|g| g.last_txid < longest.last_txid && dead_end(g))
+            .then_some(longest)
     }
 
     /// Walk the level-0 chain from `snap` to `until_txid`.
@@ -626,6 +648,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("gap"), "{e}");
+    }
+
+    #[test]
+    fn a_shorter_dead_end_at_the_same_start_is_superseded() {
+        let l = "0000000000000001-000000aa".to_string();
+        // A lost response left 2..=3; the retry shipped 2..=5; the chain goes on at 6.
+        let mut objs = vec![
+            om(snapshot_key(&l, 1, 100)),
+            om(segment_key(&l, 0, 2, 3, 300)),
+            om(segment_key(&l, 0, 2, 5, 500)),
+            om(segment_key(&l, 0, 6, 7, 700)),
+        ];
+        let c = Catalog::from_list(&objs);
+        let p = c.plan(Target::Txid(3)).unwrap();
+        assert_eq!(p.segments[0].last_txid, 5, "the longer segment is used");
+        assert_eq!(c.plan(Target::Latest).unwrap().segments.len(), 2);
+        // Something continues the shorter one too: a fork, refused.
+        objs.push(om(segment_key(&l, 0, 4, 4, 400)));
+        let e = Catalog::from_list(&objs)
+            .plan(Target::Latest)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("conflicting"), "{e}");
+        // Two segments ending at the same txid (different times): a fork.
+        let objs = vec![
+            om(snapshot_key(&l, 1, 100)),
+            om(segment_key(&l, 0, 2, 5, 500)),
+            om(segment_key(&l, 0, 2, 5, 501)),
+        ];
+        let e = Catalog::from_list(&objs)
+            .plan(Target::Latest)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("conflicting"), "{e}");
     }
 
     #[test]

@@ -533,6 +533,10 @@ enum Step {
     Segment(SegmentEntry),
     /// A compacted segment starting right after the replay's current txid.
     Compacted(SegmentEntry),
+    /// A shorter level-0 segment the chain's next segment supersedes (see
+    /// `Lineage::superseding`): replayed on a copy of the state, its end
+    /// state must equal the chain's at its last txid.
+    Superseded(SegmentEntry),
     /// Not on the chain (already reported): checked on its own.
     Lone(Entry),
 }
@@ -541,7 +545,9 @@ impl Step {
     fn entry(&self) -> Entry {
         match self {
             Step::Base(s) | Step::Snapshot(s) => Entry::Snapshot(s.clone()),
-            Step::Segment(g) | Step::Compacted(g) => Entry::Segment(g.clone()),
+            Step::Segment(g) | Step::Compacted(g) | Step::Superseded(g) => {
+                Entry::Segment(g.clone())
+            }
             Step::Lone(e) => e.clone(),
         }
     }
@@ -620,6 +626,10 @@ fn plan_lineage(l: &Lineage, lr: &mut LineageReport) -> Vec<Step> {
         }
         match l.next_l0(at, max, &prev_key) {
             Ok(g) => {
+                for o in l.segments[&g.first_txid].iter().filter(|o| o.key != g.key) {
+                    visited.insert(o.key.clone());
+                    steps.push(Step::Superseded(o.clone()));
+                }
                 visited.insert(g.key.clone());
                 steps.push(Step::Segment(g.clone()));
                 at = g.last_txid;
@@ -805,6 +815,9 @@ async fn check_contents(
     let mut state: Option<PageState> = None;
     // Compacted segments' end checksums, by last txid.
     let mut pending: BTreeMap<u64, Vec<(String, Checksum)>> = BTreeMap::new();
+    // Superseded segments: (key, last txid, end checksum), checked against
+    // the chain's segment that starts where they do.
+    let mut superseded: BTreeMap<u64, Vec<(String, u64, Checksum)>> = BTreeMap::new();
     let mut stream = futures::stream::iter(steps)
         .map(|step| {
             let dir = dl_dir.to_path_buf();
@@ -881,8 +894,73 @@ async fn check_contents(
                 }
                 Ok(())
             }
+            Step::Superseded(o) => match &state {
+                Some(st) => {
+                    let mut fork = st.clone();
+                    apply_segment(
+                        Stop::NEVER,
+                        o,
+                        &d,
+                        ids,
+                        env.encrypted,
+                        &mut fork,
+                        None,
+                        o.first_txid - 1,
+                    )?;
+                    superseded.entry(o.first_txid).or_default().push((
+                        o.key.clone(),
+                        o.last_txid,
+                        fork.checksum(),
+                    ));
+                    Ok(())
+                }
+                None => check_lone_segment(o, &d, ids),
+            },
             Step::Segment(g) => match state.as_mut() {
                 Some(st) => {
+                    for (okey, olast, ock) in superseded.remove(&g.first_txid).unwrap_or_default() {
+                        // The chain's state at the shorter segment's end.
+                        let mut at_end = st.clone();
+                        let stop = Stop {
+                            txid: olast,
+                            time_us: None,
+                        };
+                        // A damaged `g` is reported by its own replay below.
+                        let applied = apply_segment(
+                            stop,
+                            g,
+                            &d,
+                            ids,
+                            env.encrypted,
+                            &mut at_end,
+                            None,
+                            g.first_txid - 1,
+                        );
+                        if applied.is_err() {
+                            continue;
+                        }
+                        if at_end.checksum() == ock {
+                            problem(
+                                &mut lr.warnings,
+                                &okey,
+                                format!(
+                                    "superseded by {}: the same commits (txids {}..={}), left by an upload whose response was lost and which was shipped again with more commits; restores use {}; this object can be deleted",
+                                    g.key, g.first_txid, olast, g.key
+                                ),
+                            );
+                        } else {
+                            problem(
+                                &mut lr.problems,
+                                &okey,
+                                format!(
+                                    "conflicts with {}: a different state at txid {olast} ({ock} vs {}); two shippers wrote different histories (restores use {})",
+                                    g.key,
+                                    at_end.checksum(),
+                                    g.key
+                                ),
+                            );
+                        }
+                    }
                     let r = apply_segment(
                         Stop::NEVER,
                         g,

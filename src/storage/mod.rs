@@ -18,7 +18,7 @@ pub mod s3;
 mod url;
 
 pub use self::counting::{RequestCounter, RequestCounts, RequestKind};
-pub use self::url::{ReplicaUrl, S3Config};
+pub use self::url::{did_you_mean, ReplicaUrl, S3Config};
 
 /// Errors a caller can branch on. Everything else is `Other` with a message
 /// that already says what failed and what the user can do.
@@ -174,6 +174,15 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
             "conditional writes are not supported by {}",
             self.describe()
         )))
+    }
+
+    /// Abort multipart uploads under the replica's `lineages/` that no
+    /// upload of this process is using: left behind by a process that was
+    /// killed mid-upload, or whose abort failed because the store was gone.
+    /// Meant for a shipper's start-up (one shipper per replica). Returns how
+    /// many were aborted. Backends without multipart uploads do nothing.
+    async fn abort_abandoned_uploads(&self) -> Result<usize> {
+        Ok(0)
     }
 
     /// Requests made through this store so far (see `counting`). Backends

@@ -23,6 +23,13 @@
 //!
 //! Every HTTP request (including retries) is counted by an SDK interceptor;
 //! see `counting`.
+//!
+//! Faults (docs/FAULTS.md): every request attempt has a deadline (the SDK
+//! sets none but a connect timeout, so a server that never answers would
+//! stall the caller forever), failed attempts are retried with backoff, and
+//! a multipart upload that fails is aborted; if the abort fails too (the
+//! store went away mid-upload) it is retried before the next upload, and
+//! `abort_abandoned_uploads` removes what a killed process left behind.
 
 use std::fmt;
 use std::path::Path;
@@ -68,6 +75,30 @@ const MAX_PARTS: u64 = 10_000;
 const PART_CONCURRENCY: usize = 4;
 const MAX_ATTEMPTS: u32 = 5;
 const DEFAULT_LIST_PAGE_SIZE: i32 = 1000;
+/// A request attempt without a body to send gets this long for its response
+/// (headers; a streamed GET body is guarded by the SDK's stalled-stream
+/// protection instead). Without it a server that accepts a request and never
+/// answers would stall replication forever: the SDK has no read timeout by
+/// default, only a connect timeout.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Uploads get REQUEST_TIMEOUT plus their body at this rate (a slow uplink
+/// must still be able to send an 8 MiB part: 94 s for one).
+const SLOWEST_UPLOAD_BYTES_PER_SEC: u64 = 128 * 1024;
+
+fn timeouts(attempt: Duration) -> aws_sdk_s3::config::timeout::TimeoutConfig {
+    aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .operation_attempt_timeout(attempt)
+        .build()
+}
+
+/// Per-request settings for an upload of `len` bytes.
+fn upload_config(len: u64) -> aws_sdk_s3::config::Builder {
+    aws_sdk_s3::config::Builder::default().timeout_config(timeouts(
+        REQUEST_TIMEOUT + Duration::from_secs(len / SLOWEST_UPLOAD_BYTES_PER_SEC),
+    ))
+}
 
 #[derive(Clone)]
 pub struct S3Storage {
@@ -84,6 +115,17 @@ pub struct S3Storage {
     counter: Arc<RequestCounter>,
     /// The bucket's Object Lock status, probed once.
     lock_status: Arc<tokio::sync::OnceCell<Option<BucketObjectLock>>>,
+    /// Multipart uploads of this process: in flight, and those whose abort
+    /// failed (the store went away mid-upload), retried before the next put.
+    uploads: Arc<Uploads>,
+}
+
+#[derive(Debug, Default)]
+struct Uploads {
+    /// Upload ids created by this process and not finished yet.
+    in_flight: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// (full key, upload id) whose AbortMultipartUpload failed.
+    to_abort: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 /// Counts every HTTP request the SDK transmits (each retry attempt too).
@@ -141,6 +183,7 @@ impl S3Storage {
             .with_max_backoff(Duration::from_secs(5));
         let sdk = aws_config::defaults(BehaviorVersion::latest())
             .region(region_chain)
+            .timeout_config(timeouts(REQUEST_TIMEOUT))
             .retry_config(retry.clone())
             .load()
             .await;
@@ -157,6 +200,7 @@ impl S3Storage {
 
         let mut b = aws_sdk_s3::config::Builder::from(&sdk)
             .force_path_style(cfg.force_path_style)
+            .timeout_config(timeouts(REQUEST_TIMEOUT))
             .retry_config(retry);
         if let Some(e) = &cfg.endpoint {
             b = b.endpoint_url(e);
@@ -183,6 +227,7 @@ impl S3Storage {
             list_page_size: DEFAULT_LIST_PAGE_SIZE,
             counter,
             lock_status: Arc::default(),
+            uploads: Arc::default(),
         })
     }
 
@@ -317,7 +362,15 @@ impl S3Storage {
                 unavailable(format!("the response could not be read ({})", chain(&err)))
             }
             _ => {
-                let detail = chain(&err);
+                let mut detail = chain(&err);
+                if let Some(i) = detail.find("no credentials found in chain") {
+                    // The SDK lists every provider it tried on many lines;
+                    // the hint below says what to set.
+                    detail = format!(
+                        "{}no credentials found (tried the environment, profiles, web identity, ECS and EC2 instance metadata)",
+                        &detail[..i]
+                    );
+                }
                 let hint = if detail.to_ascii_lowercase().contains("credential") {
                     ". No usable AWS credentials were found: set AWS_ACCESS_KEY_ID and \
                      AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or configure web identity"
@@ -345,6 +398,7 @@ impl S3Storage {
         body: Body,
         lock: Option<ObjectLock>,
     ) -> Result<()> {
+        let len = Self::body_len(&body).await?;
         let stream = match &body {
             Body::Bytes(b) => ByteStream::from(b.clone()),
             Body::File(p) => ByteStream::read_from()
@@ -366,10 +420,101 @@ impl S3Storage {
                 .object_lock_retain_until_date(datetime_from_us(lock.retain_until_us))
                 .checksum_algorithm(ChecksumAlgorithm::Crc32);
         }
-        req.send()
+        req.customize()
+            .config_override(upload_config(len))
+            .send()
             .await
             .map_err(|e| self.map_err("PutObject", key, e))?;
         Ok(())
+    }
+
+    /// AbortMultipartUpload; on failure the upload is remembered and the
+    /// abort retried before the next put (a store that died mid-upload
+    /// cannot take the abort either).
+    async fn abort_upload(&self, key: &str, full: &str, upload_id: &str) {
+        let r = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.cfg.bucket)
+            .key(full)
+            .upload_id(upload_id)
+            .send()
+            .await;
+        self.uploads.in_flight.lock().unwrap().remove(upload_id);
+        match r {
+            Ok(_) => {}
+            // Already gone (completed or aborted): nothing left behind.
+            Err(SdkError::ServiceError(ctx)) if ctx.raw().status().as_u16() == 404 => {}
+            Err(e) => {
+                tracing::warn!(
+                    "could not abort multipart upload of {key:?}: {}; will retry before the next upload",
+                    chain(&e)
+                );
+                self.uploads
+                    .to_abort
+                    .lock()
+                    .unwrap()
+                    .push((full.to_string(), upload_id.to_string()));
+            }
+        }
+    }
+
+    /// Retry the aborts that failed earlier (no request when there are none).
+    async fn retry_failed_aborts(&self) {
+        let pending: Vec<(String, String)> =
+            std::mem::take(&mut *self.uploads.to_abort.lock().unwrap());
+        let mut it = pending.into_iter();
+        while let Some((full, id)) = it.next() {
+            let key = full
+                .strip_prefix(&self.root_prefix())
+                .unwrap_or(&full)
+                .to_string();
+            let before = self.uploads.to_abort.lock().unwrap().len();
+            self.abort_upload(&key, &full, &id).await;
+            let mut left = self.uploads.to_abort.lock().unwrap();
+            if left.len() > before {
+                // Still unreachable: keep the rest for later, untried.
+                left.extend(it);
+                break;
+            }
+        }
+    }
+
+    /// Multipart uploads under the replica's `lineages/` that are not in
+    /// flight in this process: (full key, upload id).
+    async fn stray_uploads(&self) -> Result<Vec<(String, String)>> {
+        let prefix = format!("{}lineages/", self.root_prefix());
+        let mut out = Vec::new();
+        let (mut key_marker, mut id_marker): (Option<String>, Option<String>) = (None, None);
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.cfg.bucket)
+                .prefix(&prefix)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(id_marker.take())
+                .send()
+                .await
+                .map_err(|e| self.map_err("ListMultipartUploads", "", e))?;
+            let mine = self.uploads.in_flight.lock().unwrap().clone();
+            for u in page.uploads() {
+                if let (Some(k), Some(id)) = (u.key(), u.upload_id()) {
+                    if k.starts_with(&prefix) && !mine.contains(id) {
+                        out.push((k.to_string(), id.to_string()));
+                    }
+                }
+            }
+            if page.is_truncated() != Some(true) {
+                break;
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            id_marker = page.next_upload_id_marker().map(str::to_string);
+            if key_marker.is_none() {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     async fn put_multipart(
@@ -402,12 +547,18 @@ impl S3Storage {
                 self.endpoint_desc()
             ))
         })?;
+        self.uploads
+            .in_flight
+            .lock()
+            .unwrap()
+            .insert(upload_id.to_string());
         let mut guard = AbortGuard {
             client: self.client.clone(),
             bucket: self.cfg.bucket.clone(),
             key: full.to_string(),
             upload_id: upload_id.to_string(),
             armed: true,
+            uploads: self.uploads.clone(),
         };
 
         let result = self
@@ -459,17 +610,9 @@ impl S3Storage {
             (r, _) => r.map(|_| ()),
         };
         if result.is_err() {
-            if let Err(e) = self
-                .client
-                .abort_multipart_upload()
-                .bucket(&self.cfg.bucket)
-                .key(full)
-                .upload_id(upload_id)
-                .send()
-                .await
-            {
-                tracing::warn!("could not abort multipart upload of {key:?}: {}", chain(&e));
-            }
+            self.abort_upload(key, full, upload_id).await;
+        } else {
+            self.uploads.in_flight.lock().unwrap().remove(upload_id);
         }
         result
     }
@@ -516,6 +659,8 @@ impl S3Storage {
                     req = req.checksum_algorithm(ChecksumAlgorithm::Crc32);
                 }
                 let out = req
+                    .customize()
+                    .config_override(upload_config(this_len))
                     .send()
                     .await
                     .map_err(|e| self.map_err(&format!("UploadPart {part_number}"), key, e))?;
@@ -558,6 +703,7 @@ impl S3Storage {
 
     async fn put_with(&self, key: &str, body: Body, lock: Option<ObjectLock>) -> Result<()> {
         let full = self.full_key(key)?;
+        self.retry_failed_aborts().await;
         let len = Self::body_len(&body).await?;
         if len >= self.multipart_threshold && len > 0 {
             self.put_multipart(key, &full, body, len, lock).await
@@ -838,6 +984,7 @@ struct AbortGuard {
     key: String,
     upload_id: String,
     armed: bool,
+    uploads: Arc<Uploads>,
 }
 
 impl Drop for AbortGuard {
@@ -852,8 +999,13 @@ impl Drop for AbortGuard {
                 .bucket(&self.bucket)
                 .key(&self.key)
                 .upload_id(&self.upload_id);
+            let uploads = self.uploads.clone();
+            let (key, id) = (self.key.clone(), self.upload_id.clone());
             handle.spawn(async move {
-                let _ = req.send().await;
+                uploads.in_flight.lock().unwrap().remove(&id);
+                if req.send().await.is_err() {
+                    uploads.to_abort.lock().unwrap().push((key, id));
+                }
             });
         }
     }
@@ -1150,5 +1302,20 @@ impl Storage for S3Storage {
 
     fn request_counts(&self) -> RequestCounts {
         self.counter.snapshot()
+    }
+
+    async fn abort_abandoned_uploads(&self) -> Result<usize> {
+        self.retry_failed_aborts().await;
+        let stray = self.stray_uploads().await?;
+        let n = stray.len();
+        for (full, id) in stray {
+            let key = full
+                .strip_prefix(&self.root_prefix())
+                .unwrap_or(&full)
+                .to_string();
+            tracing::info!(key, upload_id = %id, "aborting a multipart upload left behind by an earlier run");
+            self.abort_upload(&key, &full, &id).await;
+        }
+        Ok(n)
     }
 }

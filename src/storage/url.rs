@@ -188,12 +188,43 @@ fn parse_s3(s: &str) -> anyhow::Result<S3Config> {
                 }
             }
             other => bail!(
-                "invalid S3 URL {s:?}: unknown parameter {other:?}; valid parameters are {}",
+                "invalid S3 URL {s:?}: unknown parameter {other:?}{}; valid parameters are {}",
+                match did_you_mean(other, S3_PARAMS) {
+                    Some(m) => format!(" (did you mean {m:?}?)"),
+                    None => String::new(),
+                },
                 S3_PARAMS.join(", ")
             ),
         }
     }
     Ok(cfg)
+}
+
+/// The candidate closest to a misspelt `word` (case, `-`/`_` and up to a
+/// third of the letters may differ), for "did you mean" hints.
+pub fn did_you_mean<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    let norm = |s: &str| s.to_ascii_lowercase().replace('_', "-");
+    let w: Vec<char> = norm(word).chars().collect();
+    candidates
+        .iter()
+        .map(|c| {
+            let c2: Vec<char> = norm(c).chars().collect();
+            // Levenshtein distance, one row at a time.
+            let mut row: Vec<usize> = (0..=c2.len()).collect();
+            for (i, a) in w.iter().enumerate() {
+                let mut prev = row[0];
+                row[0] = i + 1;
+                for (j, b) in c2.iter().enumerate() {
+                    let cur = row[j + 1];
+                    row[j + 1] = (prev + usize::from(a != b)).min(row[j] + 1).min(cur + 1);
+                    prev = cur;
+                }
+            }
+            (row[c2.len()], *c)
+        })
+        .filter(|(d, c)| *d <= (c.len() / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
 }
 
 /// Strip leading/trailing slashes, collapse repeated ones, reject `.`/`..`.
@@ -317,6 +348,23 @@ mod tests {
             ReplicaUrl::S3(c) => c,
             other => panic!("expected s3, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn did_you_mean_finds_near_misses_only() {
+        assert_eq!(did_you_mean("regoin", S3_PARAMS), Some("region"));
+        assert_eq!(
+            did_you_mean("force_path_style", S3_PARAMS),
+            Some("force-path-style")
+        );
+        assert_eq!(did_you_mean("Endpoint", S3_PARAMS), Some("endpoint"));
+        assert_eq!(did_you_mean("bucket", S3_PARAMS), None);
+        assert_eq!(
+            did_you_mean("retension", &["retention", "url"]),
+            Some("retention")
+        );
+        let e = "s3://b/p?regoin=x".parse::<ReplicaUrl>().unwrap_err();
+        assert!(e.to_string().contains("did you mean \"region\"?"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! * S3 test targets (`s3_targets`, `s3_target`, `s3_lock_target`, `unique_prefix`)
 #![allow(dead_code)]
 
+pub mod fault_proxy;
 pub mod harness;
 pub mod private_s3;
 
