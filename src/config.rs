@@ -302,7 +302,16 @@ impl Config {
 
     pub fn parse(text: &str, file: &str) -> anyhow::Result<Config> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let msg = e.message().to_string();
+            let mut msg = e.message().to_string();
+            // "unknown field `x`, expected one of `a`, `b`": suggest the closest.
+            if let Some(rest) = msg.strip_prefix("unknown field `") {
+                if let Some((word, tail)) = rest.split_once('`') {
+                    let cands: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
+                    if let Some(m) = crate::storage::did_you_mean(word, &cands) {
+                        msg = format!("unknown key `{word}` (did you mean `{m}`?); {msg}");
+                    }
+                }
+            }
             let line = e
                 .span()
                 .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
@@ -740,6 +749,7 @@ mod tests {
             e.contains("x.toml:3") && e.contains("sync-intervall"),
             "{e}"
         );
+        assert!(e.contains("did you mean `sync-interval`?"), "{e}");
     }
 
     #[test]

@@ -92,6 +92,20 @@ impl Identities {
     pub fn read_files(paths: &[std::path::PathBuf]) -> anyhow::Result<Identities> {
         let mut v: Vec<std::sync::Arc<dyn age::Identity + Send + Sync>> = Vec::new();
         for p in paths {
+            // A recipient (public key) where the identity belongs is a common mix-up.
+            if let Ok(text) = std::fs::read_to_string(p) {
+                let lines: Vec<&str> = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .collect();
+                if !lines.is_empty() && lines.iter().all(|l| l.starts_with("age1")) {
+                    bail!(
+                        "{} holds an age recipient (public key, age1…), not an identity; restore needs the secret identity file (AGE-SECRET-KEY-…) that `offsite keygen -o` wrote",
+                        p.display()
+                    );
+                }
+            }
             let f = age::IdentityFile::from_file(p.to_string_lossy().into_owned())
                 .with_context(|| format!("cannot read age identity file {}", p.display()))?;
             let ids = f

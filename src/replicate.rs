@@ -151,7 +151,13 @@ impl Spool {
 impl Write for Spool {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if let Some((_, w)) = &mut self.file {
-            return w.write(buf);
+            let dir = &self.dir;
+            return w.write(buf).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot write a spool file in {}: {e}", dir.display()),
+                )
+            });
         }
         if self.mem.len() + buf.len() > SPOOL_MEMORY_LIMIT {
             // The temp file is removed when dropped, on every path (Litestream #784).
@@ -165,7 +171,12 @@ impl Write for Spool {
                     )
                 })?;
             let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.reopen()?);
-            w.write_all(&self.mem)?;
+            w.write_all(&self.mem).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot write a spool file in {}: {e}", self.dir.display()),
+                )
+            })?;
             self.mem = Vec::new();
             self.file = Some((tmp, w));
             return self.write(buf);
@@ -599,6 +610,16 @@ impl Replicator {
             }
         }
         self.lease_ok().await?;
+        // Multipart uploads a killed predecessor left behind (one LIST).
+        match self.store.abort_abandoned_uploads().await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(db = %self.db(), replica = %self.opts.replica_name, aborted = n, "aborted multipart uploads left by an earlier run")
+            }
+            Err(e) => {
+                tracing::warn!(db = %self.db(), replica = %self.opts.replica_name, error = %e, "could not clean up abandoned multipart uploads")
+            }
+        }
         let objects =
             with_retries("list the replica", || self.store.list(layout::LINEAGES)).await?;
         let catalog = Catalog::from_list(&objects);
@@ -891,7 +912,9 @@ impl Replicator {
     fn upload_failed(&mut self, e: &anyhow::Error) {
         self.opts.status.add(&self.opts.status.upload_errors, 1);
         self.failures += 1;
-        let wait = Duration::from_millis(500 * 2u64.pow(self.failures.min(7)));
+        // 1, 2, 4 … 30 s: after a long outage the next attempt is never
+        // more than 30 s away.
+        let wait = Duration::from_millis((500 * 2u64.pow(self.failures.min(6))).min(30_000));
         tracing::error!(db = %self.db(), replica = %self.store.describe(), error = format!("{e:#}"), retry_in = ?wait, "upload failed; commits stay in the WAL and will be retried");
         self.retry_at = Some(Instant::now() + wait);
     }
