@@ -54,6 +54,10 @@ pub fn options_for(d: &DatabaseConfig, r: &ReplicaConfig) -> anyhow::Result<repl
     o.sync_interval = d.sync_interval;
     o.checkpoint_frames = d.checkpoint_frames;
     o.max_wal_bytes = d.max_wal_bytes;
+    // Tests shorten the lease renewal (60 s) to see a lost lease quickly.
+    if let Ok(v) = std::env::var("OFFSITE_TEST_LEASE_RENEW") {
+        o.lease_renew = crate::config::parse_duration(&v, "OFFSITE_TEST_LEASE_RENEW")?;
+    }
     o.replica_name = r.name.clone();
     o.retention = r.retention.clone();
     o.snapshot_interval = r.snapshot_interval;

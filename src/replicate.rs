@@ -862,6 +862,7 @@ impl Replicator {
                     self.failures = 0;
                     self.retry_at = None;
                 }
+                Err(e) if crate::lease::is_held(&e) => return Err(e),
                 Err(e) => {
                     self.upload_failed(&e);
                     self.release_wal_if_over_bound();

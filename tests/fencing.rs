@@ -113,3 +113,68 @@ fn a_second_shipper_refuses_to_write_until_the_first_stops() {
         }
     }
 }
+
+#[test]
+fn a_shipper_that_lost_its_lease_stops_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let root = dir.join("replica");
+    let url = format!("file://{}", root.display());
+    let db = dir.join("app.db");
+    workload(&db, &["--count", "3"]);
+    let log = dir.join("a.log");
+    let mut a = offsite()
+        .args([
+            "replicate",
+            db.to_str().unwrap(),
+            &url,
+            "--no-encryption",
+            "--sync-interval",
+            "200ms",
+        ])
+        .env("OFFSITE_TEST_LEASE_RENEW", "1s")
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("the snapshot", Duration::from_secs(60), || {
+        harness::latest_txid(&url).is_some()
+    });
+    workload(&db, &["--count", "2"]);
+    wait_for("two commits shipped", Duration::from_secs(60), || {
+        harness::latest_txid(&url) == Some(3)
+    });
+    // Another shipper (on a server that ignores conditional writes, say)
+    // overwrites the lease.
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
+    std::fs::write(
+        root.join("lease.json"),
+        format!(r#"{{"shipper":"intruder","host":"elsewhere","pid":1,"db":"/other.db","renewed_us":{now_us}}}"#),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    workload(&db, &["--count", "4"]);
+    wait_for("the loss noticed", Duration::from_secs(60), || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("another offsite took this replica's lease")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        harness::latest_txid(&url),
+        Some(3),
+        "it went on writing after losing the lease"
+    );
+    assert_eq!(lineages(&url), 1);
+    // At shutdown it says its last commits were not shipped, and exits 1.
+    unsafe {
+        libc::kill(a.id() as i32, libc::SIGTERM);
+    }
+    let st = wait_timeout(&mut a, Duration::from_secs(90));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(st.code(), Some(1), "{text}");
+    assert!(text.contains("were not shipped"), "{text}");
+}
