@@ -411,7 +411,12 @@ impl Replicator {
         if !self.opts.db_path.exists() {
             tracing::info!(db = %self.db(), "waiting for the database to be created");
             self.opts.status.waiting_for_db.store(true, Relaxed);
+            let mut next_note = Instant::now() + Duration::from_secs(60);
             while !self.opts.db_path.exists() {
+                if Instant::now() >= next_note {
+                    tracing::warn!(db = %self.db(), "still waiting for the database to be created (is the path right?)");
+                    next_note = Instant::now() + Duration::from_secs(60);
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(self.opts.poll_interval.max(Duration::from_millis(250))) => {}
                     _ = shutdown.changed() => {}

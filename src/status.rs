@@ -25,7 +25,8 @@ pub struct ReplicaStatus {
     pub registered_us: i64,
     /// The replica was reached and shipping runs.
     pub running: AtomicBool,
-    /// The database file does not exist yet: nothing to ship, no lag.
+    /// The database file does not exist yet (offsite waits for it; after
+    /// `max_lag` that counts as not ready, so a wrong path is noticed).
     pub waiting_for_db: AtomicBool,
     /// The replicator stopped on an error it cannot retry.
     pub failed: Mutex<Option<String>>,
@@ -100,10 +101,7 @@ impl ReplicaStatus {
     /// the time since the replicator started (commits may be waiting in the
     /// WAL that nobody has looked at).
     pub fn lag_seconds(&self, now_us: i64) -> f64 {
-        if self.waiting_for_db.load(Relaxed) {
-            return 0.0;
-        }
-        let since = if !self.running.load(Relaxed) {
+        let since = if !self.running.load(Relaxed) || self.waiting_for_db.load(Relaxed) {
             self.registered_us
         } else {
             self.pending_since_us.load(Relaxed)
@@ -122,7 +120,9 @@ impl ReplicaStatus {
         }
         let lag = self.lag_seconds(now_us);
         if lag > self.max_lag.as_secs_f64() {
-            return Some(if self.running.load(Relaxed) {
+            return Some(if self.waiting_for_db.load(Relaxed) {
+                format!("the database does not exist yet (waited {lag:.1}s)")
+            } else if self.running.load(Relaxed) {
                 format!("{lag:.1}s behind (allowed {}s)", self.max_lag.as_secs_f64())
             } else {
                 format!("replica not reached for {lag:.1}s")

@@ -725,9 +725,12 @@ fn waits_for_a_database_the_application_has_not_created_yet() {
             .unwrap()
             .contains("waiting for the database to be created")
     });
-    // Nothing to ship yet is not "behind".
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(ready(&addr), Some(200));
+    // A database that does not appear within max-lag makes the sidecar not
+    // ready (a wrong path must not look healthy).
+    wait_for("not ready while waiting", Duration::from_secs(30), || {
+        http(&addr, "GET", "/readyz")
+            .is_some_and(|(c, b)| c == 503 && b.contains("does not exist yet"))
+    });
     workload(&db, &["--count", "3"]);
     let out = dir.join("r.db");
     wait_for(

@@ -186,7 +186,10 @@ fn open_conn(path: &Path, busy: Duration) -> anyhow::Result<Connection> {
             0 as std::ffi::c_int,
         );
     }
-    c.pragma_update(None, "cache_size", -64)?;
+    // (This pragma reads the schema: the first place a file that is not a
+    // database shows.)
+    c.pragma_update(None, "cache_size", -64)
+        .with_context(|| format!("{} is not a readable SQLite database", path.display()))?;
     // Our connections never checkpoint on their own and never checkpoint or
     // delete the WAL when they close: the WAL is what proves continuity on restart.
     c.pragma_update(None, "wal_autocheckpoint", 0)?;
