@@ -28,6 +28,10 @@ struct LeaseDoc {
     shipper: String,
     host: String,
     pid: u32,
+    /// The process's start time (clock ticks since boot, /proc/PID/stat),
+    /// so a reused pid is not mistaken for the holder.
+    #[serde(default)]
+    started: u64,
     db: String,
     /// Unix µs of the last renewal.
     renewed_us: i64,
@@ -67,9 +71,23 @@ fn holder_is_dead(holder: &LeaseDoc, me: &LeaseDoc) -> bool {
     if holder.pid == me.pid {
         return true;
     }
-    // SAFETY: kill with signal 0 only checks that the pid exists.
-    let r = unsafe { libc::kill(holder.pid as libc::pid_t, 0) };
-    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+    match proc_start(holder.pid) {
+        // A process with that pid exists: the holder only if it started then.
+        Some(t) => holder.started != 0 && t != holder.started,
+        None => {
+            // SAFETY: kill with signal 0 only checks that the pid exists.
+            let r = unsafe { libc::kill(holder.pid as libc::pid_t, 0) };
+            r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+        }
+    }
+}
+
+/// Start time of process `pid` (field 22 of /proc/PID/stat), if readable.
+fn proc_start(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields resume after ')'.
+    let rest = &s[s.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 fn hostname() -> String {
@@ -86,6 +104,7 @@ impl Lease {
                 shipper: format!("{:016x}", rand::random::<u64>()),
                 host: hostname(),
                 pid: std::process::id(),
+                started: proc_start(std::process::id()).unwrap_or(0),
                 db: db.to_string(),
                 renewed_us: 0,
             },
@@ -262,6 +281,7 @@ mod tests {
         // another live process (pid 1 always exists).
         let mut a = Lease::new("/a.db", ttl, Duration::ZERO);
         a.me.pid = 1;
+        a.me.started = proc_start(1).unwrap_or(0);
         let mut b = Lease::new("/b.db", ttl, Duration::ZERO);
         let t0 = 1_000_000_000_000;
         a.ensure(&store, t0).await.unwrap();
@@ -276,6 +296,11 @@ mod tests {
         assert!(is_held(&e));
         assert!(!a.held());
         // A holder that ran on this host and is gone (kill -9) is taken over at once.
+        // A reused pid (same pid, other start time) is not the holder either.
+        let mut reused = Lease::new("/r.db", ttl, Duration::ZERO);
+        reused.me.pid = 1;
+        reused.me.started = 1;
+        assert!(holder_is_dead(&reused.me, &b.me));
         let mut dead = Lease::new("/d.db", ttl, Duration::ZERO);
         dead.me.pid = 0x7fff_fff0; // no such process
         let mut e2 = Lease::new("/e.db", ttl, Duration::ZERO);

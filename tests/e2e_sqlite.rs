@@ -307,9 +307,18 @@ fn kill9_restart_resumes_without_gap_or_duplicate() {
         }
         assert!(wait_timeout(&mut writer, Duration::from_secs(60)).success());
         let s = Shipper::start(&db, &target.url, &args);
-        wait_for("shipper to catch up", Duration::from_secs(60), || {
-            s.log_text().contains("resuming replication") && latest_txid(&target.url).is_some()
-        });
+        let caught_up =
+            || s.log_text().contains("resuming replication") && latest_txid(&target.url).is_some();
+        let end = std::time::Instant::now() + Duration::from_secs(90);
+        while !caught_up() {
+            assert!(
+                std::time::Instant::now() < end,
+                "{}: shipper did not catch up:\n{}",
+                target.name,
+                s.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let (st, out) = s.stop();
         assert!(st.success(), "{out}");
         // Spool directories of the killed processes were swept, ours removed.
