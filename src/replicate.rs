@@ -545,12 +545,14 @@ impl Replicator {
             let since = src.pending().first().map(|p| p.time_us).unwrap_or(0);
             st.pending_since_us.store(since, Relaxed);
         }
-        {
-            let mut wal = self.opts.db_path.clone().into_os_string();
-            wal.push("-wal");
-            let len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
-            st.wal_bytes.store(len, Relaxed);
-        }
+        st.wal_bytes.store(self.wal_size(), Relaxed);
+    }
+
+    /// Size of the database's `-wal` file (0 if there is none).
+    fn wal_size(&self) -> u64 {
+        let mut wal = self.opts.db_path.clone().into_os_string();
+        wal.push("-wal");
+        std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0)
     }
 
     async fn shutdown(mut self) -> anyhow::Result<()> {
@@ -931,9 +933,7 @@ impl Replicator {
     /// checkpoint, and record that continuity is lost (a new lineage starts
     /// with a snapshot once the replica answers). Never blocks the application.
     fn release_wal_if_over_bound(&mut self) {
-        let mut wal = self.opts.db_path.clone().into_os_string();
-        wal.push("-wal");
-        let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        let size = self.wal_size();
         if size <= self.opts.max_wal_bytes {
             return;
         }
