@@ -364,7 +364,7 @@ async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
         };
         let compaction_levels = match &a.compaction_levels {
             Some(l) => crate::config::parse_levels(l).context("--compaction-levels")?,
-            None => crate::compact::DEFAULT_LEVELS.to_vec(),
+            None => crate::engine::sqlite::compact::DEFAULT_LEVELS.to_vec(),
         };
         let snapshot_interval = match a.snapshot_interval.as_deref().map(str::trim) {
             Some("off") => None,
@@ -599,7 +599,9 @@ async fn list(a: ListArgs) -> anyhow::Result<()> {
     let url = rs.remove(0).url;
     let store = storage::open(&url).await?;
     let catalog = Catalog::load(store.as_ref()).await?;
+    let engine = crate::record::engine(store.as_ref()).await?;
     let mut v = restore::describe(&catalog);
+    v["engine"] = engine.name().into();
     // What this listing cost (one LIST per 1000 objects on S3).
     v["requests"] = serde_json::to_value(store.request_counts())?;
     if a.json {
@@ -612,6 +614,7 @@ async fn list(a: ListArgs) -> anyhow::Result<()> {
     }
     let w = catalog.window().unwrap();
     println!("replica  {url}");
+    println!("engine   {engine}");
     println!(
         "window   txid {} ({}) .. txid {} ({})",
         w.0 .0,

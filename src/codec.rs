@@ -1,5 +1,6 @@
 //! The codec pipeline: plaintext envelope, then zstd, then age
-//! (docs/FORMAT.md, "Object envelope"). Knows nothing about databases.
+//! (docs/FORMAT.md, "Object envelope"). Knows nothing about databases: the
+//! engine's resume position is an opaque JSON value here.
 
 use std::io::{self, Read, Write};
 
@@ -9,7 +10,11 @@ use serde::{Deserialize, Serialize};
 use crate::keys::{Identities, Recipients};
 
 pub const MAGIC: &[u8; 8] = b"OFFSITE\0";
-pub const FORMAT_VERSION: u16 = 1;
+/// The format version this offsite writes (docs/FORMAT.md).
+pub const FORMAT_VERSION: u16 = 2;
+/// Format version 1 (SQLite only, written before the engine boundary):
+/// still read, never written.
+pub const LEGACY_VERSION: u16 = 1;
 const ZSTD_LEVEL: i32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,18 +66,51 @@ impl std::fmt::Debug for Encryption {
     }
 }
 
-/// Plaintext metadata carried in every envelope.
+/// Plaintext metadata carried in every envelope: generic fields, plus the
+/// engine's resume position, which only that engine reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnvelopeMeta {
+    /// The engine that wrote the object (`"sqlite"`).
+    pub engine: String,
     pub lineage: String,
     pub first_txid: u64,
     pub last_txid: u64,
-    /// Source-specific position hint (SQLite: WAL frames shipped in the current WAL).
-    pub resume_at: u64,
-    pub resume_tag: String,
-    /// Hash of the state checksum alone (docs/FORMAT.md, "Resume tag").
-    pub state_tag: String,
+    /// The chain link after the object's last commit (docs/FORMAT.md,
+    /// "Chain link"); empty in format-1 objects.
+    pub link: String,
+    /// Engine-defined: what a shipper needs to prove, after a restart, that
+    /// its source is still at this object's last state. Opaque here.
+    pub resume: serde_json::Value,
+}
+
+/// Format-1 envelope metadata (SQLite positions in the generic part).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LegacyMeta {
+    lineage: String,
+    first_txid: u64,
+    last_txid: u64,
+    resume_at: u64,
+    resume_tag: String,
+    state_tag: String,
+}
+
+impl LegacyMeta {
+    fn into_meta(self) -> EnvelopeMeta {
+        EnvelopeMeta {
+            engine: crate::engine::Engine::Sqlite.name().to_string(),
+            lineage: self.lineage,
+            first_txid: self.first_txid,
+            last_txid: self.last_txid,
+            link: String::new(),
+            resume: serde_json::json!({
+                "frames": self.resume_at,
+                "tag": self.resume_tag,
+                "state_tag": self.state_tag,
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +144,11 @@ impl Envelope {
         }
     }
 
+    /// Written before the engine boundary (format 1, SQLite only).
+    pub fn is_legacy(&self) -> bool {
+        self.version == LEGACY_VERSION
+    }
+
     pub fn blake3_hex(&self) -> String {
         blake3::hash(&self.raw).to_hex().to_string()
     }
@@ -119,8 +162,8 @@ impl Envelope {
             bail!("not an offsite object (bad magic)");
         }
         let version = u16::from_le_bytes([fixed[8], fixed[9]]);
-        if version != FORMAT_VERSION {
-            bail!("object has format version {version}; this offsite reads version {FORMAT_VERSION} (upgrade offsite)");
+        if version != FORMAT_VERSION && version != LEGACY_VERSION {
+            bail!("object has format version {version}; this offsite reads versions {LEGACY_VERSION} and {FORMAT_VERSION} (upgrade offsite)");
         }
         let kind = ObjectKind::from_u8(fixed[10])
             .with_context(|| format!("unknown object kind {}", fixed[10]))?;
@@ -136,8 +179,14 @@ impl Envelope {
         let mut json = vec![0u8; meta_len];
         r.read_exact(&mut json)
             .context("object is truncated inside its envelope")?;
-        let meta: EnvelopeMeta =
-            serde_json::from_slice(&json).context("envelope metadata is not valid")?;
+        let meta: EnvelopeMeta = if version == LEGACY_VERSION {
+            serde_json::from_slice::<LegacyMeta>(&json)
+                .context("envelope metadata is not valid")?
+                .into_meta()
+        } else {
+            serde_json::from_slice(&json).context("envelope metadata is not valid")?
+        };
+        crate::engine::Engine::parse(&meta.engine)?;
         let mut raw = fixed.to_vec();
         raw.extend_from_slice(&json);
         Ok(Envelope {
@@ -237,12 +286,12 @@ mod tests {
 
     fn meta() -> EnvelopeMeta {
         EnvelopeMeta {
+            engine: "sqlite".into(),
             lineage: "0000000000000001-000000aa".into(),
             first_txid: 1,
             last_txid: 2,
-            resume_at: 0,
-            resume_tag: "00".repeat(16),
-            state_tag: "00".repeat(16),
+            link: "00".repeat(16),
+            resume: serde_json::json!({"frames": 0}),
         }
     }
 

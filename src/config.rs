@@ -611,7 +611,7 @@ fn replica_config(
         )
     };
     let compaction_levels = match &r.compaction_levels {
-        None => crate::compact::DEFAULT_LEVELS.to_vec(),
+        None => crate::engine::sqlite::compact::DEFAULT_LEVELS.to_vec(),
         Some(v) => {
             let v = v
                 .iter()
@@ -819,7 +819,10 @@ mod tests {
             p.snapshot_retention,
             crate::retention::SnapshotRetention::Count(7)
         );
-        assert_eq!(r.compaction_levels, crate::compact::DEFAULT_LEVELS.to_vec());
+        assert_eq!(
+            r.compaction_levels,
+            crate::engine::sqlite::compact::DEFAULT_LEVELS.to_vec()
+        );
         assert_eq!(c.databases[1].sync_interval, Duration::from_millis(250));
     }
 

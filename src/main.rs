@@ -1,7 +1,7 @@
 use clap::Parser;
 
 fn main() {
-    offsite::source::sqlite::configure_process();
+    offsite::engine::sqlite::configure_process();
     // glibc gives every thread that allocates its own arena; a thousand
     // databases' small, long-lived allocations spread over them cost 40% more
     // resident memory than two arenas do (measured, docs/BENCHMARKS-sidecar.md).

@@ -11,15 +11,15 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use tokio::sync::watch;
 
-use crate::checksum::{Checksum, PageState};
 use crate::clock::Clock;
-use crate::codec::{Encryption, Envelope, EnvelopeMeta, ObjectKind, ObjectWriter};
-use crate::compact::{Closed, Compactor};
+use crate::codec::{Encryption, Envelope};
+use crate::engine::sqlite::checksum::PageState;
+use crate::engine::sqlite::compact::{Closed, Compactor};
+use crate::engine::sqlite::ship::{self, Built, Resumed};
+use crate::engine::sqlite::{Break, SqliteSource};
+use crate::engine::Engine;
 use crate::layout::{self, Catalog, HeadObject};
-use crate::segment::{
-    CommitHead, SegmentHeader, SegmentWriter, SnapshotHeader, SnapshotWriter, PAYLOAD_SQLITE_PAGES,
-};
-use crate::source::sqlite::{Break, SqliteSource, WalPos};
+use crate::segment::Link;
 use crate::storage::{Body, DynStorage, ObjectLock, StorageError};
 
 /// Settings for replicating one database.
@@ -83,7 +83,7 @@ impl Options {
             spool_dir,
             shutdown_timeout: Duration::from_secs(60),
             clock: Clock::system(),
-            compaction_levels: crate::compact::DEFAULT_LEVELS.to_vec(),
+            compaction_levels: crate::engine::sqlite::compact::DEFAULT_LEVELS.to_vec(),
             snapshot_interval: Some(Duration::from_secs(24 * 3600)),
             retention: None,
             prune_interval: Duration::from_secs(3600),
@@ -198,9 +198,37 @@ struct Staged {
     body: Body,
     _tmp: Option<tempfile::NamedTempFile>,
     raw_bytes: u64,
-    /// Segments: the state checksum before the first commit and after each.
-    prev: Option<Checksum>,
-    sums: Vec<Checksum>,
+    built: Built,
+}
+
+impl Staged {
+    fn snapshot(lineage: &str, spool: Spool, built: Built) -> anyhow::Result<Staged> {
+        let (body, tmp) = spool.into_body()?;
+        Ok(Staged {
+            key: layout::snapshot_key(lineage, built.last_txid, built.last_time_us),
+            body,
+            _tmp: tmp,
+            raw_bytes: built.raw_bytes,
+            built,
+        })
+    }
+
+    fn segment(lineage: &str, spool: Spool, built: Built) -> anyhow::Result<Staged> {
+        let (body, tmp) = spool.into_body()?;
+        Ok(Staged {
+            key: layout::segment_key(
+                lineage,
+                0,
+                built.first_txid,
+                built.last_txid,
+                built.last_time_us,
+            ),
+            body,
+            _tmp: tmp,
+            raw_bytes: built.raw_bytes,
+            built,
+        })
+    }
 }
 
 pub struct Replicator {
@@ -213,6 +241,8 @@ pub struct Replicator {
     /// Highest txid durable in the replica; a new lineage starts after it.
     stored_txid: u64,
     state: Option<PageState>,
+    /// The chain link after the newest shipped commit (docs/FORMAT.md, "Chain link").
+    link: Option<Link>,
     last_ship: Instant,
     failures: u32,
     retry_at: Option<Instant>,
@@ -260,6 +290,7 @@ impl Replicator {
             next_txid: 1,
             stored_txid: 0,
             state: None,
+            link: None,
             last_ship: Instant::now(),
             failures: 0,
             retry_at: None,
@@ -616,6 +647,9 @@ impl Replicator {
                 );
             }
         }
+        // The replica records its engine: one of another engine is refused
+        // before anything (the lease included) is written to it.
+        crate::record::claim(self.store.as_ref(), Engine::Sqlite).await?;
         self.lease_ok().await?;
         // Multipart uploads a killed predecessor left behind (one LIST).
         match self.store.abort_abandoned_uploads().await {
@@ -647,7 +681,7 @@ impl Replicator {
                 if env.encrypted { "without encryption" } else { "with age encryption" },
             );
         }
-        match self.try_resume(&l.id, &head, &env.meta)? {
+        match self.try_resume(&l.id, &head, &env)? {
             Ok(()) => {
                 self.last_snapshot = l
                     .snapshots
@@ -666,54 +700,34 @@ impl Replicator {
         &mut self,
         lineage: &str,
         head: &HeadObject,
-        meta: &EnvelopeMeta,
+        env: &Envelope,
     ) -> anyhow::Result<Result<(), Break>> {
-        let (resume_at, tag) = (meta.resume_at, meta.resume_tag.as_str());
-        // Find the local WAL position with the replica's frame count, then
-        // prove it (and the database state there) against the tag.
-        let src = self.source.as_mut().unwrap();
-        let candidates = blocking(|| candidate_positions(src))?;
-        for pos in candidates
-            .into_iter()
-            .filter(|p| p.frames as u64 == resume_at)
-        {
-            let r = blocking(|| src.resume(&pos, |p, ck| p.resume_tag(ck) == tag))?;
-            if let Ok(state) = r {
-                tracing::info!(db = %self.opts.db_path.display(), lineage, txid = head.last_txid(), frames = pos.frames, "resuming replication");
-                self.state = Some(state);
-                self.lineage = Some(lineage.to_string());
-                return Ok(Ok(()));
-            }
-        }
-        // The WAL offsite shipped from is gone (typically: the application
-        // closed last, so SQLite checkpointed and deleted it). If the database
-        // file alone is still exactly the replica's newest state, continue
-        // from the start of the current WAL: whatever it holds was written on
-        // top of that state.
-        let start = WalPos {
-            page_size: src.page_size(),
-            salt1: 0,
-            salt2: 0,
-            ckpt_seq: 0,
-            frames: 0,
-            cksum: (0, 0),
-        };
-        let want = meta.state_tag.as_str();
-        let untouched = src.wal_untouched_by_checkpoints();
-        if !untouched {
+        if env.is_legacy() {
+            // A lineage is written in one format: continue in a new one.
             return Ok(Err(Break::hard(
-                "the WAL offsite shipped from is gone and the current one was already checkpointed",
+                "the replica's newest lineage was written by an earlier offsite (format 1); continuing in a new lineage (format 2)",
             )));
         }
-        if let Ok(state) = blocking(|| src.resume(&start, |_, ck| ck.state_tag() == want))? {
-            tracing::info!(db = %self.opts.db_path.display(), lineage, txid = head.last_txid(), "resuming replication: the database file is the replica's newest state");
-            self.state = Some(state);
-            self.lineage = Some(lineage.to_string());
-            return Ok(Ok(()));
+        let link = Link::from_hex(&env.meta.link)
+            .with_context(|| format!("object {} is damaged", head.key()))?;
+        let src = self.source.as_mut().unwrap();
+        match blocking(|| ship::resume(src, &env.meta.resume))? {
+            Ok((state, how)) => {
+                match how {
+                    Resumed::AtWal { frames } => {
+                        tracing::info!(db = %self.opts.db_path.display(), lineage, txid = head.last_txid(), frames, "resuming replication")
+                    }
+                    Resumed::AtDatabaseFile => {
+                        tracing::info!(db = %self.opts.db_path.display(), lineage, txid = head.last_txid(), "resuming replication: the database file is the replica's newest state")
+                    }
+                }
+                self.state = Some(state);
+                self.link = Some(link);
+                self.lineage = Some(lineage.to_string());
+                Ok(Ok(()))
+            }
+            Err(b) => Ok(Err(b)),
         }
-        Ok(Err(Break::hard(
-            "the local database is not at the replica's newest state (the WAL was checkpointed or changed while offsite was not running)",
-        )))
     }
 
     async fn new_lineage(&mut self, why: &str) -> anyhow::Result<()> {
@@ -736,9 +750,16 @@ impl Replicator {
             let view = src.snapshot_begin()?;
             // Stamped after the state was fixed: it holds no later commit.
             let time_us = clock.now_us().max(floor);
-            let (staged, st) =
-                build_snapshot(src, &view, &lineage, txid, time_us, &enc, spool_dir)?;
-            Ok((staged, st, time_us))
+            let (spool, built, st) = ship::build_snapshot(
+                src,
+                &view,
+                &lineage,
+                (txid, time_us),
+                None,
+                &enc,
+                Spool::new(spool_dir),
+            )?;
+            Ok((Staged::snapshot(&lineage, spool, built)?, st, time_us))
         })?;
         let stored = staged.body.len().await?;
         let lock = self.lock();
@@ -754,6 +775,7 @@ impl Replicator {
             self.opts.status.add(&self.opts.status.lineage_breaks, 1);
         }
         self.state = Some(state);
+        self.link = Some(staged.built.end_link());
         self.lineage = Some(lineage);
         self.next_txid = txid + 1;
         self.stored_txid = txid;
@@ -780,15 +802,27 @@ impl Replicator {
         let spool_dir = self.opts.spool_dir.clone();
         let clock = self.opts.clock.clone();
         let want = self.state.as_ref().unwrap().checksum();
+        let link = self.link;
         let src = self.source.as_mut().unwrap();
         let built = blocking(|| -> anyhow::Result<_> {
             let Some(view) = src.shipped_view()? else {
                 return Ok(None);
             };
             let time_us = clock.now_us().max(floor);
-            let (staged, st) =
-                build_snapshot(src, &view, &lineage, txid, time_us, &enc, spool_dir)?;
-            Ok(Some((staged, st.checksum(), time_us)))
+            let (spool, built, st) = ship::build_snapshot(
+                src,
+                &view,
+                &lineage,
+                (txid, time_us),
+                link,
+                &enc,
+                Spool::new(spool_dir),
+            )?;
+            Ok(Some((
+                Staged::snapshot(&lineage, spool, built)?,
+                st.checksum(),
+                time_us,
+            )))
         })?;
         let Some((staged, got, time_us)) = built else {
             return Ok(());
@@ -943,11 +977,12 @@ impl Replicator {
         self.source = None;
         self.lineage = None;
         self.state = None;
+        self.link = None;
         self.overflowed = true;
         self.closed.clear();
         self.reset_compactor();
         let db = self.opts.db_path.clone();
-        match blocking(|| crate::source::sqlite::checkpoint_truncate(&db)) {
+        match blocking(|| crate::engine::sqlite::source::checkpoint_truncate(&db)) {
             Ok(true) => tracing::info!(db = %self.db(), "WAL checkpointed and truncated"),
             Ok(false) => {
                 tracing::warn!(db = %self.db(), "WAL checkpoint could not finish now (busy); the application's own checkpoints go on")
@@ -1028,9 +1063,15 @@ impl Replicator {
                 let state = self.state.as_mut().unwrap();
                 let lineage = self.lineage.as_deref().unwrap();
                 let enc = &self.enc;
-                let spool = self.opts.spool_dir.clone();
+                let spool = Spool::new(self.opts.spool_dir.clone());
+                let link = self.link.expect("a shipping lineage has a link");
                 state.begin();
-                match blocking(|| build_segment(src, n, state, lineage, enc, spool)) {
+                let built = blocking(|| {
+                    let (spool, built) =
+                        ship::build_segment(src, n, state, link, lineage, enc, spool)?;
+                    Staged::segment(lineage, spool, built)
+                });
+                match built {
                     Ok(s) => s,
                     Err(e) => {
                         state.rollback();
@@ -1044,6 +1085,7 @@ impl Replicator {
             match put {
                 Ok(()) => {
                     state.commit();
+                    self.link = Some(staged.built.end_link());
                     self.fold(n, &staged);
                     let src = self.source.as_mut().unwrap();
                     self.stored_txid = src.pending()[n - 1].txid;
@@ -1084,23 +1126,10 @@ impl Replicator {
         if !c.enabled() {
             return;
         }
-        let res = blocking(|| -> anyhow::Result<()> {
-            let mut prev = staged.prev.expect("segment");
-            let mut buf = vec![0u8; src.page_size() as usize];
-            for (p, ck) in src.pending()[..n].iter().zip(&staged.sums) {
-                for closed in c.close_due(p.time_us)? {
-                    self.closed.push_back((lineage.clone(), closed));
-                }
-                c.begin_commit(p.txid, p.time_us, prev)?;
-                for (pgno, idx) in p.page_frames() {
-                    src.read_frame(idx, &mut buf)?;
-                    c.put_page(pgno, &buf)?;
-                }
-                c.end_commit(p.commit.db_pages, *ck);
-                prev = *ck;
-            }
-            Ok(())
-        });
+        let mut closed = Vec::new();
+        let res = blocking(|| ship::fold(c, src, n, &staged.built, &mut closed));
+        self.closed
+            .extend(closed.into_iter().map(|w| (lineage.clone(), w)));
         if let Err(e) = res {
             tracing::warn!(db = %self.opts.db_path.display(), error = format!("{e:#}"), "compaction window dropped after a local error; restores of that range read level-0 segments");
             c.reset();
@@ -1179,26 +1208,8 @@ impl Replicator {
             w.last_txid(),
             w.last_time_us(),
         );
-        let (body, _tmp) = blocking(|| -> anyhow::Result<_> {
-            let ck = w.end_checksum();
-            let env = Envelope::new(
-                ObjectKind::Segment,
-                &enc,
-                EnvelopeMeta {
-                    lineage: lineage.to_string(),
-                    first_txid: w.first_txid(),
-                    last_txid: w.last_txid(),
-                    // Compacted segments are never a resume point.
-                    resume_at: 0,
-                    resume_tag: ck.state_tag(),
-                    state_tag: ck.state_tag(),
-                },
-            );
-            let header = w.header(lineage, env.blake3_hex());
-            let ow = ObjectWriter::new(spool, &env, &enc)?;
-            let spool = w.write_body(ow, &header)?.finish()?;
-            spool.into_body()
-        })?;
+        let (body, _tmp) =
+            blocking(|| ship::build_compacted(w, lineage, &enc, spool)?.into_body())?;
         put_object(&self.store, &key, body, self.lock())
             .await
             .with_context(|| format!("cannot upload {key}"))?;
@@ -1282,165 +1293,6 @@ impl Replicator {
 async fn read_envelope(store: &DynStorage, key: &str) -> anyhow::Result<Envelope> {
     let head = with_retries("read the newest object", || store.get_range(key, 0, 4096)).await?;
     Envelope::read_from(&mut &head[..]).with_context(|| format!("object {key} is damaged"))
-}
-
-/// Positions the local WAL offers for resuming, newest first.
-fn candidate_positions(src: &mut SqliteSource) -> anyhow::Result<Vec<WalPos>> {
-    let mut v = src.local_positions()?;
-    v.reverse();
-    Ok(v)
-}
-
-/// Build a snapshot object of `view` in two passes: the checksum first (the
-/// envelope's resume tag needs it), then the pages, streamed.
-fn build_snapshot(
-    src: &mut SqliteSource,
-    view: &crate::source::sqlite::SnapshotView,
-    lineage: &str,
-    txid: u64,
-    time_us: i64,
-    enc: &Encryption,
-    spool_dir: PathBuf,
-) -> anyhow::Result<(Staged, PageState)> {
-    let page_size = src.page_size();
-    let mut st = PageState::new(page_size as usize);
-    src.snapshot_read(view, |pgno, page| {
-        st.set_page(pgno, page);
-        Ok(())
-    })?;
-    st.resize(view.db_pages);
-    let ck = st.checksum();
-    let env = Envelope::new(
-        ObjectKind::Snapshot,
-        enc,
-        EnvelopeMeta {
-            lineage: lineage.to_string(),
-            first_txid: txid,
-            last_txid: txid,
-            resume_at: view.pos.frames as u64,
-            resume_tag: view.pos.resume_tag(&ck),
-            state_tag: ck.state_tag(),
-        },
-    );
-    let header = SnapshotHeader {
-        kind: "snapshot".into(),
-        payload: PAYLOAD_SQLITE_PAGES.into(),
-        lineage: lineage.to_string(),
-        page_size,
-        envelope_blake3: env.blake3_hex(),
-        txid,
-        time_us,
-        db_pages: view.db_pages,
-    };
-    let ow = ObjectWriter::new(Spool::new(spool_dir), &env, enc)?;
-    let mut sw = SnapshotWriter::new(ow, &header)?;
-    src.snapshot_read(view, |_, page| Ok(sw.write_page(page)?))?;
-    let (ow, state2) = sw.finish()?;
-    if !src.wal_unchanged()? {
-        bail!("the WAL was restarted while the snapshot was read; retrying");
-    }
-    if state2.checksum() != ck {
-        bail!("the database changed under the snapshot's read lock (checksum {ck} vs {}); this is a bug, please report it", state2.checksum());
-    }
-    let spool = ow.finish()?;
-    let (body, tmp) = spool.into_body()?;
-    Ok((
-        Staged {
-            key: layout::snapshot_key(lineage, txid, time_us),
-            body,
-            _tmp: tmp,
-            raw_bytes: view.db_pages as u64 * page_size as u64,
-            prev: None,
-            sums: Vec::new(),
-        },
-        st,
-    ))
-}
-
-fn build_segment(
-    src: &mut SqliteSource,
-    n: usize,
-    state: &mut PageState,
-    lineage: &str,
-    enc: &Encryption,
-    spool_dir: PathBuf,
-) -> anyhow::Result<Staged> {
-    let commits = &src.pending()[..n];
-    let ps = src.page_size() as usize;
-    let prev = state.checksum();
-    let mut buf = vec![0u8; ps];
-    // Pass 1: per-commit state checksums (the state is journaled by the caller).
-    let mut sums: Vec<Checksum> = Vec::with_capacity(n);
-    let mut raw = 0u64;
-    let frames: Vec<Vec<(u32, u32)>> = commits.iter().map(|c| c.page_frames()).collect();
-    for (c, pages) in commits.iter().zip(&frames) {
-        for &(pgno, idx) in pages {
-            src.read_frame(idx, &mut buf)?;
-            state.set_page(pgno, &buf);
-            raw += ps as u64;
-        }
-        state.resize(c.commit.db_pages);
-        sums.push(state.checksum());
-    }
-    let first = commits[0].txid;
-    let last = commits[n - 1].txid;
-    let pos = src.position_after(n);
-    let env = Envelope::new(
-        ObjectKind::Segment,
-        enc,
-        EnvelopeMeta {
-            lineage: lineage.to_string(),
-            first_txid: first,
-            last_txid: last,
-            resume_at: pos.frames as u64,
-            resume_tag: pos.resume_tag(sums.last().unwrap()),
-            state_tag: sums.last().unwrap().state_tag(),
-        },
-    );
-    let header = SegmentHeader {
-        kind: "segment".into(),
-        payload: PAYLOAD_SQLITE_PAGES.into(),
-        lineage: lineage.to_string(),
-        page_size: ps as u32,
-        envelope_blake3: env.blake3_hex(),
-        first_txid: first,
-        last_txid: last,
-        commit_count: n as u32,
-        prev_checksum: prev.to_hex(),
-        level: 0,
-        truncate_to: None,
-    };
-    let ow = ObjectWriter::new(Spool::new(spool_dir), &env, enc)?;
-    let mut sw = SegmentWriter::new(ow, &header)?;
-    // Pass 2: write the records.
-    for ((c, ck), pages) in commits.iter().zip(&sums).zip(&frames) {
-        sw.begin_commit(CommitHead {
-            txid: c.txid,
-            time_us: c.time_us,
-            db_pages: c.commit.db_pages,
-            records: pages.len() as u32,
-        })?;
-        for &(pgno, idx) in pages {
-            src.read_frame(idx, &mut buf)?;
-            sw.write_record(pgno, &buf)?;
-        }
-        sw.end_commit(ck)?;
-    }
-    let t_last = commits[n - 1].time_us;
-    let spool = sw.finish()?.finish()?;
-    // The pages are valid only if the WAL was not restarted while we read them.
-    if !src.wal_unchanged()? {
-        bail!("the WAL was restarted while its frames were being read");
-    }
-    let (body, tmp) = spool.into_body()?;
-    Ok(Staged {
-        key: layout::segment_key(lineage, 0, first, last, t_last),
-        body,
-        _tmp: tmp,
-        raw_bytes: raw,
-        prev: Some(prev),
-        sums,
-    })
 }
 
 async fn put_object(

@@ -3,18 +3,15 @@
 //! commit's state checksum, check integrity, then rename into place.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{bail, Context};
 use futures::StreamExt;
 
-use crate::checksum::PageState;
-use crate::codec::open_object;
+use crate::engine::sqlite;
 use crate::keys::Identities;
-use crate::layout::{self, Catalog, SegmentEntry, SnapshotEntry, Target};
-use crate::segment::{BodyReader, Header};
+use crate::layout::{self, Catalog, Target};
+use crate::replay::{apply_segment, apply_snapshot, download, Stop};
 use crate::storage::Storage;
 
 pub struct RestoreOptions {
@@ -52,71 +49,20 @@ pub struct RestoreReport {
     pub bytes_downloaded: u64,
 }
 
-/// Objects above this size are downloaded to a temp file instead of memory
-/// (with 8 downloads in flight, at most 64 MiB of objects are in memory).
-const MEMORY_LIMIT: u64 = 8 << 20;
-
-fn sidecar(path: &Path, suffix: &str) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
-}
-
-/// Removes the temporary output (and its -wal/-shm) unless disarmed.
+/// Removes the temporary output (and the files beside it) unless disarmed.
 struct TempOutput {
-    path: PathBuf,
+    paths: Vec<PathBuf>,
     armed: bool,
 }
 
 impl Drop for TempOutput {
     fn drop(&mut self) {
         if self.armed {
-            for p in [
-                self.path.clone(),
-                sidecar(&self.path, "-wal"),
-                sidecar(&self.path, "-shm"),
-            ] {
+            for p in &self.paths {
                 let _ = std::fs::remove_file(p);
             }
         }
     }
-}
-
-pub(crate) enum Downloaded {
-    Mem(bytes::Bytes),
-    File(tempfile::NamedTempFile),
-}
-
-impl Downloaded {
-    pub(crate) fn reader(&self) -> anyhow::Result<Box<dyn Read + '_>> {
-        Ok(match self {
-            Downloaded::Mem(b) => Box::new(&b[..]),
-            Downloaded::File(f) => Box::new(BufReader::with_capacity(1 << 20, f.reopen()?)),
-        })
-    }
-}
-
-pub(crate) async fn download(
-    store: &dyn Storage,
-    key: &str,
-    size: u64,
-    tmpdir: &Path,
-) -> anyhow::Result<Downloaded> {
-    let res = if size > MEMORY_LIMIT {
-        let tmp = tempfile::NamedTempFile::new_in(tmpdir)?;
-        store
-            .get_to_file(key, tmp.path())
-            .await
-            .map(|_| Downloaded::File(tmp))
-    } else {
-        store.get(key).await.map(Downloaded::Mem)
-    };
-    res.map_err(|e| match e {
-        crate::storage::StorageError::NotFound { .. } => anyhow::anyhow!(
-            "object {key} is missing from the replica (it was listed a moment ago: deleted concurrently, or the store is inconsistent)"
-        ),
-        other => anyhow::Error::new(other).context(format!("cannot download {key}")),
-    })
 }
 
 pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Result<RestoreReport> {
@@ -129,7 +75,7 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
         bail!("output directory {} does not exist", dir.display());
     }
     if !opts.force {
-        for p in [out.clone(), sidecar(out, "-wal"), sidecar(out, "-shm")] {
+        for p in sqlite::replay::files_of(out) {
             if p.exists() {
                 bail!(
                     "{} already exists; offsite never overwrites a database unless you pass --force",
@@ -140,6 +86,8 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
     }
     let catalog = Catalog::load(store).await?;
     let plan = catalog.plan(opts.target)?;
+    // Only SQLite restores to a file; the record refuses anything else.
+    let engine = crate::record::engine(store).await?;
     tracing::info!(lineage = %plan.lineage, snapshot = %plan.snapshot.key, segments = plan.segments.len(), "restore plan");
 
     let tmp_path = dir.join(format!(
@@ -150,7 +98,7 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
         rand::random::<u32>()
     ));
     let mut guard = TempOutput {
-        path: tmp_path.clone(),
+        paths: sqlite::replay::files_of(&tmp_path),
         armed: true,
     };
     let dl_dir = tempfile::Builder::new()
@@ -178,16 +126,17 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
     if let Some(b) = &bar {
         b.inc(plan.snapshot.size);
     }
-    let mut outf = std::fs::OpenOptions::new()
+    let outf = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .open(&tmp_path)
         .with_context(|| format!("cannot create {}", tmp_path.display()))?;
     let ids = opts.identities.as_ref();
-    let (mut state, encrypted, mut at_txid, mut at_time) =
-        tokio::task::block_in_place(|| apply_snapshot(&plan.snapshot, &snap, ids, Some(&mut outf)))
-            .with_context(|| format!("snapshot {} failed verification", plan.snapshot.key))?;
+    let mut chain = tokio::task::block_in_place(|| {
+        apply_snapshot(&plan.snapshot, &snap, ids, Some(engine), Some(outf))
+    })
+    .with_context(|| format!("snapshot {} failed verification", plan.snapshot.key))?;
     drop(snap);
 
     // Segments, downloaded in parallel, applied in order.
@@ -211,47 +160,34 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
         if let Some(b) = &bar {
             b.inc(seg.size);
         }
-        let r = tokio::task::block_in_place(|| {
-            apply_segment(
-                Stop {
-                    txid: plan.stop_txid,
-                    time_us: plan.stop_time_us,
-                },
-                &seg,
-                &d,
-                ids,
-                encrypted,
-                &mut state,
-                Some(&mut outf),
-                at_txid,
-            )
-        })
-        .with_context(|| format!("segment {} failed verification", seg.key))?;
-        let (applied, stop) = r;
-        if let Some((t, tm)) = applied {
-            at_txid = t;
-            at_time = tm;
-        }
+        let stop = Stop {
+            txid: plan.stop_txid,
+            time_us: plan.stop_time_us,
+        };
+        let (_, stop) =
+            tokio::task::block_in_place(|| apply_segment(&mut chain, stop, &seg, &d, ids))
+                .with_context(|| format!("segment {} failed verification", seg.key))?;
         stopped = stop;
     }
     drop(stream);
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
+    let (at_txid, at_time) = (chain.txid, chain.time_us);
     if matches!(opts.target, Target::Txid(_) | Target::Latest) && at_txid != plan.stop_txid {
         bail!(
             "restore reached txid {at_txid} but txid {} was requested; the replica is incomplete",
             plan.stop_txid
         );
     }
-    outf.sync_all()?;
-    drop(outf);
+    chain.replay.sync()?;
+    drop(chain);
 
     if opts.integrity_check {
-        integrity_check(&tmp_path)?;
+        sqlite::integrity_check(&tmp_path)?;
     }
     if opts.force {
-        for p in [sidecar(out, "-wal"), sidecar(out, "-shm")] {
+        for p in sqlite::replay::files_of(out).into_iter().skip(1) {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -272,224 +208,6 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
         objects,
         bytes_downloaded: total,
     })
-}
-
-/// Where a replay stops: after `txid`, or before the first commit observed after `time_us`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Stop {
-    pub txid: u64,
-    pub time_us: Option<i64>,
-}
-
-impl Stop {
-    /// Apply everything.
-    pub(crate) const NEVER: Stop = Stop {
-        txid: u64::MAX,
-        time_us: None,
-    };
-}
-
-/// Verify a snapshot against its name and stored checksum, computing its
-/// page state; with `out`, also write its pages there (restore). Returns the
-/// state, whether the object is encrypted, and its txid and time.
-pub(crate) fn apply_snapshot(
-    key: &SnapshotEntry,
-    obj: &Downloaded,
-    ids: Option<&Identities>,
-    out: Option<&mut File>,
-) -> anyhow::Result<(PageState, bool, u64, i64)> {
-    let (env, body) = open_object(obj.reader()?, ids)?;
-    let (mut br, header) = BodyReader::open(body, &env)?;
-    let Header::Snapshot(h) = header else {
-        bail!("object is not a snapshot");
-    };
-    ensure!(
-        h.lineage == key.lineage && h.txid == key.txid && h.time_us == key.time_us,
-        "snapshot contents (lineage {}, txid {}, time {}) do not match its name (swapped or renamed object)",
-        h.lineage,
-        h.txid,
-        h.time_us
-    );
-    let mut state = PageState::new(h.page_size as usize);
-    let mut buf = vec![0u8; h.page_size as usize];
-    let mut w = match out {
-        Some(f) => {
-            f.set_len(0)?;
-            f.seek(SeekFrom::Start(0))?;
-            Some(BufWriter::with_capacity(1 << 20, f))
-        }
-        None => None,
-    };
-    for pgno in 1..=h.db_pages {
-        br.read_page(&mut buf)?;
-        state.set_page(pgno, &buf);
-        if let Some(w) = w.as_mut() {
-            w.write_all(&buf)?;
-        }
-    }
-    if let Some(mut w) = w {
-        w.flush()?;
-    }
-    state.resize(h.db_pages);
-    let ck = br.read_checksum()?;
-    ensure!(
-        ck == state.checksum(),
-        "state checksum mismatch after applying the snapshot (stored {ck}, computed {})",
-        state.checksum()
-    );
-    br.finish()?;
-    Ok((state, env.encrypted, h.txid, h.time_us))
-}
-
-/// Apply one segment to `state` (and, with `out`, to the file being
-/// restored), verifying it against its name, the state it continues and
-/// every stored checksum. Returns the last applied (txid, time), if any, and
-/// whether the target was reached.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn apply_segment(
-    stop: Stop,
-    seg: &SegmentEntry,
-    obj: &Downloaded,
-    ids: Option<&Identities>,
-    encrypted: bool,
-    state: &mut PageState,
-    mut out: Option<&mut File>,
-    at_txid: u64,
-) -> anyhow::Result<(Option<(u64, i64)>, bool)> {
-    let (env, body) = open_object(obj.reader()?, ids)?;
-    ensure!(
-        env.encrypted == encrypted,
-        "object is {} but the snapshot is {}: refusing to mix encrypted and plaintext objects",
-        if env.encrypted {
-            "encrypted"
-        } else {
-            "plaintext"
-        },
-        if encrypted { "encrypted" } else { "plaintext" }
-    );
-    let (mut br, header) = BodyReader::open(body, &env)?;
-    let Header::Segment(h) = header else {
-        bail!("object is not a segment");
-    };
-    ensure!(
-        h.lineage == seg.lineage && h.first_txid == seg.first_txid && h.last_txid == seg.last_txid,
-        "segment contents (lineage {}, txids {}..={}) do not match its name (swapped or renamed object)",
-        h.lineage,
-        h.first_txid,
-        h.last_txid
-    );
-    ensure!(
-        h.first_txid == at_txid + 1,
-        "segment does not continue txid {at_txid}"
-    );
-    ensure!(
-        h.page_size as usize == state.page_size(),
-        "page size {} differs from the snapshot's {}",
-        h.page_size,
-        state.page_size()
-    );
-    ensure!(
-        h.prev_checksum == state.checksum().to_hex(),
-        "segment does not continue the restored state (prev_checksum {} vs {}): an object was replaced or is out of order",
-        h.prev_checksum,
-        state.checksum()
-    );
-    let ps = h.page_size as usize;
-    let mut buf = vec![0u8; ps];
-    let mut last = None;
-    let mut done = false;
-    for i in 0..h.commit_count {
-        let head = br.read_commit_head()?;
-        ensure!(
-            head.txid == h.commit_txid(i),
-            "commit txids are not consecutive"
-        );
-        ensure!(
-            h.level == seg.level,
-            "segment level {} differs from its name's level {}",
-            h.level,
-            seg.level
-        );
-        if i + 1 == h.commit_count {
-            ensure!(
-                head.time_us == seg.last_time_us,
-                "last commit time differs from the object name"
-            );
-        }
-        if let Some(t) = stop.time_us {
-            if head.time_us > t {
-                // The target lies before this commit: stop applying here.
-                done = true;
-            }
-        }
-        if done {
-            // Past the target: read (and hash) the rest without applying it,
-            // so damage anywhere in an object a restore uses is detected.
-            for _ in 0..head.records {
-                br.read_record(&mut buf)?;
-            }
-            br.read_checksum()?;
-            continue;
-        }
-        if let Some(t) = h.truncate_to {
-            ensure!(
-                t <= head.db_pages,
-                "compacted segment truncation size {t} is invalid"
-            );
-            if let Some(f) = out.as_deref_mut() {
-                f.set_len(t as u64 * ps as u64)?;
-            }
-            state.resize(t);
-        }
-        for _ in 0..head.records {
-            let pgno = br.read_record(&mut buf)?;
-            ensure!(
-                pgno >= 1 && pgno <= head.db_pages,
-                "record for page {pgno} outside the database"
-            );
-            if let Some(f) = out.as_deref_mut() {
-                f.write_all_at(&buf, (pgno as u64 - 1) * ps as u64)?;
-            }
-            state.set_page(pgno, &buf);
-        }
-        if let Some(f) = out.as_deref_mut() {
-            f.set_len(head.db_pages as u64 * ps as u64)?;
-        }
-        state.resize(head.db_pages);
-        let ck = br.read_checksum()?;
-        ensure!(
-            ck == state.checksum(),
-            "state checksum mismatch after txid {} (stored {ck}, computed {})",
-            head.txid,
-            state.checksum()
-        );
-        last = Some((head.txid, head.time_us));
-        if head.txid >= stop.txid {
-            done = true;
-        }
-    }
-    br.finish()?;
-    Ok((last, done))
-}
-
-/// `PRAGMA integrity_check` on the restored file; anything but "ok" fails.
-pub fn integrity_check(path: &Path) -> anyhow::Result<()> {
-    let c = rusqlite::Connection::open(path)
-        .with_context(|| format!("cannot open restored database {}", path.display()))?;
-    let mut stmt = c.prepare("PRAGMA integrity_check")?;
-    let rows: Vec<String> = stmt
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()
-        .context("integrity_check failed to run on the restored database")?;
-    drop(stmt);
-    c.close().map_err(|(_, e)| e)?;
-    if rows != ["ok"] {
-        bail!(
-            "restored database fails PRAGMA integrity_check: {}",
-            rows.into_iter().take(5).collect::<Vec<_>>().join("; ")
-        );
-    }
-    Ok(())
 }
 
 /// Window and per-lineage summary for `offsite list`.

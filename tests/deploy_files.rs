@@ -843,6 +843,21 @@ fn iam_policies_are_least_privilege_and_match_the_compose_example() {
         );
     }
     let a = |n: &str| actions(&docs[n]);
+    // The pruner reads no object contents: its one GetObject is the record.
+    for st in docs["pruner"]["Statement"].as_array().unwrap() {
+        if st["Action"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x == "s3:GetObject")
+        {
+            assert_eq!(
+                st["Resource"],
+                serde_json::json!(["arn:aws:s3:::BUCKET/PREFIX/replica.json"]),
+                "pruner: GetObject only on the replica record"
+            );
+        }
+    }
     assert!(a("shipper").contains(&"s3:DeleteObject".into()));
     assert!(!a("shipper-no-delete")
         .iter()
@@ -850,9 +865,7 @@ fn iam_policies_are_least_privilege_and_match_the_compose_example() {
     assert!(!a("restore")
         .iter()
         .any(|x| x.starts_with("s3:Delete") || x.starts_with("s3:Put")));
-    assert!(!a("pruner")
-        .iter()
-        .any(|x| x.starts_with("s3:Put") || x == "s3:GetObject"));
+    assert!(!a("pruner").iter().any(|x| x.starts_with("s3:Put")));
     // Objects only under PREFIX/lineages/, listing only of that prefix.
     for (name, p) in &docs {
         for st in p["Statement"].as_array().unwrap() {
@@ -862,10 +875,17 @@ fn iam_policies_are_least_privilege_and_match_the_compose_example() {
                 let lease = r == "arn:aws:s3:::BUCKET/PREFIX/lease.json"
                     && name.starts_with("shipper")
                     && st["Action"] == serde_json::json!(["s3:GetObject", "s3:PutObject"]);
+                // The replica record: the shipper writes it, everyone reads it.
+                let record = r == "arn:aws:s3:::BUCKET/PREFIX/replica.json"
+                    && (st["Action"] == serde_json::json!(["s3:GetObject"])
+                        || (name.starts_with("shipper")
+                            && st["Action"]
+                                == serde_json::json!(["s3:GetObject", "s3:PutObject"])));
                 assert!(
                     r == "arn:aws:s3:::BUCKET"
                         || r == "arn:aws:s3:::BUCKET/PREFIX/lineages/*"
-                        || lease,
+                        || lease
+                        || record,
                     "{name}: resource {r}"
                 );
             }

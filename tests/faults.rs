@@ -117,7 +117,7 @@ fn read_log(p: &Path) -> Vec<Commit> {
 }
 
 fn now_us() -> i64 {
-    offsite::layout::now_us()
+    offsite::clock::system_now_us()
 }
 
 /// A steady writer (`offsite-workload --rate`), logging every commit.

@@ -6,7 +6,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use offsite::source::sqlite::SqliteSource;
+use offsite::engine::sqlite::SqliteSource;
 use support::harness::*;
 
 /// A database with three commits, and a source open on it.

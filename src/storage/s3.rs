@@ -896,7 +896,9 @@ impl S3Storage {
                 out.object_lock_legal_hold_status() == Some(&ObjectLockLegalHoldStatus::On)
                     || out
                         .object_lock_retain_until_date()
-                        .is_some_and(|until| datetime_to_us(until) > now_us())
+                        // The server enforces the lock by its own clock, which
+                        // an injected test clock is not: compare with real time.
+                        .is_some_and(|until| datetime_to_us(until) > crate::clock::system_now_us())
             }
             Err(_) => false,
         }
@@ -938,13 +940,6 @@ fn datetime_to_us(dt: &DateTime) -> i64 {
     dt.secs()
         .saturating_mul(1_000_000)
         .saturating_add(i64::from(dt.subsec_nanos() / 1000))
-}
-
-fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
 
 fn env_nonempty(name: &str) -> Option<String> {

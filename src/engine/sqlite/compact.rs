@@ -23,8 +23,9 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::checksum::Checksum;
-use crate::segment::{CommitHead, SegmentHeader, SegmentWriter, PAYLOAD_SQLITE_PAGES};
+use super::checksum::Checksum;
+use super::pages::{self, SegmentFields};
+use crate::segment::{Link, SegmentHeader, SegmentWriter};
 
 /// Default window lengths of levels 1, 2, 3.
 pub const DEFAULT_LEVELS: [Duration; 3] = [
@@ -97,6 +98,9 @@ struct Window {
     last_time_us: i64,
     prev_ck: Checksum,
     end_ck: Checksum,
+    /// Chain links before the first and after the last commit.
+    prev_link: Link,
+    end_link: Link,
     /// Smallest database size seen in the window.
     min_pages: u32,
     db_pages: u32,
@@ -124,42 +128,44 @@ impl Closed {
     pub fn end_checksum(&self) -> Checksum {
         self.w.end_ck
     }
+    pub fn end_link(&self) -> Link {
+        self.w.end_link
+    }
     pub fn raw_bytes(&self) -> u64 {
         (self.w.store.slots.len() * self.w.store.page_size) as u64
     }
 
     pub fn header(&self, lineage: &str, envelope_blake3: String) -> SegmentHeader {
-        SegmentHeader {
-            kind: "segment".into(),
-            payload: PAYLOAD_SQLITE_PAGES.into(),
-            lineage: lineage.to_string(),
-            page_size: self.w.store.page_size as u32,
+        pages::segment_header(
+            lineage,
             envelope_blake3,
-            first_txid: self.w.first_txid,
-            last_txid: self.w.last_txid,
-            commit_count: 1,
-            prev_checksum: self.w.prev_ck.to_hex(),
-            level: self.level,
-            truncate_to: Some(self.w.min_pages),
-        }
+            (self.w.first_txid, self.w.last_txid),
+            1,
+            self.level,
+            self.w.prev_link,
+            Some(self.w.end_link),
+            SegmentFields::new(self.w.store.page_size as u32, Some(self.w.min_pages)),
+        )
     }
 
     /// Write the body (one merged commit, pages in order).
     pub fn write_body<W: Write>(&self, sink: W, header: &SegmentHeader) -> anyhow::Result<W> {
         let mut sw = SegmentWriter::new(sink, header)?;
         let pages = self.w.store.sorted_pages();
-        sw.begin_commit(CommitHead {
-            txid: self.w.last_txid,
-            time_us: self.w.last_time_us,
-            db_pages: self.w.db_pages,
-            records: pages.len() as u32,
-        })?;
-        let mut buf = vec![0u8; self.w.store.page_size];
+        let ps = self.w.store.page_size;
+        pages::begin_commit(
+            &mut sw,
+            (self.w.last_txid, self.w.last_time_us),
+            self.w.db_pages,
+            pages.len() as u32,
+            ps as u32,
+        )?;
+        let mut buf = vec![0u8; ps];
         for p in pages {
             self.w.store.get(p, &mut buf)?;
-            sw.write_record(p, &buf)?;
+            pages::write_record(&mut sw, self.w.db_pages, p, &buf)?;
         }
-        sw.end_commit(&self.w.end_ck)?;
+        sw.end_commit(&self.w.end_ck.0)?;
         Ok(sw.finish()?)
     }
 }
@@ -255,6 +261,8 @@ impl Compactor {
                 last_time_us: w.last_time_us,
                 prev_ck: w.prev_ck,
                 end_ck: w.prev_ck,
+                prev_link: w.prev_link,
+                end_link: w.prev_link,
                 min_pages: w.min_pages,
                 db_pages: w.db_pages,
                 store: PageStore::new(&self.dir, self.page_size)?,
@@ -274,11 +282,18 @@ impl Compactor {
         u.last_txid = w.last_txid;
         u.last_time_us = w.last_time_us;
         u.end_ck = w.end_ck;
+        u.end_link = w.end_link;
         Ok(())
     }
 
-    /// Start adding commit `txid`; `prev` is the state checksum before it.
-    pub fn begin_commit(&mut self, txid: u64, time_us: i64, prev: Checksum) -> io::Result<()> {
+    /// Start adding commit `txid`; `prev` is the state checksum and chain
+    /// link before it.
+    pub fn begin_commit(
+        &mut self,
+        txid: u64,
+        time_us: i64,
+        (prev, prev_link): (Checksum, Link),
+    ) -> io::Result<()> {
         if !self.enabled() {
             return Ok(());
         }
@@ -297,6 +312,8 @@ impl Compactor {
                 last_time_us: time_us,
                 prev_ck: prev,
                 end_ck: prev,
+                prev_link,
+                end_link: prev_link,
                 min_pages: u32::MAX,
                 db_pages: 0,
                 store: PageStore::new(&self.dir, self.page_size)?,
@@ -314,7 +331,7 @@ impl Compactor {
         }
     }
 
-    pub fn end_commit(&mut self, db_pages: u32, end: Checksum) {
+    pub fn end_commit(&mut self, db_pages: u32, (end, end_link): (Checksum, Link)) {
         let Some((txid, time_us)) = self.open.take() else {
             return;
         };
@@ -325,14 +342,15 @@ impl Compactor {
             w.last_txid = txid;
             w.last_time_us = time_us;
             w.end_ck = end;
+            w.end_link = end_link;
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::checksum::PageState;
     use super::*;
-    use crate::checksum::PageState;
     use crate::codec::{open_object, Encryption, Envelope, EnvelopeMeta, ObjectKind, ObjectWriter};
     use crate::segment::{BodyReader, Header};
 
@@ -346,12 +364,12 @@ mod tests {
             ObjectKind::Segment,
             &Encryption::None,
             EnvelopeMeta {
+                engine: "sqlite".into(),
                 lineage: "l".into(),
                 first_txid: c.first_txid(),
                 last_txid: c.last_txid(),
-                resume_at: 0,
-                resume_tag: "00".repeat(16),
-                state_tag: "00".repeat(16),
+                link: c.end_link().to_hex(),
+                resume: serde_json::Value::Null,
             },
         );
         let h = c.header("l", env.blake3_hex());
@@ -360,18 +378,26 @@ mod tests {
         let (env2, body) = open_object(&bytes[..], None).unwrap();
         let (mut br, hdr) = BodyReader::open(body, &env2).unwrap();
         let Header::Segment(h2) = hdr else { panic!() };
-        db.truncate(h2.truncate_to.unwrap() as usize);
-        let head = br.read_commit_head().unwrap();
+        let f = SegmentFields::parse(&h2.payload).unwrap();
+        db.truncate(f.truncate_to.unwrap() as usize);
+        br.read_commit_head().unwrap();
+        let mut start = [0u8; 8];
+        br.payload().read_exact(&mut start).unwrap();
+        let db_pages = u32::from_le_bytes(start[..4].try_into().unwrap());
+        let records = u32::from_le_bytes(start[4..].try_into().unwrap());
         let mut buf = vec![0u8; ps];
-        for _ in 0..head.records {
-            let p = br.read_record(&mut buf).unwrap();
+        let mut pgno = [0u8; 4];
+        for _ in 0..records {
+            br.payload().read_exact(&mut pgno).unwrap();
+            br.payload().read_exact(&mut buf).unwrap();
+            let p = u32::from_le_bytes(pgno);
             if db.len() < p as usize {
                 db.resize(p as usize, vec![0u8; ps]);
             }
             db[p as usize - 1] = buf.clone();
         }
-        db.resize(head.db_pages as usize, vec![0u8; ps]);
-        let ck = br.read_checksum().unwrap();
+        db.resize(db_pages as usize, vec![0u8; ps]);
+        let ck = Checksum(br.read_digest().unwrap());
         br.finish().unwrap();
         ck
     }
@@ -419,7 +445,7 @@ mod tests {
             };
             closed.extend(c.close_due(t).unwrap());
             let prev = state_of(&truth, ps);
-            c.begin_commit(txid, t, prev).unwrap();
+            c.begin_commit(txid, t, (prev, Link(prev.0))).unwrap();
             let new_len = match next() % 10 {
                 0 => (truth.len() as u64 / 2).max(1),
                 1 => truth.len() as u64 + 3,
@@ -433,7 +459,7 @@ mod tests {
             }
             let ck = state_of(&truth, ps);
             truth_ck.insert(txid, ck);
-            c.end_commit(new_len as u32, ck);
+            c.end_commit(new_len as u32, (ck, Link(ck.0)));
         }
         closed.extend(c.close_due(i64::MAX).unwrap());
         let l1: Vec<&Closed> = closed.iter().filter(|w| w.level == 1).collect();

@@ -5,8 +5,6 @@
 //! This module knows SQLite and nothing about storage: it hands out commits
 //! (page images with boundaries) and snapshots (page streams).
 
-pub mod wal;
-
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -16,8 +14,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use rusqlite::{Connection, OpenFlags};
 
-use self::wal::{WalCommit, WalHeader};
-use crate::checksum::{Checksum, PageState};
+use super::checksum::{Checksum, PageState};
+use super::wal::{self, WalCommit, WalHeader};
 
 /// A position in the WAL: everything up to and including frame `frames` of
 /// the WAL with these salts. `frames == 0`: the database file alone.

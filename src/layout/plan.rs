@@ -1,184 +1,15 @@
-//! Bucket layout (docs/FORMAT.md, "Bucket layout"): object names, and the
-//! catalog of restore points built from one listing.
+//! Restore planning: which snapshot and which segments reach a target, and
+//! the rules that tell a gap, a conflict, a superseded upload and pruned
+//! history apart (docs/FORMAT.md, "Finding a restore point").
 
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Context};
 
-use crate::storage::{ObjectMeta, Storage};
-
-pub const LINEAGES: &str = "lineages/";
-
-pub fn new_lineage_id(start_txid: u64) -> String {
-    format!("{start_txid:016x}-{:08x}", rand::random::<u32>())
-}
-
-pub fn snapshot_key(lineage: &str, txid: u64, time_us: i64) -> String {
-    format!(
-        "{LINEAGES}{lineage}/snapshots/{txid:016x}-{:016x}.snap",
-        time_us as u64
-    )
-}
-
-/// Keys are kept short (about 100 bytes plus the replica prefix): LIST
-/// responses stay small, and some S3 servers derive file names from keys.
-pub fn segment_key(lineage: &str, level: u8, first: u64, last: u64, t_last: i64) -> String {
-    format!(
-        "{LINEAGES}{lineage}/segments/{level}/{first:016x}-{last:016x}-{:016x}.seg",
-        t_last as u64
-    )
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotEntry {
-    pub key: String,
-    pub lineage: String,
-    pub txid: u64,
-    pub time_us: i64,
-    pub size: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SegmentEntry {
-    pub key: String,
-    pub lineage: String,
-    pub level: u8,
-    pub first_txid: u64,
-    pub last_txid: u64,
-    pub last_time_us: i64,
-    pub size: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Entry {
-    Snapshot(SnapshotEntry),
-    Segment(SegmentEntry),
-}
-
-fn hex_u64(s: &str) -> Option<u64> {
-    if s.len() != 16 {
-        return None;
-    }
-    u64::from_str_radix(s, 16).ok()
-}
-
-fn valid_lineage(s: &str) -> bool {
-    let mut parts = s.split('-');
-    let random = |r: &str| r.len() == 8 && u32::from_str_radix(r, 16).is_ok();
-    matches!(
-        (
-            parts.next().and_then(hex_u64),
-            parts.next().map(random),
-            parts.next()
-        ),
-        (Some(_), Some(true), None)
-    )
-}
-
-pub fn lineage_start(lineage: &str) -> u64 {
-    lineage.split('-').next().and_then(hex_u64).unwrap_or(0)
-}
-
-/// Parse a key relative to the replica root. `None` for keys that are not ours.
-pub fn parse_key(key: &str, size: u64) -> Option<Entry> {
-    let rest = key.strip_prefix(LINEAGES)?;
-    let mut parts = rest.split('/');
-    let lineage = parts.next()?;
-    if !valid_lineage(lineage) {
-        return None;
-    }
-    match (parts.next()?, parts.next(), parts.next(), parts.next()) {
-        ("snapshots", Some(name), None, None) => {
-            let stem = name.strip_suffix(".snap")?;
-            let (a, b) = stem.split_once('-')?;
-            Some(Entry::Snapshot(SnapshotEntry {
-                key: key.to_string(),
-                lineage: lineage.to_string(),
-                txid: hex_u64(a)?,
-                time_us: hex_u64(b)? as i64,
-                size,
-            }))
-        }
-        ("segments", Some(level), Some(name), None) => {
-            let stem = name.strip_suffix(".seg")?;
-            let f: Vec<&str> = stem.split('-').collect();
-            if f.len() != 3 {
-                return None;
-            }
-            let e = SegmentEntry {
-                key: key.to_string(),
-                lineage: lineage.to_string(),
-                level: level.parse().ok()?,
-                first_txid: hex_u64(f[0])?,
-                last_txid: hex_u64(f[1])?,
-                last_time_us: hex_u64(f[2])? as i64,
-                size,
-            };
-            if e.last_txid < e.first_txid {
-                return None;
-            }
-            Some(Entry::Segment(e))
-        }
-        _ => None,
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct Lineage {
-    pub id: String,
-    pub snapshots: Vec<SnapshotEntry>,
-    /// Level-0 segments by first txid; more than one entry for a txid means
-    /// conflicting writers.
-    pub segments: BTreeMap<u64, Vec<SegmentEntry>>,
-    /// Compacted segments (level 1 and up) by first txid.
-    pub compacted: BTreeMap<u64, Vec<SegmentEntry>>,
-}
+use super::catalog::{Catalog, Lineage};
+use super::naming::{fmt_time_us, SegmentEntry, SnapshotEntry};
 
 impl Lineage {
-    pub fn start_txid(&self) -> u64 {
-        lineage_start(&self.id)
-    }
-
-    /// Highest txid stored in this lineage (snapshot or segment).
-    pub fn max_txid(&self) -> Option<u64> {
-        let s = self.snapshots.iter().map(|s| s.txid).max();
-        let g = self.segments.values().flatten().map(|s| s.last_txid).max();
-        s.max(g)
-    }
-
-    /// The newest object (the one whose last commit is the lineage's head).
-    pub fn head(&self) -> Option<HeadObject> {
-        let snap = self.snapshots.iter().max_by_key(|s| s.txid);
-        let seg = self.segments.values().flatten().max_by_key(|s| s.last_txid);
-        match (snap, seg) {
-            (Some(s), Some(g)) if g.last_txid > s.txid => Some(HeadObject::Segment(g.clone())),
-            (Some(s), _) => Some(HeadObject::Snapshot(s.clone())),
-            (None, Some(g)) => Some(HeadObject::Segment(g.clone())),
-            (None, None) => None,
-        }
-    }
-
-    pub fn bytes(&self) -> u64 {
-        self.snapshots.iter().map(|s| s.size).sum::<u64>()
-            + self
-                .segments
-                .values()
-                .chain(self.compacted.values())
-                .flatten()
-                .map(|s| s.size)
-                .sum::<u64>()
-    }
-
-    pub fn object_count(&self) -> usize {
-        self.snapshots.len()
-            + self
-                .segments
-                .values()
-                .chain(self.compacted.values())
-                .map(|v| v.len())
-                .sum::<usize>()
-    }
-
     /// The oldest snapshot from which the level-0 chain reaches the
     /// lineage's newest txid: every txid from it on is restorable. Older
     /// snapshots (kept by snapshot-retention after pruning) restore only to
@@ -201,20 +32,6 @@ impl Lineage {
                 _ => return oldest,
             }
         }
-    }
-
-    /// Every object of the lineage.
-    pub fn keys(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.snapshots
-            .iter()
-            .map(|s| (s.key.as_str(), s.size))
-            .chain(
-                self.segments
-                    .values()
-                    .chain(self.compacted.values())
-                    .flatten()
-                    .map(|s| (s.key.as_str(), s.size)),
-            )
     }
 
     /// The level-0 segment that continues txid `at`. Fails on a gap and on
@@ -320,40 +137,6 @@ impl Lineage {
     }
 }
 
-#[derive(Debug, Clone)]
-pub enum HeadObject {
-    Snapshot(SnapshotEntry),
-    Segment(SegmentEntry),
-}
-
-impl HeadObject {
-    pub fn key(&self) -> &str {
-        match self {
-            HeadObject::Snapshot(s) => &s.key,
-            HeadObject::Segment(s) => &s.key,
-        }
-    }
-    pub fn last_txid(&self) -> u64 {
-        match self {
-            HeadObject::Snapshot(s) => s.txid,
-            HeadObject::Segment(s) => s.last_txid,
-        }
-    }
-    pub fn last_time_us(&self) -> i64 {
-        match self {
-            HeadObject::Snapshot(s) => s.time_us,
-            HeadObject::Segment(s) => s.last_time_us,
-        }
-    }
-}
-
-/// Everything in a replica, from one LIST.
-#[derive(Debug, Clone, Default)]
-pub struct Catalog {
-    pub lineages: BTreeMap<String, Lineage>,
-    pub ignored: Vec<String>,
-}
-
 /// What to restore to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -376,78 +159,6 @@ pub struct Plan {
 }
 
 impl Catalog {
-    pub fn from_list(objects: &[ObjectMeta]) -> Catalog {
-        let mut c = Catalog::default();
-        for o in objects {
-            match parse_key(&o.key, o.size) {
-                Some(Entry::Snapshot(s)) => c
-                    .lineages
-                    .entry(s.lineage.clone())
-                    .or_insert_with(|| Lineage {
-                        id: s.lineage.clone(),
-                        ..Default::default()
-                    })
-                    .snapshots
-                    .push(s),
-                Some(Entry::Segment(g)) => {
-                    let l = c
-                        .lineages
-                        .entry(g.lineage.clone())
-                        .or_insert_with(|| Lineage {
-                            id: g.lineage.clone(),
-                            ..Default::default()
-                        });
-                    if g.level == 0 {
-                        l.segments.entry(g.first_txid).or_default().push(g);
-                    } else {
-                        l.compacted.entry(g.first_txid).or_default().push(g);
-                    }
-                }
-                None => c.ignored.push(o.key.clone()),
-            }
-        }
-        for l in c.lineages.values_mut() {
-            l.snapshots.sort_by_key(|s| s.txid);
-        }
-        c
-    }
-
-    pub async fn load(store: &dyn Storage) -> anyhow::Result<Catalog> {
-        let objects = store
-            .list(LINEAGES)
-            .await
-            .with_context(|| format!("cannot list replica {}", store.describe()))?;
-        Ok(Catalog::from_list(&objects))
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.lineages.is_empty()
-    }
-
-    pub fn max_txid(&self) -> Option<u64> {
-        self.lineages.values().filter_map(|l| l.max_txid()).max()
-    }
-
-    /// The lineage holding the highest txid.
-    pub fn newest_lineage(&self) -> Option<&Lineage> {
-        self.lineages
-            .values()
-            .filter(|l| l.max_txid().is_some())
-            .max_by_key(|l| (l.max_txid(), l.start_txid()))
-    }
-
-    /// Earliest and latest restorable (txid, time_us).
-    pub fn window(&self) -> Option<((u64, i64), (u64, i64))> {
-        let earliest = self
-            .lineages
-            .values()
-            .flat_map(|l| l.snapshots.iter())
-            .min_by_key(|s| s.txid)
-            .map(|s| (s.txid, s.time_us))?;
-        let head = self.newest_lineage()?.head()?;
-        Some((earliest, (head.last_txid(), head.last_time_us())))
-    }
-
     pub fn plan(&self, target: Target) -> anyhow::Result<Plan> {
         let Some(((etx, et), (ltx, lt))) = self.window() else {
             bail!("the replica holds no snapshot: nothing to restore (is the URL right, and has offsite replicate run?)");
@@ -538,33 +249,11 @@ impl Catalog {
     }
 }
 
-pub fn fmt_time_us(t: i64) -> String {
-    let dt = time::OffsetDateTime::from_unix_timestamp_nanos(t as i128 * 1000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    dt.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
-}
-
-pub fn parse_time(s: &str) -> anyhow::Result<i64> {
-    let dt = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .with_context(|| {
-            format!("invalid timestamp {s:?}: expected RFC 3339, e.g. 2026-11-25T12:00:00Z")
-        })?;
-    // Floor to microseconds: a commit observed at t_us is at or before the instant.
-    let ns = dt.unix_timestamp_nanos();
-    Ok(ns.div_euclid(1000) as i64)
-}
-
-pub fn now_us() -> i64 {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970");
-    d.as_micros() as i64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layout::{parse_time, segment_key, snapshot_key};
+    use crate::storage::ObjectMeta;
 
     fn om(key: String) -> ObjectMeta {
         ObjectMeta { key, size: 10 }

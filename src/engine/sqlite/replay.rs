@@ -1,0 +1,218 @@
+//! Restoring SQLite: pages applied to a file, the page-state checksum kept
+//! along, and `PRAGMA integrity_check` on the result.
+
+use std::fs::File;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context};
+
+use super::checksum::PageState;
+use super::pages::{SegmentFields, SnapshotFields};
+use crate::engine::{ExactRead, Replay};
+use crate::segment::Digest;
+
+/// The page state of the database being restored (or verified), and the
+/// file it is written to.
+pub struct PageReplay {
+    state: Option<PageState>,
+    out: Option<File>,
+    segment: Option<SegmentFields>,
+    buf: Vec<u8>,
+}
+
+impl PageReplay {
+    pub fn new(out: Option<File>) -> PageReplay {
+        PageReplay {
+            state: None,
+            out,
+            segment: None,
+            buf: Vec::new(),
+        }
+    }
+
+    fn state(&mut self) -> anyhow::Result<&mut PageState> {
+        self.state
+            .as_mut()
+            .context("a segment was applied before any snapshot")
+    }
+}
+
+impl Replay for PageReplay {
+    fn snapshot(
+        &mut self,
+        header: &serde_json::Value,
+        data: &mut dyn ExactRead,
+    ) -> anyhow::Result<Digest> {
+        let f = SnapshotFields::parse(header)?;
+        let ps = f.page_size as usize;
+        let mut state = PageState::new(ps);
+        self.buf.resize(ps, 0);
+        let mut w = match self.out.as_mut() {
+            Some(file) => {
+                file.set_len(0)?;
+                file.seek(SeekFrom::Start(0))?;
+                Some(BufWriter::with_capacity(1 << 20, file))
+            }
+            None => None,
+        };
+        for pgno in 1..=f.db_pages {
+            data.read_exact(&mut self.buf)?;
+            state.set_page(pgno, &self.buf);
+            if let Some(w) = w.as_mut() {
+                w.write_all(&self.buf)?;
+            }
+        }
+        if let Some(mut w) = w {
+            w.flush()?;
+        }
+        state.resize(f.db_pages);
+        let d = state.checksum().0;
+        self.state = Some(state);
+        self.segment = None;
+        Ok(d)
+    }
+
+    fn begin_segment(&mut self, header: &serde_json::Value) -> anyhow::Result<()> {
+        let f = SegmentFields::parse(header)?;
+        // (No state: a segment checked on its own, off the chain.)
+        if let Some(have) = self.state.as_ref().map(|s| s.page_size()) {
+            ensure!(
+                f.page_size as usize == have,
+                "page size {} differs from the snapshot's {have}",
+                f.page_size
+            );
+        }
+        self.buf.resize(f.page_size as usize, 0);
+        self.segment = Some(f);
+        Ok(())
+    }
+
+    fn commit(&mut self, payload: &mut dyn ExactRead) -> anyhow::Result<Digest> {
+        let seg = self.segment.clone().context("commit outside a segment")?;
+        let ps = seg.page_size as usize;
+        let (db_pages, records) = read_start(payload, seg.page_size)?;
+        let mut buf = std::mem::take(&mut self.buf);
+        let r = (|| {
+            if let Some(t) = seg.truncate_to {
+                ensure!(
+                    t <= db_pages,
+                    "compacted segment truncation size {t} is invalid"
+                );
+                if let Some(f) = self.out.as_ref() {
+                    f.set_len(t as u64 * ps as u64)?;
+                }
+                self.state()?.resize(t);
+            }
+            let mut pgno_b = [0u8; 4];
+            for _ in 0..records {
+                payload.read_exact(&mut pgno_b)?;
+                payload.read_exact(&mut buf)?;
+                let pgno = u32::from_le_bytes(pgno_b);
+                ensure!(
+                    pgno >= 1 && pgno <= db_pages,
+                    "record for page {pgno} outside the database"
+                );
+                if let Some(f) = self.out.as_ref() {
+                    f.write_all_at(&buf, (pgno as u64 - 1) * ps as u64)?;
+                }
+                self.state()?.set_page(pgno, &buf);
+            }
+            if let Some(f) = self.out.as_ref() {
+                f.set_len(db_pages as u64 * ps as u64)?;
+            }
+            let st = self.state()?;
+            st.resize(db_pages);
+            Ok(st.checksum().0)
+        })();
+        self.buf = buf;
+        r
+    }
+
+    fn check_commit(&mut self, payload: &mut dyn ExactRead) -> anyhow::Result<()> {
+        let seg = self.segment.clone().context("commit outside a segment")?;
+        let (db_pages, records) = read_start(payload, seg.page_size)?;
+        let mut pgno_b = [0u8; 4];
+        let mut buf = vec![0u8; seg.page_size as usize];
+        for _ in 0..records {
+            payload.read_exact(&mut pgno_b)?;
+            payload.read_exact(&mut buf)?;
+            let pgno = u32::from_le_bytes(pgno_b);
+            ensure!(
+                pgno >= 1 && pgno <= db_pages,
+                "record for page {pgno} outside the database"
+            );
+        }
+        Ok(())
+    }
+
+    fn digest(&self) -> Digest {
+        self.state
+            .as_ref()
+            .map(|s| s.checksum().0)
+            .unwrap_or_default()
+    }
+
+    fn fork(&self) -> Box<dyn Replay> {
+        Box::new(PageReplay {
+            state: self.state.clone(),
+            out: None,
+            segment: self.segment.clone(),
+            buf: Vec::new(),
+        })
+    }
+
+    fn sync(&mut self) -> anyhow::Result<()> {
+        if let Some(f) = self.out.as_ref() {
+            f.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+/// A commit payload's start: database size and record count, checked
+/// against the payload's length.
+fn read_start(payload: &mut dyn ExactRead, page_size: u32) -> anyhow::Result<(u32, u32)> {
+    let mut b = [0u8; 8];
+    payload.read_exact(&mut b)?;
+    let db_pages = u32::from_le_bytes(b[..4].try_into().unwrap());
+    let records = u32::from_le_bytes(b[4..].try_into().unwrap());
+    ensure!(
+        super::pages::commit_len(records, page_size) - 8 == payload.remaining(),
+        "commit payload length does not match its {records} page records"
+    );
+    Ok((db_pages, records))
+}
+
+/// The files a restored database occupies: the database and its WAL and
+/// shared-memory files (a stale `-wal` beside a restored database would be
+/// replayed over it by SQLite).
+pub fn files_of(path: &Path) -> Vec<PathBuf> {
+    let with = |suffix: &str| {
+        let mut s = path.as_os_str().to_owned();
+        s.push(suffix);
+        PathBuf::from(s)
+    };
+    vec![path.to_path_buf(), with("-wal"), with("-shm")]
+}
+
+/// `PRAGMA integrity_check` on the restored file; anything but "ok" fails.
+pub fn integrity_check(path: &Path) -> anyhow::Result<()> {
+    let c = rusqlite::Connection::open(path)
+        .with_context(|| format!("cannot open restored database {}", path.display()))?;
+    let mut stmt = c.prepare("PRAGMA integrity_check")?;
+    let rows: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()
+        .context("integrity_check failed to run on the restored database")?;
+    drop(stmt);
+    c.close().map_err(|(_, e)| e)?;
+    if rows != ["ok"] {
+        bail!(
+            "restored database fails PRAGMA integrity_check: {}",
+            rows.into_iter().take(5).collect::<Vec<_>>().join("; ")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! A replica written by the last format-1 release (before the engine
+//! boundary; tests/fixtures/format1, made once by its make.sh) keeps
+//! restoring: every txid to exactly the bytes that release restored, it
+//! verifies, and a shipper of today starts a format-2 lineage beside it
+//! instead of continuing it.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::Digest as _;
+use support::harness::{list_json, restore, wait_for, Shipper};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format1")
+}
+
+/// The fixture replica, copied (a test never writes to a fixture).
+fn replica_copy(dir: &Path) -> String {
+    let to = dir.join("replica");
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(fixture().join("replica"))
+        .arg(&to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    format!("file://{}", to.display())
+}
+
+fn sha256(p: &Path) -> String {
+    hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))
+}
+
+fn rows(p: &Path) -> i64 {
+    rusqlite::Connection::open(p)
+        .unwrap()
+        .query_row("select count(*) from t", [], |r| r.get(0))
+        .unwrap()
+}
+
+fn expected() -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(fixture().join("expected.json")).unwrap()).unwrap()
+}
+
+fn identity() -> String {
+    fixture().join("identity.txt").display().to_string()
+}
+
+#[test]
+fn every_txid_of_a_format1_replica_restores_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = replica_copy(tmp.path());
+    let exp = expected();
+    let txids = exp["txids"].as_object().unwrap();
+    assert!(txids.len() >= 20, "the fixture covers many commits");
+    assert!(exp["lineages"].as_u64().unwrap() >= 2);
+    let id = identity();
+    for (txid, want) in txids {
+        let out = tmp.path().join(format!("r-{txid}.db"));
+        let r = restore(&url, &out, &["--txid", txid, "--age-identity", &id]);
+        assert!(r.ok(), "txid {txid}: {}", r.stderr());
+        assert_eq!(
+            sha256(&out),
+            want["sha256"].as_str().unwrap(),
+            "txid {txid}: restored bytes differ from the format-1 release's"
+        );
+        assert_eq!(rows(&out), want["rows"].as_i64().unwrap(), "txid {txid}");
+        std::fs::remove_file(&out).unwrap();
+    }
+    // The latest state, by default.
+    let out = tmp.path().join("latest.db");
+    let r = restore(&url, &out, &["--age-identity", &id]);
+    assert!(r.ok(), "{}", r.stderr());
+    assert_eq!(r.txid, exp["latest_txid"].as_u64());
+    let latest = exp["latest_txid"].as_u64().unwrap().to_string();
+    assert_eq!(
+        sha256(&out),
+        exp["txids"][&latest]["sha256"].as_str().unwrap()
+    );
+    // It lists as SQLite, and verifies with its identity (contents replayed).
+    let l = list_json(&url);
+    assert_eq!(l["engine"], "sqlite");
+    let v = support::harness::offsite()
+        .args(["verify", &url, "--age-identity", &id])
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+}
+
+#[test]
+fn a_shipper_starts_a_format2_lineage_beside_format1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = replica_copy(tmp.path());
+    let exp = expected();
+    let id = identity();
+    let max = exp["latest_txid"].as_u64().unwrap();
+    // The application's database: the format-1 replica's latest state.
+    let db = tmp.path().join("app.db");
+    let r = restore(&url, &db, &["--age-identity", &id]);
+    assert!(r.ok(), "{}", r.stderr());
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.pragma_update(None, "journal_mode", "wal").unwrap();
+    }
+    let rcpt = std::fs::read_to_string(fixture().join("identity.txt"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("# public key: ").map(str::to_string))
+        .unwrap();
+    let shipper = Shipper::start(&db, &url, &["--age-recipient", &rcpt]);
+    wait_for("a new lineage", Duration::from_secs(60), || {
+        list_json(&url)["latest"]["txid"].as_u64() > Some(max)
+    });
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute("insert into t(v) values ('format 2')", [])
+            .unwrap();
+    }
+    let (st, log) = shipper.stop();
+    assert!(st.success(), "{log}");
+    assert!(log.contains("format 1"), "{log}");
+    // The record names the engine and the new format.
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("replica/replica.json")).unwrap())
+            .unwrap();
+    assert_eq!(rec, serde_json::json!({"format": 2, "engine": "sqlite"}));
+    // The new lineage restores the application's state; the old txids still
+    // restore exactly.
+    let out = tmp.path().join("new.db");
+    let r = restore(&url, &out, &["--age-identity", &id]);
+    assert!(r.ok(), "{}", r.stderr());
+    assert_eq!(rows(&out), rows(&db));
+    assert_eq!(
+        exp["txids"][max.to_string()]["rows"].as_i64().unwrap() + 1,
+        rows(&out)
+    );
+    let first = exp["txids"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    let out = tmp.path().join("old.db");
+    let r = restore(&url, &out, &["--txid", &first, "--age-identity", &id]);
+    assert!(r.ok(), "{}", r.stderr());
+    assert_eq!(
+        sha256(&out),
+        exp["txids"][&first]["sha256"].as_str().unwrap()
+    );
+    let v = support::harness::offsite()
+        .args(["verify", &url, "--age-identity", &id])
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+}
+
+#[test]
+fn an_engine_the_replica_record_names_otherwise_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let url = replica_copy(tmp.path());
+    std::fs::write(
+        tmp.path().join("replica/replica.json"),
+        r#"{"format": 2, "engine": "postgres"}"#,
+    )
+    .unwrap();
+    let id = identity();
+    let out = tmp.path().join("x.db");
+    let r = restore(&url, &out, &["--age-identity", &id]);
+    assert!(!r.ok());
+    assert!(
+        r.stderr().contains("postgres") && r.stderr().contains("replica.json"),
+        "{}",
+        r.stderr()
+    );
+    assert!(!out.exists());
+    for args in [vec!["list", &url], vec!["verify", &url]] {
+        let o = support::harness::offsite().args(&args).output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && e.contains("postgres"),
+            "{args:?}: {e}"
+        );
+    }
+    let o = support::harness::offsite()
+        .args(["prune", &url, "--retention", "1s"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("postgres"), "prune: {e}");
+    // A shipper refuses to write into it, and writes nothing.
+    let db = tmp.path().join("app.db");
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.pragma_update(None, "journal_mode", "wal").unwrap();
+        c.execute("create table t(v)", []).unwrap();
+    }
+    let before = list_json_raw(tmp.path());
+    let o = support::harness::offsite()
+        .args(["replicate"])
+        .arg(&db)
+        .arg(&url)
+        .args(["--no-encryption"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("postgres") && e.contains("refusing"),
+        "{e}"
+    );
+    assert_eq!(before, list_json_raw(tmp.path()), "nothing was written");
+}
+
+/// Every file under the replica's lineages/.
+fn list_json_raw(dir: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    let mut stack = vec![dir.join("replica/lineages")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                v.push(e.path().display().to_string());
+            }
+        }
+    }
+    v.sort();
+    v
+}
