@@ -105,3 +105,55 @@ pub async fn claim(store: &dyn Storage, engine: Engine) -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::file::FileStorage;
+
+    #[tokio::test]
+    async fn claim_writes_once_and_refuses_another_engine() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = FileStorage::new(tmp.path().to_path_buf()).unwrap();
+        // No record: a format-1 (or empty) replica, which is SQLite.
+        assert_eq!(read(&store).await.unwrap(), None);
+        assert_eq!(engine(&store).await.unwrap(), Engine::Sqlite);
+        claim(&store, Engine::Sqlite).await.unwrap();
+        assert_eq!(
+            read(&store).await.unwrap(),
+            Some(ReplicaRecord::new(Engine::Sqlite))
+        );
+        claim(&store, Engine::Sqlite).await.unwrap();
+        // Another engine's record: every command refuses, naming it.
+        let other = br#"{"format": 2, "engine": "postgres"}"#;
+        store
+            .put(RECORD_KEY, Body::Bytes(other[..].into()))
+            .await
+            .unwrap();
+        let e = format!("{:#}", claim(&store, Engine::Sqlite).await.unwrap_err());
+        assert!(e.contains("postgres") && e.contains("refusing"), "{e}");
+        let e = format!("{:#}", engine(&store).await.unwrap_err());
+        assert!(e.contains("postgres") && e.contains(RECORD_KEY), "{e}");
+        let e = format!(
+            "{:#}",
+            expect_engine(&store, Engine::Sqlite, "restore")
+                .await
+                .unwrap_err()
+        );
+        assert!(e.contains("postgres"), "{e}");
+        // Not a record at all.
+        store
+            .put(RECORD_KEY, Body::Bytes(b"<html>"[..].into()))
+            .await
+            .unwrap();
+        let e = format!("{:#}", read(&store).await.unwrap_err());
+        assert!(e.contains("not a valid replica record"), "{e}");
+        // Oversized: refused before parsing.
+        store
+            .put(RECORD_KEY, Body::Bytes(vec![b' '; MAX_RECORD_BYTES + 1].into()))
+            .await
+            .unwrap();
+        let e = format!("{:#}", read(&store).await.unwrap_err());
+        assert!(e.contains("not a replica record"), "{e}");
+    }
+}
