@@ -365,6 +365,10 @@ mod tests {
             lines.contains(&r#"offsite_replica_state{db="/d.db",replica="r",state="fenced"} 1"#),
             "{out}"
         );
-        assert_eq!(lines.iter().filter(|l| l.ends_with(" 1")).count(), 1, "{out}");
+        assert_eq!(
+            lines.iter().filter(|l| l.ends_with(" 1")).count(),
+            1,
+            "{out}"
+        );
     }
 }

@@ -361,7 +361,11 @@ mod tests {
         }
         let names: std::collections::BTreeSet<_> =
             ReplicaState::ALL.iter().map(|s| s.as_str()).collect();
-        assert_eq!(names.len(), ReplicaState::ALL.len(), "label values are distinct");
+        assert_eq!(
+            names.len(),
+            ReplicaState::ALL.len(),
+            "label values are distinct"
+        );
     }
 
     #[tokio::test]

@@ -19,7 +19,7 @@ mod state;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use tokio::sync::watch;
 
 use crate::checksum::PageState;

@@ -83,11 +83,7 @@ mod tests {
         let mut calls = 0;
         let r: anyhow::Result<()> = with_retries("get x", || {
             calls += 1;
-            async {
-                Err(StorageError::NotFound {
-                    key: "x".into(),
-                })
-            }
+            async { Err(StorageError::NotFound { key: "x".into() }) }
         })
         .await;
         assert_eq!(calls, 1);

@@ -140,7 +140,10 @@ mod tests {
         };
         let data = std::fs::read(&path).unwrap();
         assert_eq!(data.len(), SPOOL_MEMORY_LIMIT + 11);
-        assert_eq!(&data[SPOOL_MEMORY_LIMIT - 1..SPOOL_MEMORY_LIMIT + 2], &[1, 2, 3]);
+        assert_eq!(
+            &data[SPOOL_MEMORY_LIMIT - 1..SPOOL_MEMORY_LIMIT + 2],
+            &[1, 2, 3]
+        );
         // The temp file lives as long as its handle, and no longer.
         drop(tmp);
         assert!(!path.exists());
@@ -178,7 +181,12 @@ mod tests {
         std::fs::create_dir(&dead).unwrap();
         let mine = spool_dir(Some(base.path().to_path_buf())).unwrap();
         assert!(!dead.exists() && own.exists());
-        let name = mine.path().file_name().unwrap().to_string_lossy().into_owned();
+        let name = mine
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         assert!(name.starts_with(&format!("offsite-spool-{}-", std::process::id())));
     }
 }

@@ -93,7 +93,7 @@ mod tests {
         let db = dir.join("t.db");
         let c = rusqlite::Connection::open(&db).unwrap();
         c.pragma_update(None, "journal_mode", "wal").unwrap();
-        c.execute_batch("create table t(x); insert into t values (1);")
+        c.execute_batch("create table if not exists t(x); insert into t values (1);")
             .unwrap();
         let source = SqliteSource::open(&db).unwrap();
         let ps = source.page_size() as usize;
@@ -129,10 +129,7 @@ mod tests {
             }
             assert_eq!(p.kind(), want);
             assert_eq!(status.state(), want);
-            assert_eq!(
-                status.state_series().filter(|(_, v)| *v == 1).count(),
-                1
-            );
+            assert_eq!(status.state_series().filter(|(_, v)| *v == 1).count(), 1);
         }
     }
 
@@ -151,7 +148,10 @@ mod tests {
         assert_eq!(p.shipping().unwrap().lineage, "l");
         assert_eq!(status.state(), ReplicaState::Shipping);
         let t = transition(&mut p, Phase::OverWalBound, &status);
-        assert_eq!(t, Some((ReplicaState::Shipping, ReplicaState::OverWalBound)));
+        assert_eq!(
+            t,
+            Some((ReplicaState::Shipping, ReplicaState::OverWalBound))
+        );
         assert!(p.shipping().is_none() && p.shipping_mut().is_none());
         assert!(is_trouble(ReplicaState::OverWalBound));
         assert!(!is_trouble(ReplicaState::Shipping) && !is_trouble(ReplicaState::Stopped));
