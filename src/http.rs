@@ -280,6 +280,22 @@ impl Collector for Metrics {
             }
         }
         let mut m = enc.encode_descriptor(
+            "offsite_replica_state",
+            "What the replicator is doing: 1 for its current state, 0 for the others",
+            None,
+            MetricType::Gauge,
+        )?;
+        for e in &entries {
+            for (state, v) in e.status.state_series() {
+                let l = [
+                    ("db", e.status.db.clone()),
+                    ("replica", e.status.replica.clone()),
+                    ("state", state.to_string()),
+                ];
+                ConstGauge::new(v).encode(m.encode_family(&l)?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
             "offsite_requests",
             "Requests made to the replica's store, by kind",
             None,
@@ -313,5 +329,46 @@ impl Collector for Metrics {
         )?;
         ConstGauge::new(dbs.len() as i64).encode(m)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::ReplicaState;
+
+    #[test]
+    fn the_replica_state_is_exported_one_series_per_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: crate::storage::DynStorage =
+            Arc::new(crate::storage::file::FileStorage::new(dir.path().to_path_buf()).unwrap());
+        let reg = Registry::new(crate::clock::Clock::system());
+        let st = Arc::new(ReplicaStatus::new(
+            "/d.db",
+            "r",
+            "file:///x",
+            Duration::from_secs(10),
+            0,
+        ));
+        st.set_state(ReplicaState::Fenced);
+        reg.register(st, store);
+        let mut r = prometheus_client::registry::Registry::default();
+        r.register_collector(Box::new(Metrics(reg)));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &r).unwrap();
+        let lines: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("offsite_replica_state{"))
+            .collect();
+        assert_eq!(lines.len(), ReplicaState::ALL.len(), "{out}");
+        assert!(
+            lines.contains(&r#"offsite_replica_state{db="/d.db",replica="r",state="fenced"} 1"#),
+            "{out}"
+        );
+        assert_eq!(
+            lines.iter().filter(|l| l.ends_with(" 1")).count(),
+            1,
+            "{out}"
+        );
     }
 }

@@ -150,7 +150,10 @@ mod tests {
         assert!(e.contains("not a valid replica record"), "{e}");
         // Oversized: refused before parsing.
         store
-            .put(RECORD_KEY, Body::Bytes(vec![b' '; MAX_RECORD_BYTES + 1].into()))
+            .put(
+                RECORD_KEY,
+                Body::Bytes(vec![b' '; MAX_RECORD_BYTES + 1].into()),
+            )
             .await
             .unwrap();
         let e = format!("{:#}", read(&store).await.unwrap_err());

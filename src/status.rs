@@ -3,7 +3,7 @@
 //! channel behind `sync --wait`. Replicators write it with atomics; the HTTP
 //! listener reads it. Nothing here knows SQLite or S3.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,6 +11,60 @@ use tokio::sync::watch;
 
 use crate::clock::Clock;
 use crate::storage::DynStorage;
+
+/// What a replicator is doing. Exported as `offsite_replica_state`: one
+/// series per state, the current one at 1 and the others at 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaState {
+    /// Reading the replica to resume its lineage or start one (retried
+    /// while the replica is unreachable).
+    Starting,
+    /// The database file does not exist yet.
+    WaitingForDatabase,
+    /// A lineage is open: commits are shipped as they come.
+    Shipping,
+    /// Another shipper holds the replica's lease; nothing is written.
+    Fenced,
+    /// The WAL outgrew `max-wal-size` while the replica could not take
+    /// commits and was released; a new lineage starts once the replica answers.
+    OverWalBound,
+    /// After an error or a break in continuity: a new lineage (snapshot) is
+    /// taken on the next step.
+    Restarting,
+    /// The replicator ended (shutdown, or an error it cannot retry).
+    Stopped,
+}
+
+impl ReplicaState {
+    pub const ALL: [ReplicaState; 7] = [
+        ReplicaState::Starting,
+        ReplicaState::WaitingForDatabase,
+        ReplicaState::Shipping,
+        ReplicaState::Fenced,
+        ReplicaState::OverWalBound,
+        ReplicaState::Restarting,
+        ReplicaState::Stopped,
+    ];
+
+    /// The `state` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::Starting => "starting",
+            ReplicaState::WaitingForDatabase => "waiting_for_database",
+            ReplicaState::Shipping => "shipping",
+            ReplicaState::Fenced => "fenced",
+            ReplicaState::OverWalBound => "over_wal_bound",
+            ReplicaState::Restarting => "restarting",
+            ReplicaState::Stopped => "stopped",
+        }
+    }
+}
+
+impl std::fmt::Display for ReplicaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Counters and gauges of one database → replica pair.
 #[derive(Debug)]
@@ -30,6 +84,8 @@ pub struct ReplicaStatus {
     pub waiting_for_db: AtomicBool,
     /// The replicator stopped on an error it cannot retry.
     pub failed: Mutex<Option<String>>,
+    /// The replicator's `ReplicaState`, as its index in `ReplicaState::ALL`.
+    state: AtomicU8,
     /// Newest txid durable in the replica.
     pub shipped_txid: AtomicU64,
     /// Observation time (unix µs) of the oldest commit not yet durable in
@@ -70,6 +126,7 @@ impl ReplicaStatus {
             running: AtomicBool::new(false),
             waiting_for_db: AtomicBool::new(false),
             failed: Mutex::new(None),
+            state: AtomicU8::new(0),
             shipped_txid: AtomicU64::new(0),
             pending_since_us: AtomicI64::new(0),
             raw_bytes: AtomicU64::new(0),
@@ -164,6 +221,29 @@ impl ReplicaStatus {
                 false
             }
         });
+    }
+
+    /// What the replicator is doing now.
+    pub fn state(&self) -> ReplicaState {
+        ReplicaState::ALL[self.state.load(Relaxed) as usize]
+    }
+
+    /// For the replicator: it entered `s` (also keeps `waiting_for_db`,
+    /// which readiness reads, in step).
+    pub fn set_state(&self, s: ReplicaState) {
+        let i = ReplicaState::ALL.iter().position(|x| *x == s).unwrap_or(0);
+        self.state.store(i as u8, Relaxed);
+        self.waiting_for_db
+            .store(s == ReplicaState::WaitingForDatabase, Relaxed);
+    }
+
+    /// The `offsite_replica_state` series: every state with 1 for the
+    /// current one, 0 for the others.
+    pub fn state_series(&self) -> impl Iterator<Item = (&'static str, i64)> {
+        let now = self.state();
+        ReplicaState::ALL
+            .into_iter()
+            .map(move |s| (s.as_str(), (s == now) as i64))
     }
 
     pub fn add(&self, c: &AtomicU64, n: u64) {
@@ -261,6 +341,31 @@ mod tests {
         assert!(s.not_ready(16_000_000).unwrap().contains("behind"));
         *s.failed.lock().unwrap() = Some("boom".into());
         assert!(s.not_ready(5_000_000).unwrap().contains("boom"));
+    }
+
+    #[test]
+    fn exactly_one_state_series_is_set() {
+        let s = ReplicaStatus::detached();
+        assert_eq!(s.state(), ReplicaState::Starting);
+        for st in ReplicaState::ALL {
+            s.set_state(st);
+            assert_eq!(s.state(), st);
+            let series: Vec<_> = s.state_series().collect();
+            assert_eq!(series.len(), ReplicaState::ALL.len());
+            assert_eq!(series.iter().map(|(_, v)| v).sum::<i64>(), 1);
+            assert!(series.contains(&(st.as_str(), 1)));
+            assert_eq!(
+                s.waiting_for_db.load(Relaxed),
+                st == ReplicaState::WaitingForDatabase
+            );
+        }
+        let names: std::collections::BTreeSet<_> =
+            ReplicaState::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            names.len(),
+            ReplicaState::ALL.len(),
+            "label values are distinct"
+        );
     }
 
     #[tokio::test]

@@ -11,8 +11,10 @@ pub mod compact;
 pub mod pages;
 pub mod replay;
 pub mod ship;
+pub mod shipper;
 pub mod source;
 pub mod wal;
 
 pub use replay::{integrity_check, PageReplay};
-pub use source::{configure_process, Break, SnapshotView, SqliteSource, WalPos};
+pub use shipper::Shipper;
+pub use source::{configure_process, SnapshotView, SqliteSource, WalPos};

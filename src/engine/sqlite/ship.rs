@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use super::checksum::{Checksum, PageState};
 use super::compact::{Closed, Compactor};
 use super::pages::{self, SegmentFields, SnapshotFields};
-use super::source::{Break, SnapshotView, SqliteSource, WalPos};
+use super::source::{SnapshotView, SqliteSource, WalPos};
 use crate::codec::{Encryption, Envelope, EnvelopeMeta, ObjectKind, ObjectWriter};
+use crate::engine::Break;
 use crate::engine::Engine;
 use crate::segment::{Link, SegmentWriter, SnapshotWriter};
 

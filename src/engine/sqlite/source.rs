@@ -112,24 +112,7 @@ pub struct SnapshotView {
     pub pos: WalPos,
 }
 
-/// Why the chain cannot continue as is (docs/SQLITE.md, "Continuity breaks").
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Break {
-    pub reason: String,
-    /// The WAL restarted after everything offsite saw was shipped, but offsite
-    /// cannot tell whether commits were lost in between: `verify_continuation`
-    /// can decide by comparing whole-database checksums.
-    pub verifiable: bool,
-}
-
-impl Break {
-    pub fn hard(reason: impl Into<String>) -> Break {
-        Break {
-            reason: reason.into(),
-            verifiable: false,
-        }
-    }
-}
+pub use crate::engine::Break;
 
 pub struct SqliteSource {
     db_path: PathBuf,
