@@ -26,13 +26,6 @@ use std::time::Duration;
 use crate::checksum::Checksum;
 use crate::segment::{CommitHead, SegmentHeader, SegmentWriter, PAYLOAD_SQLITE_PAGES};
 
-/// Default window lengths of levels 1, 2, 3.
-pub const DEFAULT_LEVELS: [Duration; 3] = [
-    Duration::from_secs(60),
-    Duration::from_secs(15 * 60),
-    Duration::from_secs(4 * 3600),
-];
-
 /// Newest version of each page, in a local file with one slot per page.
 struct PageStore {
     file: File,
