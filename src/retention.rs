@@ -58,8 +58,8 @@ pub struct Policy {
 impl Default for Policy {
     fn default() -> Self {
         Policy {
-            retention: Duration::from_secs(24 * 3600),
-            snapshot_retention: SnapshotRetention::Count(2),
+            retention: crate::config::defaults::RETENTION,
+            snapshot_retention: crate::config::defaults::SNAPSHOT_RETENTION,
         }
     }
 }

@@ -448,3 +448,55 @@ fn typos_name_the_mistake_and_suggest_the_fix() {
     let (code, line, all) = run(c);
     assert_one_line_error(code, &line, &["--sync-interval", "5 parsecs"], &all);
 }
+
+/// A replicate flag that --config cannot honour is refused (exit 1, one
+/// line naming the flag and the config key to set), never silently ignored;
+/// one it can honour is applied over the file.
+#[test]
+fn replicate_flags_with_config_are_applied_or_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = dir.join("offsite.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[database]]\npath = \"{}\"\n[[database.replica]]\nurl = \"file://{}\"\nencryption = \"none\"\n",
+            dir.join("app.db").display(),
+            dir.join("replica").display()
+        ),
+    )
+    .unwrap();
+    for (flag, value, key) in [
+        ("--retention", "72h", "retention = \"72h\""),
+        ("--snapshot-retention", "7", "snapshot-retention = \"7\""),
+        ("--snapshot-interval", "1h", "snapshot-interval = \"1h\""),
+        (
+            "--compaction-levels",
+            "1m,1h",
+            "compaction-levels = [\"1m\", \"1h\"]",
+        ),
+    ] {
+        let mut c = offsite();
+        c.args(["replicate", "--config", cfg.to_str().unwrap(), flag, value]);
+        let (code, line, all) = run(c);
+        assert_one_line_error(
+            code,
+            &line,
+            &[flag, "--config", key, "[[database.replica]]"],
+            &all,
+        );
+    }
+    // An applied flag is still checked under its own name.
+    let mut c = offsite();
+    c.args([
+        "replicate",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--checkpoint-frames",
+        "10",
+        "--max-lag",
+        "whenever",
+    ]);
+    let (code, line, all) = run(c);
+    assert_one_line_error(code, &line, &["--max-lag", "whenever"], &all);
+}

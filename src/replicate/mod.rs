@@ -30,7 +30,7 @@ use crate::status::ReplicaState;
 use crate::storage::{DynStorage, ObjectLock};
 
 pub use background::DrillRecord;
-pub use options::{Options, DEFAULT_MAX_WAL_BYTES};
+pub use options::Options;
 pub use spool::spool_dir;
 
 use build::{read_envelope, Staged};

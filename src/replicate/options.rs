@@ -56,32 +56,31 @@ pub struct Options {
 }
 
 impl Options {
+    /// Every setting at its default (`config::defaults`).
     pub fn new(db_path: PathBuf, spool_dir: PathBuf) -> Options {
+        use crate::config::defaults;
         Options {
             db_path,
-            sync_interval: Duration::from_secs(1),
+            sync_interval: defaults::SYNC_INTERVAL,
             poll_interval: Duration::from_millis(100),
-            checkpoint_frames: 1000,
+            checkpoint_frames: defaults::CHECKPOINT_FRAMES,
             max_segment_bytes: 64 << 20,
             spool_dir,
-            shutdown_timeout: Duration::from_secs(60),
+            shutdown_timeout: defaults::SHUTDOWN_TIMEOUT,
             clock: Clock::system(),
-            compaction_levels: crate::engine::sqlite::compact::DEFAULT_LEVELS.to_vec(),
-            snapshot_interval: Some(Duration::from_secs(24 * 3600)),
+            compaction_levels: defaults::COMPACTION_LEVELS.to_vec(),
+            snapshot_interval: Some(defaults::SNAPSHOT_INTERVAL),
             retention: None,
-            prune_interval: Duration::from_secs(3600),
+            prune_interval: defaults::PRUNE_INTERVAL,
             replica_name: String::new(),
             object_lock: None,
-            object_lock_margin: Duration::from_secs(24 * 3600),
+            object_lock_margin: defaults::OBJECT_LOCK_MARGIN,
             verify_interval: None,
             drill_identities: None,
             status: crate::status::ReplicaStatus::detached(),
-            max_wal_bytes: DEFAULT_MAX_WAL_BYTES,
+            max_wal_bytes: defaults::MAX_WAL_BYTES,
             lease_ttl: Duration::from_secs(300),
             lease_renew: Duration::from_secs(60),
         }
     }
 }
-
-/// Default `max-wal-size`.
-pub const DEFAULT_MAX_WAL_BYTES: u64 = 512 << 20;

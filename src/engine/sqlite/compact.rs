@@ -27,13 +27,6 @@ use super::checksum::Checksum;
 use super::pages::{self, SegmentFields};
 use crate::segment::{Link, SegmentHeader, SegmentWriter};
 
-/// Default window lengths of levels 1, 2, 3.
-pub const DEFAULT_LEVELS: [Duration; 3] = [
-    Duration::from_secs(60),
-    Duration::from_secs(15 * 60),
-    Duration::from_secs(4 * 3600),
-];
-
 /// Newest version of each page, in a local file with one slot per page.
 struct PageStore {
     file: File,

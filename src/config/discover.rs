@@ -1,0 +1,214 @@
+//! Directory entries (`dir` + `pattern`): which databases one entry covers,
+//! and the configuration of each database found.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+
+use super::{Config, DatabaseConfig};
+use crate::storage::ReplicaUrl;
+
+/// Databases found by a pattern in a directory.
+#[derive(Debug, Clone)]
+pub struct Discover {
+    pub pattern: glob::Pattern,
+    pub recursive: bool,
+}
+
+impl DatabaseConfig {
+    /// Whether `file` is a database this (directory) entry covers.
+    pub fn covers(&self, file: &Path) -> bool {
+        let Some(d) = &self.discover else {
+            return false;
+        };
+        let Ok(rel) = file.strip_prefix(&self.path) else {
+            return false;
+        };
+        let parts: Vec<_> = rel.components().collect();
+        if parts.is_empty() || (!d.recursive && parts.len() != 1) {
+            return false;
+        }
+        rel.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| d.pattern.matches(n))
+    }
+
+    /// The database files a directory entry covers now (SQLite files only,
+    /// sorted). Unreadable directories are skipped with a warning.
+    pub fn discover_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let Some(d) = &self.discover else {
+            return out;
+        };
+        let mut dirs = vec![self.path.clone()];
+        while let Some(dir) = dirs.pop() {
+            let rd = match std::fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot read the database directory");
+                    continue;
+                }
+            };
+            for ent in rd.flatten() {
+                let p = ent.path();
+                let Ok(ft) = ent.file_type() else { continue };
+                if ft.is_dir() {
+                    if d.recursive {
+                        dirs.push(p);
+                    }
+                } else if ft.is_file() && self.covers(&p) && is_sqlite_file(&p) {
+                    out.push(p);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The configuration of one database found under a directory entry:
+    /// each replica's location gets the database's relative path appended
+    /// (`s3://b/tenants` → `s3://b/tenants/a.db`), so every database has
+    /// its own replica.
+    pub fn for_file(&self, file: &Path) -> anyhow::Result<DatabaseConfig> {
+        if self.discover.is_none() {
+            return Ok(self.clone());
+        }
+        let rel = file
+            .strip_prefix(&self.path)
+            .with_context(|| format!("{} is not under {}", file.display(), self.path.display()))?;
+        let rel = rel
+            .to_str()
+            .with_context(|| format!("database path {} is not UTF-8", file.display()))?;
+        let mut d = self.clone();
+        d.path = file.to_path_buf();
+        d.discover = None;
+        for r in &mut d.replicas {
+            r.url = match &r.url {
+                ReplicaUrl::File { path } => ReplicaUrl::File {
+                    path: path.join(rel),
+                },
+                ReplicaUrl::S3(c) => {
+                    let mut c = c.clone();
+                    c.prefix = if c.prefix.is_empty() {
+                        rel.to_string()
+                    } else {
+                        format!("{}/{rel}", c.prefix)
+                    };
+                    ReplicaUrl::S3(c)
+                }
+            };
+        }
+        Ok(d)
+    }
+}
+
+impl Config {
+    /// The configuration of database `path`: a `path` entry, or a database
+    /// under a `dir` entry (with its own replica locations).
+    pub fn database(&self, path: &Path) -> anyhow::Result<DatabaseConfig> {
+        let want = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        if let Some(d) = self.databases.iter().find(|d| {
+            d.discover.is_none()
+                && (d.path == path || std::fs::canonicalize(&d.path).ok().as_deref() == Some(&want))
+        }) {
+            return Ok(d.clone());
+        }
+        for d in self.databases.iter().filter(|d| d.discover.is_some()) {
+            let base = std::fs::canonicalize(&d.path).unwrap_or_else(|_| d.path.clone());
+            if d.covers(path) {
+                return d.for_file(path);
+            }
+            if let Ok(rel) = want.strip_prefix(&base) {
+                let p = d.path.join(rel);
+                if d.covers(&p) {
+                    return d.for_file(&p);
+                }
+            }
+        }
+        bail!(
+            "database {} is not in the config file (it lists: {})",
+            path.display(),
+            self.databases
+                .iter()
+                .map(|d| match &d.discover {
+                    None => d.path.display().to_string(),
+                    Some(x) => format!("{}/{}", d.path.display(), x.pattern),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+/// Whether `p` starts with the SQLite header (a file being created, or
+/// another kind of file matching the pattern, is skipped).
+pub fn is_sqlite_file(p: &Path) -> bool {
+    use std::io::Read;
+    let mut h = [0u8; 16];
+    std::fs::File::open(p)
+        .and_then(|mut f| f.read_exact(&mut h))
+        .is_ok()
+        && &h == b"SQLite format 3\0"
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn directory_entries_give_each_database_its_own_replica() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        for f in ["a.db", "b.db", "sub/c.db"] {
+            std::fs::write(d.join(f), b"SQLite format 3\0rest").unwrap();
+        }
+        std::fs::write(d.join("x.db"), b"not sqlite").unwrap();
+        std::fs::write(d.join("a.db-wal"), b"").unwrap();
+        let t = format!(
+            "listen = \"127.0.0.1:9090\"\nmax-lag = \"30s\"\n[[database]]\ndir = \"{}\"\npattern = \"*.db\"\n[[database.replica]]\nurl = \"s3://bkt/tenants?endpoint=http://h:1\"\nencryption = \"none\"\n[[database.replica]]\nurl = \"file:///backups\"\nencryption = \"none\"\n",
+            d.display()
+        );
+        let c = Config::parse(&t, "x.toml").unwrap();
+        assert_eq!(c.listen.as_deref(), Some("127.0.0.1:9090"));
+        let e = &c.databases[0];
+        assert_eq!(e.max_lag, Duration::from_secs(30));
+        assert_eq!(e.discover_files(), vec![d.join("a.db"), d.join("b.db")]);
+        let a = c.database(&d.join("a.db")).unwrap();
+        assert_eq!(a.path, d.join("a.db"));
+        assert!(
+            a.replicas[0]
+                .url
+                .to_string()
+                .starts_with("s3://bkt/tenants/a.db"),
+            "{}",
+            a.replicas[0].url
+        );
+        assert_eq!(a.replicas[1].url.to_string(), "file:///backups/a.db");
+        assert!(c.database(&d.join("sub/c.db")).is_err(), "not recursive");
+        assert!(c.database(&d.join("a.txt")).is_err());
+        let t2 = t.replace("pattern = \"*.db\"", "pattern = \"*.db\"\nrecursive = true");
+        let c2 = Config::parse(&t2, "x.toml").unwrap();
+        assert_eq!(c2.databases[0].discover_files().len(), 3);
+        let sc = c2.database(&d.join("sub/c.db")).unwrap();
+        assert_eq!(sc.replicas[1].url.to_string(), "file:///backups/sub/c.db");
+
+        let both = t.replace("pattern = \"*.db\"", "pattern = \"*.db\"\npath = \"/a.db\"");
+        assert!(Config::parse(&both, "x.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("not both"));
+        let nopat = t.replace("pattern = \"*.db\"\n", "");
+        assert!(Config::parse(&nopat, "x.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("needs a `pattern`"));
+        let badlisten = t.replace("127.0.0.1:9090", "localhost");
+        assert!(Config::parse(&badlisten, "x.toml")
+            .unwrap_err()
+            .to_string()
+            .contains("not an address"));
+    }
+}
