@@ -3,7 +3,7 @@
 //! slow and hung responses, lost responses, multipart uploads that die half
 //! way, a full or unwritable spool directory, and SIGKILL loops.
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
