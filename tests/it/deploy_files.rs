@@ -1095,7 +1095,6 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-
 /// Panic with the process's stderr if it has exited.
 fn still_running(child: &mut Child, err: &Path, what: &str) {
     if let Some(st) = child.try_wait().unwrap() {

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use support::harness::*;
 
-
 fn verify(path: &Path) -> u64 {
     offsite::workload::verify(path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()))
 }

@@ -68,7 +68,6 @@ fn daemon(args: &[&str], log: &Path, envs: &[(&str, &str)]) -> Child {
         .unwrap()
 }
 
-
 #[test]
 fn metrics_and_readiness_follow_the_store_going_away_and_back() {
     let tmp = tempfile::tempdir().unwrap();
