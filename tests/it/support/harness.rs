@@ -146,12 +146,6 @@ pub fn sigterm(child: &Child) {
     }
 }
 
-/// SIGTERM, then wait for the exit (at most `t`, then kill and panic).
-pub fn sigterm_and_wait(child: &mut Child, t: Duration) -> ExitStatus {
-    sigterm(child);
-    wait_timeout(child, t)
-}
-
 pub fn wait_timeout(child: &mut Child, t: Duration) -> ExitStatus {
     let end = Instant::now() + t;
     loop {
