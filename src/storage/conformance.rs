@@ -29,7 +29,11 @@ const MIB: usize = 1024 * 1024;
 /// a tag that changes with every write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Conditions {
+    /// Checked, and atomic: of concurrent creates exactly one succeeds.
     Enforced,
+    /// Checked one request at a time, but concurrent creates of one key may
+    /// all succeed (s3s-fs checks, then writes).
+    EnforcedNotAtomic,
     IgnoredByServer,
 }
 
@@ -656,7 +660,7 @@ async fn expect_refused(
         (Conditions::IgnoredByServer, Ok(())) => {
             assert_same(&format!("{what}: read back after an overwrite"), &now, body);
         }
-        (Conditions::Enforced, Ok(())) => panic!(
+        (Conditions::Enforced | Conditions::EnforcedNotAtomic, Ok(())) => panic!(
             "{}: {what}: the write went through; expected StorageError::AlreadyExists",
             store.describe()
         ),
@@ -731,7 +735,7 @@ pub async fn conditional_writes(store: &dyn Storage, conditions: Conditions) {
     )
     .await;
     let tag = match conditions {
-        Conditions::Enforced => {
+        Conditions::Enforced | Conditions::EnforcedNotAtomic => {
             assert_eq!(
                 tag,
                 tag_a,

@@ -22,13 +22,14 @@ async fn s3_store(target: &support::S3Target) -> S3Storage {
 }
 
 /// Whether the server enforces `If-None-Match`/`If-Match` on PutObject.
-/// Garage ignores them (the lease's read-back covers it); everything else
-/// (s3s-fs, AWS, …) must enforce them.
+/// Garage ignores them, s3s-fs checks them but not atomically (concurrent
+/// creates may all succeed); the lease's read-back covers both. Any other
+/// server (AWS, …) must enforce them atomically.
 fn conditions(target: &support::S3Target) -> Conditions {
-    if target.name == "garage" {
-        Conditions::IgnoredByServer
-    } else {
-        Conditions::Enforced
+    match target.name.as_str() {
+        "garage" => Conditions::IgnoredByServer,
+        "s3s" => Conditions::EnforcedNotAtomic,
+        _ => Conditions::Enforced,
     }
 }
 
