@@ -290,18 +290,19 @@ fn kill9_restart_resumes_without_gap_or_duplicate() {
             .spawn()
             .unwrap();
         for round in 0..3 {
+            let shipped = latest_txid(&target.url);
             let s = Shipper::start(&db, &target.url, &args);
-            // Killed once it is shipping (the writer goes on meanwhile): it
-            // has uploaded its first snapshot, or resumed after a kill.
+            // Killed while it is shipping (the writer goes on meanwhile):
+            // once it has uploaded its first snapshot, or resumed after a
+            // kill, and shipped commits of this round.
             wait_for(
                 &format!("{}: round {round}: shipping", target.name),
                 Duration::from_secs(60),
                 || {
-                    if round == 0 {
-                        latest_txid(&target.url).is_some()
-                    } else {
-                        s.log_text().contains("resuming replication")
-                    }
+                    let started = round == 0 || s.log_text().contains("resuming replication");
+                    started
+                        && (latest_txid(&target.url) > shipped
+                            || writer.try_wait().unwrap().is_some())
                 },
             );
             let out = s.kill9();
@@ -312,8 +313,10 @@ fn kill9_restart_resumes_without_gap_or_duplicate() {
                 );
             }
         }
-        assert!(wait_timeout(&mut writer, Duration::from_secs(60)).success());
+        // Restarted while the writer still runs (its connection's close
+        // checkpoints the WAL unless a shipper holds its read lock then).
         let s = Shipper::start(&db, &target.url, &args);
+        assert!(wait_timeout(&mut writer, Duration::from_secs(60)).success());
         let caught_up =
             || s.log_text().contains("resuming replication") && latest_txid(&target.url).is_some();
         let end = std::time::Instant::now() + Duration::from_secs(90);
