@@ -259,7 +259,7 @@ async fn run(args: Args) -> anyhow::Result<String> {
         big_bytes: 200_000,
     };
     let mut conn = workload::open(&db, &p)?;
-    // Only offsite checkpoints (as in tests/retention_compaction.rs).
+    // Only offsite checkpoints (as in tests/it/retention_compaction.rs).
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     let mut s = 1u64;
     workload::commit(&mut conn, &p, s)?;

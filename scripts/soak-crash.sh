@@ -2,7 +2,7 @@
 # Crash loop: kill `offsite replicate` with SIGKILL at random moments for N
 # cycles under a steady writer, then restore sampled commits of every lineage
 # and compare each with what the writer committed (the test
-# `soak_kill9_cycles` in tests/faults.rs; CI runs it with 5 cycles).
+# `soak_kill9_cycles` in tests/it/faults.rs; CI runs it with 5 cycles).
 #
 # Usage: scripts/soak-crash.sh [CYCLES] [SEED]
 #   CYCLES  default 100
@@ -29,7 +29,7 @@ echo "soak-crash: $cycles kill -9 cycles, seed $seed" >&2
 start=$(date +%s)
 set +e
 OFFSITE_SOAK_CYCLES="$cycles" OFFSITE_SOAK_SEED="$seed" \
-  cargo test "${profile_args[@]}" --test faults soak_kill9_cycles -- --exact --nocapture \
+  cargo test "${profile_args[@]}" --features testing --test it faults::soak_kill9_cycles -- --exact --nocapture \
   >/tmp/offsite-soak-crash.log 2>&1
 status=$?
 set -e

@@ -7,7 +7,7 @@
 #   scripts/test-servers.sh install   # build/install the servers (only if missing)
 #   scripts/test-servers.sh start     # start all three (fresh data), set up keys + buckets
 #   source /tmp/offsite-test-servers/env
-#   cargo test
+#   cargo test --features testing
 #   scripts/test-servers.sh stop
 #   scripts/test-servers.sh status
 #

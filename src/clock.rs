@@ -6,7 +6,8 @@
 //! benchmark scripts may run the binary with an accelerated clock through
 //! `OFFSITE_TEST_CLOCK=<rate>[@<RFC 3339 start>]` (for example `600` makes
 //! one real second ten simulated minutes). The variable is for tests and
-//! benchmarks only; it is logged loudly when set.
+//! benchmarks only: only a build with the `testing` feature reads it (and
+//! logs it loudly when set); other builds ignore it.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -83,8 +84,15 @@ impl Clock {
 
     /// The system clock, or the accelerated test clock named by
     /// `OFFSITE_TEST_CLOCK`.
+    ///
+    /// Only a build with the `testing` feature reads the variable; any
+    /// other build ignores it and uses the system clock.
     pub fn from_env() -> anyhow::Result<Clock> {
-        let Ok(v) = std::env::var(TEST_CLOCK_ENV) else {
+        #[cfg(feature = "testing")]
+        let v = std::env::var(TEST_CLOCK_ENV).ok();
+        #[cfg(not(feature = "testing"))]
+        let v: Option<String> = None;
+        let Some(v) = v else {
             return Ok(Clock::system());
         };
         let (rate, start) = match v.split_once('@') {

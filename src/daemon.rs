@@ -54,7 +54,9 @@ pub fn options_for(d: &DatabaseConfig, r: &ReplicaConfig) -> anyhow::Result<repl
     o.sync_interval = d.sync_interval;
     o.checkpoint_frames = d.checkpoint_frames;
     o.max_wal_bytes = d.max_wal_bytes;
-    // Tests shorten the lease renewal (60 s) to see a lost lease quickly.
+    // Tests shorten the lease renewal (60 s) to see a lost lease quickly
+    // (only in a build with the `testing` feature).
+    #[cfg(feature = "testing")]
     if let Ok(v) = std::env::var("OFFSITE_TEST_LEASE_RENEW") {
         o.lease_renew = crate::config::parse_duration(&v, "OFFSITE_TEST_LEASE_RENEW")?;
     }

@@ -4,8 +4,9 @@
 //! Each check works under its own random key prefix (`conformance-<hex>/`),
 //! asserts real outcomes (bytes, sizes, sorted listings) and deletes what it
 //! created. Checks panic on failure, like test assertions. This module is
-//! compiled into the library so integration tests (and, if ever wanted, a
-//! `doctor` command) can run it.
+//! compiled into the library only with the `testing` feature, so the
+//! integration tests (`cargo test --features testing`) can run it; the
+//! `offsite` binary of a normal build does not contain it.
 //!
 //! `large_multipart` uses ~12 MiB objects; for S3 backends build the store
 //! with `S3Storage::with_multipart(5 MiB, 5 MiB)` so it actually exercises
@@ -20,8 +21,24 @@ use super::{Body, ObjectMeta, Storage, StorageError};
 
 const MIB: usize = 1024 * 1024;
 
+/// Whether the store enforces the conditions of
+/// [`Storage::put_conditional`] (`If-None-Match: *`, `If-Match`). Some
+/// S3-compatible servers (Garage) ignore the condition headers and
+/// overwrite; the lease then relies on reading back (see `lease.rs`), so
+/// such a store is still held to versioned reads that show every write and
+/// a tag that changes with every write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conditions {
+    /// Checked, and atomic: of concurrent creates exactly one succeeds.
+    Enforced,
+    /// Checked one request at a time, but concurrent creates of one key may
+    /// all succeed (s3s-fs checks, then writes).
+    EnforcedNotAtomic,
+    IgnoredByServer,
+}
+
 /// Run every check, in order.
-pub async fn run_all(store: &dyn Storage) {
+pub async fn run_all(store: &dyn Storage, conditions: Conditions) {
     put_get_roundtrip(store).await;
     overwrite(store).await;
     get_range(store).await;
@@ -34,6 +51,9 @@ pub async fn run_all(store: &dyn Storage) {
     keys_with_nested_dirs(store).await;
     concurrent_puts(store).await;
     invalid_keys_rejected(store).await;
+    versioned_get(store).await;
+    conditional_writes(store, conditions).await;
+    conditional_create_race(store, conditions).await;
 }
 
 fn scope() -> String {
@@ -561,4 +581,299 @@ pub async fn invalid_keys_rejected(store: &dyn Storage) {
         );
         assert!(store.get(key).await.is_err(), "get of invalid key {key:?}");
     }
+}
+
+async fn get_versioned_ok(store: &dyn Storage, key: &str) -> Option<(Bytes, String)> {
+    store
+        .get_versioned(key)
+        .await
+        .unwrap_or_else(|e| panic!("{}: get_versioned {key:?}: {e}", store.describe()))
+}
+
+/// `get_versioned`: `None` for a missing key, else the bytes of the last
+/// write and a non-empty tag that changes with every write (also a plain
+/// `put`) and stays while nothing is written. What the lease reads.
+pub async fn versioned_get(store: &dyn Storage) {
+    let s = scope();
+    let key = format!("{s}/v/lease.json");
+    assert_eq!(
+        get_versioned_ok(store, &key).await,
+        None,
+        "{}: get_versioned of a missing key",
+        store.describe()
+    );
+    let mut tags: Vec<String> = Vec::new();
+    for (i, n) in [300usize, 300, 17, 0].into_iter().enumerate() {
+        let data = random_bytes(n);
+        put_bytes(store, &key, &data).await;
+        let (got, tag) = get_versioned_ok(store, &key)
+            .await
+            .unwrap_or_else(|| panic!("{}: get_versioned after put: None", store.describe()));
+        assert_same(&format!("get_versioned after put #{i}"), &got, &data);
+        assert!(!tag.is_empty(), "{}: empty version tag", store.describe());
+        let (_, again) = get_versioned_ok(store, &key).await.expect("still there");
+        assert_eq!(
+            again,
+            tag,
+            "{}: the version tag changed without a write",
+            store.describe()
+        );
+        assert!(
+            !tags.contains(&tag),
+            "{}: write #{i} (same-size rewrite or not) kept an earlier version tag {tag:?}: {tags:?}",
+            store.describe()
+        );
+        tags.push(tag);
+    }
+    delete_ok(store, &key).await;
+    assert_eq!(
+        get_versioned_ok(store, &key).await,
+        None,
+        "{}: get_versioned after delete",
+        store.describe()
+    );
+    cleanup(store, &s).await;
+}
+
+/// `put_conditional` with the outcome the store promises: the write is
+/// refused with `AlreadyExists` when the condition fails and nothing
+/// changes (`Enforced`); or, for a server that ignores the conditions, the
+/// write goes through and a read shows it (so the lease's read-back sees
+/// who won).
+async fn expect_refused(
+    store: &dyn Storage,
+    conditions: Conditions,
+    key: &str,
+    body: &Bytes,
+    expect: Option<&str>,
+    before: &Bytes,
+    what: &str,
+) {
+    let r = store.put_conditional(key, body.clone(), expect).await;
+    let (now, _) = get_versioned_ok(store, key)
+        .await
+        .unwrap_or_else(|| panic!("{}: {what}: the object is gone", store.describe()));
+    match (conditions, r) {
+        (_, Err(StorageError::AlreadyExists { .. })) => {
+            assert_same(&format!("{what}: after a refused write"), &now, before);
+        }
+        (Conditions::IgnoredByServer, Ok(())) => {
+            assert_same(&format!("{what}: read back after an overwrite"), &now, body);
+        }
+        (Conditions::Enforced | Conditions::EnforcedNotAtomic, Ok(())) => panic!(
+            "{}: {what}: the write went through; expected StorageError::AlreadyExists",
+            store.describe()
+        ),
+        (_, Err(e)) => panic!(
+            "{}: {what}: expected StorageError::AlreadyExists, got {e:?}",
+            store.describe()
+        ),
+    }
+}
+
+/// Create-if-absent, replace-if-unchanged, and the refusals: what the lease
+/// does to take, renew and release itself.
+pub async fn conditional_writes(store: &dyn Storage, conditions: Conditions) {
+    let s = scope();
+    let key = format!("{s}/c/lease.json");
+    let put_cond = |body: Bytes, expect: Option<String>| {
+        let key = key.clone();
+        async move {
+            store
+                .put_conditional(&key, body, expect.as_deref())
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{}: put_conditional {key:?} (expect {expect:?}): {e}",
+                        store.describe()
+                    )
+                })
+        }
+    };
+    // Create when absent.
+    let a = random_bytes(200);
+    put_cond(a.clone(), None).await;
+    let (got, tag_a) = get_versioned_ok(store, &key).await.expect("created");
+    assert_same("get_versioned after a conditional create", &got, &a);
+    assert_same(
+        "get after a conditional create",
+        &get_ok(store, &key).await,
+        &a,
+    );
+    assert_eq!(
+        list_ok(store, &format!("{s}/")).await,
+        vec![ObjectMeta {
+            key: key.clone(),
+            size: 200
+        }],
+        "a conditional write stores a plain object"
+    );
+
+    // Create again: it exists.
+    let b = random_bytes(210);
+    expect_refused(
+        store,
+        conditions,
+        &key,
+        &b,
+        None,
+        &a,
+        "create over an existing object",
+    )
+    .await;
+    let (cur, tag) = get_versioned_ok(store, &key).await.expect("exists");
+    // Replace at a version that never was.
+    let c = random_bytes(220);
+    expect_refused(
+        store,
+        conditions,
+        &key,
+        &c,
+        Some("\"no-such-version\""),
+        &cur,
+        "replace at a made-up version",
+    )
+    .await;
+    let tag = match conditions {
+        Conditions::Enforced | Conditions::EnforcedNotAtomic => {
+            assert_eq!(
+                tag,
+                tag_a,
+                "{}: a refused write changed the tag",
+                store.describe()
+            );
+            tag
+        }
+        Conditions::IgnoredByServer => get_versioned_ok(store, &key).await.expect("exists").1,
+    };
+
+    // Replace at the current version: goes through, new tag.
+    let d = random_bytes(200);
+    put_cond(d.clone(), Some(tag.clone())).await;
+    let (got, tag_d) = get_versioned_ok(store, &key).await.expect("replaced");
+    assert_same("get_versioned after a conditional replace", &got, &d);
+    assert_ne!(
+        tag_d,
+        tag,
+        "{}: a replace kept the version tag",
+        store.describe()
+    );
+
+    // Replace at the old (stale) version: refused.
+    let e = random_bytes(200);
+    expect_refused(
+        store,
+        conditions,
+        &key,
+        &e,
+        Some(&tag),
+        &d,
+        "replace at a stale version",
+    )
+    .await;
+
+    // A plain put in between makes the version stale too.
+    let (_, tag) = get_versioned_ok(store, &key).await.expect("exists");
+    let f = random_bytes(200);
+    put_bytes(store, &key, &f).await;
+    expect_refused(
+        store,
+        conditions,
+        &key,
+        &random_bytes(200),
+        Some(&tag),
+        &f,
+        "replace at the version before a plain put",
+    )
+    .await;
+
+    // Release and take again, as a successor does.
+    let (_, tag) = get_versioned_ok(store, &key).await.expect("exists");
+    let g = random_bytes(50);
+    put_cond(g.clone(), Some(tag)).await;
+    assert_same("after release", &get_ok(store, &key).await, &g);
+    delete_ok(store, &key).await;
+    let h = random_bytes(60);
+    put_cond(h.clone(), None).await;
+    assert_same(
+        "create after delete",
+        &get_versioned_ok(store, &key).await.expect("created").0,
+        &h,
+    );
+
+    // Conditional writes check keys like every other call.
+    for bad in ["", "/abs", "a//b"] {
+        let r = store
+            .put_conditional(bad, Bytes::from_static(b"x"), None)
+            .await;
+        assert!(
+            matches!(r, Err(StorageError::Other(_))),
+            "{}: put_conditional of invalid key {bad:?} must fail with Other, got {r:?}",
+            store.describe()
+        );
+        assert!(
+            store.get_versioned(bad).await.is_err(),
+            "{}: get_versioned of invalid key {bad:?}",
+            store.describe()
+        );
+    }
+    cleanup(store, &s).await;
+}
+
+/// Two shippers take a free lease in the same instant: with enforced
+/// conditions exactly one create wins and the object holds its body; with
+/// ignored ones both may go through, and a read shows one of them (the
+/// lease's read-back then stops the other).
+pub async fn conditional_create_race(store: &dyn Storage, conditions: Conditions) {
+    let s = scope();
+    for round in 0..5 {
+        let key = format!("{s}/race/{round}");
+        let bodies: Vec<Bytes> = (0..4).map(|_| random_bytes(100)).collect();
+        let results = futures::future::join_all(
+            bodies
+                .iter()
+                .map(|b| store.put_conditional(&key, b.clone(), None)),
+        )
+        .await;
+        let (now, _) = get_versioned_ok(store, &key)
+            .await
+            .unwrap_or_else(|| panic!("{}: race {round}: nothing stored", store.describe()));
+        let mut won = Vec::new();
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(()) => won.push(i),
+                Err(StorageError::AlreadyExists { .. }) => {}
+                Err(e) => panic!(
+                    "{}: race {round}: writer {i}: expected Ok or AlreadyExists, got {e:?}",
+                    store.describe()
+                ),
+            }
+        }
+        assert!(
+            !won.is_empty(),
+            "{}: race {round}: every create was refused on a free key",
+            store.describe()
+        );
+        if conditions == Conditions::Enforced {
+            assert_eq!(
+                won.len(),
+                1,
+                "{}: race {round}: {} creates of one key went through",
+                store.describe(),
+                won.len()
+            );
+            assert_same(
+                &format!("race {round}: the winner's body"),
+                &now,
+                &bodies[won[0]],
+            );
+        } else {
+            assert!(
+                won.iter().any(|&i| now == bodies[i]),
+                "{}: race {round}: the stored body is none of the successful writes'",
+                store.describe()
+            );
+        }
+    }
+    cleanup(store, &s).await;
 }

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+/// The backend conformance suite, for tests (feature `testing`).
+#[cfg(feature = "testing")]
 pub mod conformance;
 pub mod counting;
 pub mod file;

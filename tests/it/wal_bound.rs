@@ -3,7 +3,7 @@
 //! checkpointed, the loss of continuity is recorded, and a new lineage
 //! starts once the store is back. The application is never blocked.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -115,9 +115,7 @@ fn past_max_wal_size_the_wal_is_released_and_a_new_lineage_follows() {
     });
     let l = harness::list_json(&url);
     assert_eq!(l["lineages"].as_array().unwrap().len(), 2, "{l}");
-    unsafe {
-        libc::kill(d.id() as i32, libc::SIGTERM);
-    }
+    harness::sigterm(&d);
     assert!(wait_timeout(&mut d, Duration::from_secs(90)).success());
     let out = dir.join("restored.db");
     let r = harness::restore(&url, &out, &[]);

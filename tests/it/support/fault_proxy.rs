@@ -160,7 +160,10 @@ pub struct Record {
     /// Since the proxy started.
     pub at: Duration,
     pub kind: Kind,
+    /// Shown in failure messages (through `Debug`).
+    #[allow(dead_code)]
     pub method: String,
+    #[allow(dead_code)]
     pub target: String,
     pub outcome: Outcome,
 }
@@ -278,10 +281,12 @@ impl FaultProxy {
         (p, proxied)
     }
 
+    #[allow(dead_code)]
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
+    #[allow(dead_code)]
     pub fn upstream(&self) -> SocketAddr {
         self.shared.upstream
     }
@@ -319,6 +324,7 @@ impl FaultProxy {
     }
 
     /// TCP connections accepted so far.
+    #[allow(dead_code)]
     pub fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::SeqCst)
     }

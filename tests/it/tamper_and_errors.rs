@@ -1,7 +1,7 @@
 //! Damaged replicas and bad inputs: every one must fail loudly, name what is
 //! wrong, exit non-zero and leave no output behind.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,19 +12,12 @@ use support::harness::*;
 fn build_replica(dir: &Path, encrypt: bool) -> (String, Option<(PathBuf, String)>) {
     let url = format!("file://{}", dir.join("replica").display());
     let db = dir.join("app.db");
-    workload(&db, &["--count", "10"]);
     let key = if encrypt { Some(keygen(dir)) } else { None };
     let args: Vec<&str> = match &key {
         Some((_, r)) => vec!["--age-recipient", r.as_str()],
         None => vec!["--no-encryption"],
     };
-    let s = Shipper::start(&db, &url, &args);
-    for _ in 0..4 {
-        workload(&db, &["--count", "5"]);
-        std::thread::sleep(Duration::from_millis(450));
-    }
-    let (st, out) = s.stop();
-    assert!(st.success(), "{out}");
+    ship_in_rounds(&db, &url, &args);
     (url, key)
 }
 
@@ -449,15 +442,8 @@ fn damaged_objects_in_s3_are_detected() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let db = dir.join("app.db");
-        workload(&db, &["--count", "10"]);
         let (key, rcpt) = keygen(dir);
-        let s = Shipper::start(&db, &target.url, &["--age-recipient", &rcpt]);
-        for _ in 0..4 {
-            workload(&db, &["--count", "5"]);
-            std::thread::sleep(Duration::from_millis(450));
-        }
-        let (st, out) = s.stop();
-        assert!(st.success(), "{out}");
+        ship_in_rounds(&db, &target.url, &["--age-recipient", &rcpt]);
         let store = rt
             .block_on(offsite::storage::s3::S3Storage::new(target.s3_config()))
             .unwrap();

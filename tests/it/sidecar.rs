@@ -3,7 +3,7 @@
 //! directory discovery, and logs that never carry a secret. Every test runs
 //! the real binary against real SQLite files and a real S3 server.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use support::harness::{self, offsite, wait_for, wait_timeout, workload, workload_cmd};
+use support::harness::{self, offsite, sigterm, wait_for, wait_timeout, workload, workload_cmd};
 use support::private_s3::PrivateS3;
 
 /// `GET`/`POST` on the daemon's listener: (status, body).
@@ -66,12 +66,6 @@ fn daemon(args: &[&str], log: &Path, envs: &[(&str, &str)]) -> Child {
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap()
-}
-
-fn sigterm(c: &Child) {
-    unsafe {
-        libc::kill(c.id() as i32, libc::SIGTERM);
-    }
 }
 
 #[test]

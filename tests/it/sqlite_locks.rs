@@ -2,7 +2,7 @@
 //! processes: while offsite's source holds its read lock, another process
 //! cannot restart or truncate the WAL, whatever the source did before.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 

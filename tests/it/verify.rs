@@ -2,7 +2,7 @@
 //! intact replicas pass (also with --deep), every kind of damage fails and
 //! names the object; and the daemon's restore drill.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,15 +12,8 @@ use support::harness::*;
 /// An encrypted replica with one snapshot and several segments at `url`.
 fn build_replica(dir: &Path, url: &str) -> (PathBuf, String) {
     let db = dir.join("app.db");
-    workload(&db, &["--count", "10"]);
     let (key, rcpt) = keygen(dir);
-    let s = Shipper::start(&db, url, &["--age-recipient", &rcpt]);
-    for _ in 0..4 {
-        workload(&db, &["--count", "5"]);
-        std::thread::sleep(Duration::from_millis(450));
-    }
-    let (st, out) = s.stop();
-    assert!(st.success(), "{out}");
+    ship_in_rounds(&db, url, &["--age-recipient", &rcpt]);
     (key, rcpt)
 }
 

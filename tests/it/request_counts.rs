@@ -1,7 +1,7 @@
 //! Request counting (`Storage::request_counts`): exact counts for a few
 //! operations on file:// and on a real S3 server (Garage).
 
-mod support;
+use crate::support;
 
 use bytes::Bytes;
 use offsite::storage::file::FileStorage;

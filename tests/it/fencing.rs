@@ -3,7 +3,7 @@
 //! while the first holds the replica's lease, and takes over only once the
 //! first has stopped (its lease is released at shutdown).
 
-mod support;
+use crate::support;
 
 use std::process::{Child, Stdio};
 use std::time::Duration;
@@ -27,9 +27,7 @@ fn start(db: &std::path::Path, url: &str, log: &std::path::Path) -> Child {
 }
 
 fn stop(mut c: Child, log: &std::path::Path) {
-    unsafe {
-        libc::kill(c.id() as i32, libc::SIGTERM);
-    }
+    harness::sigterm(&c);
     let st = wait_timeout(&mut c, Duration::from_secs(90));
     assert!(st.success(), "{}", std::fs::read_to_string(log).unwrap());
 }
@@ -100,17 +98,29 @@ fn a_second_shipper_refuses_to_write_until_the_first_stops() {
         let r = harness::restore(&url, &out, &["--force"]);
         assert!(r.ok(), "{}", r.stderr());
         assert_eq!(offsite::workload::verify(&out).unwrap(), 8, "{name}");
-        // The first lineage is intact and restorable to its own end.
+        // The first lineage is intact and restorable to its own end: its
+        // latest txid (per-lineage "latest" of `list --json`) restores the
+        // first database's last state (3 + 2 commits), and the second
+        // lineage's txids come after it (lineages sort by their first txid).
         let l = harness::list_json(&url);
-        let first = &l["lineages"][0];
-        let last = first["last_txid"]
+        let ls = l["lineages"].as_array().expect("list --json: lineages");
+        assert_eq!(ls.len(), 2, "{name}: {l}");
+        let first_end = ls[0]["latest"]["txid"]
             .as_u64()
-            .or_else(|| first["newest_txid"].as_u64());
-        if let Some(t) = last {
-            let out = d.join("r3.db");
-            let r = harness::restore(&url, &out, &["--txid", &t.to_string()]);
-            assert!(r.ok() || r.stderr().contains("lineage"), "{}", r.stderr());
-        }
+            .unwrap_or_else(|| panic!("{name}: no latest txid of the first lineage: {l}"));
+        assert_eq!(first_end, 3, "{name}: the first lineage's end: {l}");
+        let second_start = ls[1]["earliest"]["txid"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{name}: no earliest txid of the second lineage: {l}"));
+        assert!(
+            second_start > first_end,
+            "{name}: the second lineage's txids overlap the first's: {l}"
+        );
+        let out = d.join("r3.db");
+        let r = harness::restore(&url, &out, &["--txid", &first_end.to_string()]);
+        assert!(r.ok(), "{name}: restore --txid {first_end}: {}", r.stderr());
+        assert_eq!(r.txid, Some(first_end), "{name}: {}", r.stderr());
+        assert_eq!(offsite::workload::verify(&out).unwrap(), 5, "{name}");
     }
 }
 
@@ -162,19 +172,17 @@ fn a_shipper_that_lost_its_lease_stops_writing() {
             .unwrap()
             .contains("another offsite took this replica's lease")
     });
-    std::thread::sleep(Duration::from_secs(2));
+    // At shutdown it says its last commits were not shipped, and exits 1.
+    harness::sigterm(&a);
+    let st = wait_timeout(&mut a, Duration::from_secs(90));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(st.code(), Some(1), "{text}");
+    assert!(text.contains("were not shipped"), "{text}");
+    // Nothing was written after the lease was lost, until its very end.
     assert_eq!(
         harness::latest_txid(&url),
         Some(3),
         "it went on writing after losing the lease"
     );
     assert_eq!(lineages(&url), 1);
-    // At shutdown it says its last commits were not shipped, and exits 1.
-    unsafe {
-        libc::kill(a.id() as i32, libc::SIGTERM);
-    }
-    let st = wait_timeout(&mut a, Duration::from_secs(90));
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert_eq!(st.code(), Some(1), "{text}");
-    assert!(text.contains("were not shipped"), "{text}");
 }

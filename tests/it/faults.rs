@@ -1,9 +1,9 @@
 //! Fault tolerance against a real S3 server (Garage) behind a fault-injecting
-//! proxy (tests/support/fault_proxy.rs): outages, resets, 5xx, throttling,
+//! proxy (tests/it/support/fault_proxy.rs): outages, resets, 5xx, throttling,
 //! slow and hung responses, lost responses, multipart uploads that die half
 //! way, a full or unwritable spool directory, and SIGKILL loops.
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;

@@ -2,7 +2,7 @@
 //! real SQLite database, a real S3 server (and file://), and an injected
 //! clock so hours of history take seconds.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,6 +16,7 @@ use offsite::retention::{Policy, SnapshotRetention};
 use offsite::storage::{self, DynStorage};
 use offsite::workload;
 use support::harness;
+use support::writer::Writer;
 
 const HOUR_US: i64 = 3_600_000_000;
 
@@ -52,44 +53,6 @@ async fn restore_to(
     .unwrap_or_else(|e| panic!("restore {target:?}: {e:#}"))
 }
 
-/// A deterministic writer with a second table that grows and is dropped +
-/// vacuumed now and then, so the database also shrinks (truncation inside
-/// compaction windows).
-struct Writer {
-    c: rusqlite::Connection,
-    p: workload::Params,
-    s: u64,
-}
-
-impl Writer {
-    fn new(db: &Path) -> Writer {
-        let p = workload::Params {
-            big_every: 7,
-            big_bytes: 40_000,
-        };
-        let c = workload::open(db, &p).unwrap();
-        c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        Writer { c, p, s: 0 }
-    }
-    fn commit(&mut self) {
-        self.s += 1;
-        workload::commit(&mut self.c, &self.p, self.s).unwrap();
-    }
-    fn grow_and_shrink(&mut self, phase: u64) {
-        if phase.is_multiple_of(2) {
-            self.c
-                .execute_batch(
-                    "CREATE TABLE IF NOT EXISTS junk(b BLOB); INSERT INTO junk SELECT randomblob(3000) FROM (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 60) SELECT i FROM n);",
-                )
-                .unwrap();
-        } else {
-            self.c
-                .execute_batch("DROP TABLE IF EXISTS junk; VACUUM;")
-                .unwrap();
-        }
-    }
-}
-
 /// Compacted and uncompacted replicas of the same database restore to
 /// identical bytes at every sampled commit; restores from the compacted one
 /// read far fewer objects. Runs on file:// and every S3 server.
@@ -102,7 +65,7 @@ async fn compacted_and_uncompacted_replicas_restore_identically() {
         let db = sub.join("app.db");
         let spool = sub.join("spool");
         std::fs::create_dir_all(&spool).unwrap();
-        let mut w = Writer::new(&db);
+        let mut w = Writer::new(&db, 7, 40_000);
         w.commit();
         let start = 1_800_000_000 * 1_000_000i64; // an hour boundary
         let (clock, hand) = Clock::manual(start);
@@ -133,7 +96,12 @@ async fn compacted_and_uncompacted_replicas_restore_identically() {
             }
             step += 1;
             if step.is_multiple_of(40) {
-                w.grow_and_shrink(step / 40);
+                // Alternately grow a side table and drop it + VACUUM.
+                if (step / 40).is_multiple_of(2) {
+                    w.grow(60, 3000);
+                } else {
+                    w.shrink();
+                }
             }
             hand.advance(Duration::from_secs(10 + next() % 70));
             ra.step(true).await.unwrap();
@@ -255,7 +223,7 @@ async fn retention_window_holds_across_simulated_hours() {
         let sub = dir.path().join(&target.name);
         std::fs::create_dir_all(sub.join("spool")).unwrap();
         let db = sub.join("app.db");
-        let mut w = Writer::new(&db);
+        let mut w = Writer::new(&db, 7, 40_000);
         w.commit();
         let start = 1_800_000_000 * 1_000_000i64;
         let (clock, hand): (Clock, ManualClock) = Clock::manual(start);
@@ -466,12 +434,10 @@ fn prune_cli_dry_run_then_real() {
     harness::workload(&db, &["--count", "20"]);
     // Build history across three lineages (database replaced twice).
     for i in 0..3 {
+        let before = harness::latest_txid(&url);
         let s = harness::Shipper::start(&db, &url, &["--no-encryption"]);
         harness::workload(&db, &["--count", "20"]);
-        harness::wait_for("shipped", Duration::from_secs(30), || {
-            harness::latest_txid(&url).is_some()
-        });
-        std::thread::sleep(Duration::from_millis(1500));
+        harness::wait_shipped(&url, before, Duration::from_secs(60));
         s.stop();
         if i < 2 {
             // VACUUM INTO + swap: a new file, so a new lineage.
@@ -665,7 +631,7 @@ async fn idle_database_costs_no_requests() {
         let sub = dir.path().join(&target.name);
         std::fs::create_dir_all(sub.join("spool")).unwrap();
         let db = sub.join("app.db");
-        let mut w = Writer::new(&db);
+        let mut w = Writer::new(&db, 7, 40_000);
         let start = 1_800_000_000 * 1_000_000i64;
         let (clock, hand) = Clock::manual(start);
         let store = open_store(&target.url).await;
@@ -716,7 +682,7 @@ async fn restore_drill_records_the_newest_verified_point() {
     let spool = dir.path().join("spool");
     std::fs::create_dir_all(&spool).unwrap();
     let url = format!("file://{}", dir.path().join("replica").display());
-    let mut w = Writer::new(&db);
+    let mut w = Writer::new(&db, 7, 40_000);
     w.commit();
     let (clock, hand) = Clock::manual(1_800_000_000 * 1_000_000);
     let store = open_store(&url).await;

@@ -14,7 +14,7 @@
 //! age-encrypted replica, half on a plaintext one, where only offsite's own
 //! hashes protect the data); a smaller sample runs on Garage.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -28,7 +28,7 @@ use offsite::replicate::{Options, Replicator};
 use offsite::restore::{restore, RestoreOptions};
 use offsite::storage::{self, Body, DynStorage, ObjectMeta};
 use offsite::verify::{verify, VerifyOptions};
-use offsite::workload;
+use support::writer::Writer;
 
 const SEED: u64 = 0x0ff5_17e5_eed5;
 /// Mutations per file:// replica (two replicas: encrypted and plaintext).
@@ -51,38 +51,6 @@ impl Rng {
     }
     fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
         &v[self.below(v.len())]
-    }
-}
-
-/// The writer: the workload's deterministic commits, plus a table that grows
-/// and is dropped and vacuumed, so the database also shrinks.
-struct Writer {
-    c: rusqlite::Connection,
-    p: workload::Params,
-    s: u64,
-}
-
-impl Writer {
-    fn new(db: &Path) -> Writer {
-        let p = workload::Params {
-            big_every: 9,
-            big_bytes: 30_000,
-        };
-        let c = workload::open(db, &p).unwrap();
-        c.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
-        Writer { c, p, s: 0 }
-    }
-    fn commit(&mut self) {
-        self.s += 1;
-        workload::commit(&mut self.c, &self.p, self.s).unwrap();
-    }
-    fn grow_or_shrink(&mut self, grow: bool) {
-        let sql = if grow {
-            "CREATE TABLE IF NOT EXISTS junk(b BLOB); INSERT INTO junk SELECT randomblob(2500) FROM (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < 12) SELECT i FROM n);"
-        } else {
-            "DROP TABLE IF EXISTS junk; VACUUM;"
-        };
-        self.c.execute_batch(sql).unwrap();
     }
 }
 
@@ -119,7 +87,7 @@ async fn build(dir: &Path) -> (DynStorage, DynStorage, Identities) {
     let s_plain = open_store(&file_url(&dir.join("plain"))).await;
     let start = 1_800_000_000 * 1_000_000i64;
     let (clock, hand) = Clock::manual(start);
-    let mut w = Writer::new(&db);
+    let mut w = Writer::new(&db, 9, 30_000);
     w.commit();
     let mut rng = Rng(SEED ^ 1);
     for lineage in 0..3 {
@@ -140,7 +108,11 @@ async fn build(dir: &Path) -> (DynStorage, DynStorage, Identities) {
                 w.commit();
             }
             if step % 6 == 5 {
-                w.grow_or_shrink(step % 12 == 5);
+                if step % 12 == 5 {
+                    w.grow(12, 2500);
+                } else {
+                    w.shrink();
+                }
             }
             hand.advance(Duration::from_secs(10 + rng.below(40) as u64));
             ra.step(true).await.unwrap();

@@ -10,7 +10,7 @@
 //! test server's, and container paths (volumes, bind mounts, secrets) become
 //! directories of a temp dir, exactly as a container runtime would map them.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use support::harness::{self, wait_for, wait_timeout};
+use support::harness::{self, sigterm, wait_for, wait_timeout};
 use yaml_rust2::{Yaml, YamlLoader};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -1113,12 +1113,6 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Some((status, body))
-}
-
-fn sigterm(child: &Child) {
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
 }
 
 /// Panic with the process's stderr if it has exited.

@@ -119,9 +119,7 @@ impl Shipper {
 
     /// SIGTERM and wait (at most 90 s; offsite's own shutdown timeout is 60 s).
     pub fn stop(mut self) -> (ExitStatus, String) {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
+        sigterm(&self.child);
         let st = wait_timeout(&mut self.child, Duration::from_secs(90));
         (st, self.log_text())
     }
@@ -137,6 +135,14 @@ impl Drop for Shipper {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Send SIGTERM to `child` (offsite's graceful shutdown); does not wait.
+pub fn sigterm(child: &Child) {
+    // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
     }
 }
 
@@ -168,15 +174,57 @@ pub fn latest_txid(url: &str) -> Option<u64> {
     list_json(url)["latest"]["txid"].as_u64()
 }
 
-/// Wait until `f` holds (polling), or panic after `t`.
+/// Wait until `f` holds (polling every 100 ms), or panic after `t`. The
+/// deadline is generous: a test waits for a condition, never for a time.
 pub fn wait_for(what: &str, t: Duration, mut f: impl FnMut() -> bool) {
     let end = Instant::now() + t;
     while !f() {
         if Instant::now() > end {
-            panic!("timed out waiting for {what}");
+            panic!("timed out after {t:?} waiting for {what}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Wait until the replica at `url` holds a txid above `after` and has stopped
+/// moving (two listings in a row agree), i.e. the shipper has caught up with
+/// what was committed so far. Returns the replica's latest txid.
+pub fn wait_shipped(url: &str, after: Option<u64>, t: Duration) -> u64 {
+    let mut last = None;
+    let mut got = 0;
+    wait_for(
+        &format!("the replica {url} to move past txid {after:?} and settle"),
+        t,
+        || {
+            let now = latest_txid(url);
+            let settled = now.is_some() && now > after && now == last;
+            last = now;
+            got = now.unwrap_or(0);
+            if !settled {
+                std::thread::sleep(Duration::from_millis(150));
+            }
+            settled
+        },
+    );
+    got
+}
+
+/// The ship-in-rounds fixture: a replica with one snapshot and several
+/// segments. Writes 10 commits to `db`, starts a shipper to `url` with
+/// `args`, then 4 times: 5 more commits and a wait until they are shipped
+/// (each round its own segment); stops the shipper (exit 0). Returns the
+/// shipper's log.
+pub fn ship_in_rounds(db: &Path, url: &str, args: &[&str]) -> String {
+    workload(db, &["--count", "10"]);
+    let s = Shipper::start(db, url, args);
+    let mut shipped = wait_shipped(url, None, Duration::from_secs(60));
+    for _ in 0..4 {
+        workload(db, &["--count", "5"]);
+        shipped = wait_shipped(url, Some(shipped), Duration::from_secs(60));
+    }
+    let (st, out) = s.stop();
+    assert!(st.success(), "{out}");
+    out
 }
 
 pub struct Restored {

@@ -3,7 +3,7 @@
 //! retrying cannot fix). Runs the real binary against real files and the
 //! real Garage server.
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;

@@ -2,7 +2,7 @@
 //! Lock enabled (`OFFSITE_TEST_S3_LOCK_TARGET`), and the lock probe against
 //! the real stores (Garage, s3s-fs), which do not implement Object Lock.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -1,15 +1,17 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests, each defined once.
 //!
-//! Each test binary compiles this module separately and uses only part of
-//! it, hence the `dead_code` allowance.
-//!
-//! Sections:
 //! * S3 test targets (`s3_targets`, `s3_target`, `s3_lock_target`, `unique_prefix`)
-#![allow(dead_code)]
+//! * `harness`: running `offsite` and `offsite-workload`, SIGTERM, waiting
+//!   on conditions (`wait_for`, `wait_shipped`), the ship-in-rounds fixture
+//! * `writer`: the deterministic in-process `Writer`
+//! * `gate`: tests that measure run alone
+//! * `fault_proxy`, `private_s3`: a store that misbehaves or goes away
 
 pub mod fault_proxy;
+pub mod gate;
 pub mod harness;
 pub mod private_s3;
+pub mod writer;
 
 // ---------------------------------------------------------------------------
 // S3 test targets
@@ -129,16 +131,29 @@ pub fn s3_lock_target() -> Option<S3Target> {
     })
 }
 
-/// The target called `name`, or `None` (with a message) if the environment
-/// does not list it (or S3 tests are disabled).
+/// The target called `name`.
+///
+/// Panics if the environment does not list it, like [`s3_targets`] does when
+/// there are no targets at all: a test that asks for a server must not pass
+/// without it. Only with `OFFSITE_TEST_ALLOW_NO_S3=1` and no targets at all
+/// is it `None` (with a warning).
 pub fn s3_target(name: &str) -> Option<S3Target> {
     let all = s3_targets();
-    let names: Vec<_> = all.iter().map(|t| t.name.clone()).collect();
-    let found = all.into_iter().find(|t| t.name == name);
-    if found.is_none() {
-        eprintln!("note: no S3 target named {name:?} (configured: {names:?}); skipping");
+    if all.is_empty() {
+        // Only reachable with OFFSITE_TEST_ALLOW_NO_S3=1 (s3_targets warned).
+        return None;
     }
-    found
+    let names: Vec<_> = all.iter().map(|t| t.name.clone()).collect();
+    match all.into_iter().find(|t| t.name == name) {
+        Some(t) => Some(t),
+        None => panic!(
+            "{S3_TARGETS_ENV} has no S3 server named {name:?} (it lists {names:?}), \
+             and this test needs it.\n\
+             Start the local test servers and load their environment:\n\
+             \n    scripts/test-servers.sh start\n    \
+             source ${{OFFSITE_SERVERS_STATE:-/tmp/offsite-test-servers}}/env\n"
+        ),
+    }
 }
 
 fn parse_targets(raw: &str) -> Vec<(String, String)> {
