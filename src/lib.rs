@@ -4,24 +4,34 @@
 //! Data flows one way: an engine's source (`engine::sqlite`) → `segment` →
 //! `codec` → `storage`; `restore` is the mirror image, through `replay`.
 //! See docs/ARCHITECTURE.md, docs/FORMAT.md and docs/SQLITE.md.
+//!
+//! The public modules are the library's deliberate surface: what the
+//! `offsite` binary, the integration tests and the benchmarks use (the
+//! command line; storage backends; replicating, restoring, verifying and
+//! pruning a replica; keys, clock, object names and restore targets; the
+//! deterministic workload writer). Everything else is internal.
 
 pub mod cli;
 pub mod clock;
 pub mod codec;
-pub mod config;
-pub mod daemon;
 pub mod engine;
-pub mod http;
 pub mod keys;
 pub mod layout;
-pub mod lease;
-pub mod record;
-pub mod replay;
 pub mod replicate;
 pub mod restore;
 pub mod retention;
-pub mod segment;
-pub mod status;
 pub mod storage;
 pub mod verify;
 pub mod workload;
+
+pub(crate) mod config;
+pub(crate) mod daemon;
+pub(crate) mod http;
+pub(crate) mod lease;
+pub(crate) mod record;
+pub(crate) mod replay;
+pub(crate) mod segment;
+pub(crate) mod status;
+
+/// `replicate --exec`: the application's exit status, for `main` to exit with.
+pub use daemon::ExitStatus;

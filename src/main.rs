@@ -24,7 +24,7 @@ fn main() {
         .expect("tokio runtime");
     if let Err(e) = rt.block_on(offsite::cli::run(cli)) {
         // `replicate --exec`: exit with the application's status.
-        if let Some(s) = e.downcast_ref::<offsite::daemon::ExitStatus>() {
+        if let Some(s) = e.downcast_ref::<offsite::ExitStatus>() {
             std::process::exit(s.0);
         }
         // One line: the reason, with its causes joined.

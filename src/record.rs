@@ -71,21 +71,6 @@ pub async fn engine(store: &dyn Storage) -> anyhow::Result<Engine> {
     }
 }
 
-/// Refuse a command for `want` on a replica of another engine.
-pub async fn expect_engine(store: &dyn Storage, want: Engine, what: &str) -> anyhow::Result<()> {
-    let Some(r) = read(store).await? else {
-        return Ok(());
-    };
-    if r.engine != want.name() {
-        bail!(
-            "replica {} holds a {} replica ({RECORD_KEY}); offsite cannot {what} a {want} database with it (check the URL)",
-            store.describe(),
-            r.engine
-        );
-    }
-    Ok(())
-}
-
 /// A shipper's start: check the record, and write it if the replica has
 /// none or an older one.
 pub async fn claim(store: &dyn Storage, engine: Engine) -> anyhow::Result<()> {
@@ -134,13 +119,6 @@ mod tests {
         assert!(e.contains("postgres") && e.contains("refusing"), "{e}");
         let e = format!("{:#}", engine(&store).await.unwrap_err());
         assert!(e.contains("postgres") && e.contains(RECORD_KEY), "{e}");
-        let e = format!(
-            "{:#}",
-            expect_engine(&store, Engine::Sqlite, "restore")
-                .await
-                .unwrap_err()
-        );
-        assert!(e.contains("postgres"), "{e}");
         // Not a record at all.
         store
             .put(RECORD_KEY, Body::Bytes(b"<html>"[..].into()))

@@ -55,7 +55,7 @@ impl Link {
         Link(h.finalize().as_bytes()[..16].try_into().unwrap())
     }
 
-    pub fn to_hex(&self) -> String {
+    pub fn to_hex(self) -> String {
         hex::encode(self.0)
     }
 

@@ -20,9 +20,9 @@ use crate::codec::Encryption;
 use crate::keys::Recipients;
 use crate::storage::ReplicaUrl;
 
-pub use discover::{is_sqlite_file, Discover};
+pub use discover::Discover;
 pub(crate) use units::split_levels;
-pub use units::{expand_env, parse_duration, parse_levels, parse_size};
+pub use units::{expand_env, parse_duration, parse_size};
 
 /// The settings as given (strings, unset = default), before validation.
 #[derive(Debug, Default, Deserialize)]

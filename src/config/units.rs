@@ -97,11 +97,6 @@ pub(crate) fn check_levels(v: &[String]) -> anyhow::Result<Vec<Duration>> {
     Ok(out)
 }
 
-/// `--compaction-levels 1m,15m,4h` or `off`.
-pub fn parse_levels(s: &str) -> anyhow::Result<Vec<Duration>> {
-    check_levels(&split_levels(s))
-}
-
 /// `1m,15m,4h` → the config file's list `["1m", "15m", "4h"]`; `off` → `[]`.
 pub(crate) fn split_levels(s: &str) -> Vec<String> {
     if s.trim() == "off" {
@@ -144,6 +139,10 @@ mod tests {
             .to_string();
         assert!(e.contains("OFFSITE_SURELY_UNSET_VAR is not set"), "{e}");
         assert_eq!(expand_env("a$$b", "f").unwrap(), "a$b");
+    }
+
+    fn parse_levels(s: &str) -> anyhow::Result<Vec<Duration>> {
+        check_levels(&split_levels(s))
     }
 
     #[test]

@@ -581,11 +581,9 @@ impl Replicator {
         }
         self.next_txid = next;
         if let Err(b) = polled {
-            if b.verifiable {
-                if blocking(|| sh.source.verify_continuation())? {
-                    tracing::info!(db = %self.db(), reason = %b.reason, "WAL restarted; the database provably continues the replica, continuing the lineage");
-                    return Ok(());
-                }
+            if b.verifiable && blocking(|| sh.source.verify_continuation())? {
+                tracing::info!(db = %self.db(), reason = %b.reason, "WAL restarted; the database provably continues the replica, continuing the lineage");
+                return Ok(());
             }
             self.enter(Phase::Restarting, &b.reason);
             return self.new_lineage(None, &b.reason).await;

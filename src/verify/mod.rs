@@ -13,6 +13,7 @@
 //!    the replayed state where they start, and their end checksum must equal
 //!    the replay's when it reaches their last txid.
 //! 3. `--deep` (`deep`): real restores (with `PRAGMA integrity_check`) of sampled points.
+//!
 //! Restore drills in the daemon (`drill`) restore sampled points the same way.
 
 mod contents;

@@ -15,6 +15,7 @@ mod deploy_files;
 mod e2e_sqlite;
 mod faults;
 mod fencing;
+mod format1;
 mod mutation_fuzz;
 mod object_lock;
 mod request_counts;

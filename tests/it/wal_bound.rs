@@ -25,12 +25,16 @@ fn scrape(addr: &str) -> String {
     s
 }
 
-fn metric(text: &str, name: &str) -> f64 {
+/// A metric's value; `None` before the replicator has published it.
+fn metric_opt(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(&format!("{name}{{")))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    metric_opt(text, name).unwrap_or_else(|| panic!("no {name} in {text}"))
 }
 
 #[test]
@@ -62,7 +66,9 @@ fn past_max_wal_size_the_wal_is_released_and_a_new_lineage_follows() {
         .spawn()
         .unwrap();
     wait_for("the first snapshot", Duration::from_secs(60), || {
-        TcpStream::connect(&addr).is_ok() && metric(&scrape(&addr), "offsite_shipped_txid") >= 1.0
+        // The listener comes up before the replicator publishes its gauges.
+        TcpStream::connect(&addr).is_ok()
+            && metric_opt(&scrape(&addr), "offsite_shipped_txid").is_some_and(|v| v >= 1.0)
     });
 
     // The store goes away while the application writes ~30 MB of WAL

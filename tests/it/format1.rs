@@ -4,7 +4,7 @@
 //! verifies, and a shipper of today starts a format-2 lineage beside it
 //! instead of continuing it.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
