@@ -40,6 +40,20 @@ fn rows(p: &Path) -> i64 {
         .unwrap()
 }
 
+/// `offsite verify URL --age-identity ID` finds no problem.
+fn verify_ok(url: &str, id: &str) {
+    let v = support::harness::offsite()
+        .args(["verify", url, "--age-identity", id])
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+}
+
 fn expected() -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(fixture().join("expected.json")).unwrap()).unwrap()
 }
@@ -82,16 +96,7 @@ fn every_txid_of_a_format1_replica_restores_exactly() {
     // It lists as SQLite, and verifies with its identity (contents replayed).
     let l = list_json(&url);
     assert_eq!(l["engine"], "sqlite");
-    let v = support::harness::offsite()
-        .args(["verify", &url, "--age-identity", &id])
-        .output()
-        .unwrap();
-    assert!(
-        v.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
+    verify_ok(&url, &id);
 }
 
 #[test]
@@ -155,16 +160,7 @@ fn a_shipper_starts_a_format2_lineage_beside_format1() {
         sha256(&out),
         exp["txids"][&first]["sha256"].as_str().unwrap()
     );
-    let v = support::harness::offsite()
-        .args(["verify", &url, "--age-identity", &id])
-        .output()
-        .unwrap();
-    assert!(
-        v.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&v.stderr)
-    );
+    verify_ok(&url, &id);
 }
 
 #[test]

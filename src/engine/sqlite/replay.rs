@@ -105,15 +105,8 @@ impl Replay for PageReplay {
                 }
                 self.state()?.resize(t);
             }
-            let mut pgno_b = [0u8; 4];
             for _ in 0..records {
-                payload.read_exact(&mut pgno_b)?;
-                payload.read_exact(&mut buf)?;
-                let pgno = u32::from_le_bytes(pgno_b);
-                ensure!(
-                    pgno >= 1 && pgno <= db_pages,
-                    "record for page {pgno} outside the database"
-                );
+                let pgno = read_record(payload, &mut buf, db_pages)?;
                 if let Some(f) = self.out.as_ref() {
                     f.write_all_at(&buf, (pgno as u64 - 1) * ps as u64)?;
                 }
@@ -133,16 +126,9 @@ impl Replay for PageReplay {
     fn check_commit(&mut self, payload: &mut dyn ExactRead) -> anyhow::Result<()> {
         let seg = self.segment.clone().context("commit outside a segment")?;
         let (db_pages, records) = read_start(payload, seg.page_size)?;
-        let mut pgno_b = [0u8; 4];
         let mut buf = vec![0u8; seg.page_size as usize];
         for _ in 0..records {
-            payload.read_exact(&mut pgno_b)?;
-            payload.read_exact(&mut buf)?;
-            let pgno = u32::from_le_bytes(pgno_b);
-            ensure!(
-                pgno >= 1 && pgno <= db_pages,
-                "record for page {pgno} outside the database"
-            );
+            read_record(payload, &mut buf, db_pages)?;
         }
         Ok(())
     }
@@ -183,6 +169,20 @@ fn read_start(payload: &mut dyn ExactRead, page_size: u32) -> anyhow::Result<(u3
         "commit payload length does not match its {records} page records"
     );
     Ok((db_pages, records))
+}
+
+/// One page record into `page`; its page number, checked to lie inside a
+/// database of `db_pages` pages.
+fn read_record(payload: &mut dyn ExactRead, page: &mut [u8], db_pages: u32) -> anyhow::Result<u32> {
+    let mut b = [0u8; 4];
+    payload.read_exact(&mut b)?;
+    payload.read_exact(page)?;
+    let pgno = u32::from_le_bytes(b);
+    ensure!(
+        pgno >= 1 && pgno <= db_pages,
+        "record for page {pgno} outside the database"
+    );
+    Ok(pgno)
 }
 
 /// The files a restored database occupies: the database and its WAL and
