@@ -261,6 +261,8 @@ impl Config {
         Self::from_raw(&raw, &Origin::File(path.display().to_string()))
     }
 
+    /// A config file's text (tests; the daemon reads files with `load`).
+    #[cfg(test)]
     pub fn parse(text: &str, file: &str) -> anyhow::Result<Config> {
         let raw = RawConfig::parse(text, file)?;
         Self::from_raw(&raw, &Origin::File(file.to_string()))
