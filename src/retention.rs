@@ -382,8 +382,6 @@ pub async fn prune(
     dry_run: bool,
 ) -> anyhow::Result<PruneReport> {
     let catalog = Catalog::load(store).await?;
-    // Deleting needs the replica's format understood: refuse unknown engines.
-    crate::record::engine(store).await?;
     let plan = plan(&catalog, policy, now_us)?;
     let mut rep = PruneReport {
         window_start: plan.window_start.clone(),

@@ -566,6 +566,10 @@ async fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
             crate::retention::SnapshotRetention::parse(s).context("--snapshot-retention")?;
     }
     let store = storage::open(&r.url).await?;
+    // Deleting needs the replica understood: a replica of an engine this
+    // offsite does not know is refused. (The daemon's own pruning needs no
+    // check: its shipper claimed the record at start.)
+    crate::record::engine(store.as_ref()).await?;
     let now = crate::clock::Clock::from_env()?.now_us();
     let rep = crate::retention::prune(store.as_ref(), &policy, now, a.dry_run).await?;
     if a.json {
