@@ -557,12 +557,14 @@ mod tests {
 
     #[test]
     fn env_expansion_and_defaults() {
-        std::env::set_var("OFFSITE_TEST_BUCKET", "bkt");
         let t = format!(
             "[[database]]\npath = \"/a.db\"\n[[database.replica]]\nurl = \"s3://${{OFFSITE_TEST_BUCKET}}/p\"\nage-recipients = [\"{}\"]\n",
             r()
         );
-        let c = Config::parse(&t, "x.toml").unwrap();
+        let c = units::with_vars(&[("OFFSITE_TEST_BUCKET", "bkt")], || {
+            Config::parse(&t, "x.toml")
+        })
+        .unwrap();
         assert_eq!(c.databases[0].sync_interval, Duration::from_secs(1));
         assert!(c.databases[0].replicas[0]
             .url
@@ -572,10 +574,10 @@ mod tests {
             c.databases[0].replicas[0].encryption,
             Encryption::Age(_)
         ));
-        let e = expand_env("${OFFSITE_SURELY_UNSET_VAR}", "f")
+        let e = units::with_vars(&[], || expand_env("${OFFSITE_TEST_BUCKET}", "f"))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("OFFSITE_SURELY_UNSET_VAR is not set"), "{e}");
+        assert!(e.contains("OFFSITE_TEST_BUCKET is not set"), "{e}");
         assert_eq!(expand_env("a$$b", "f").unwrap(), "a$b");
     }
 
@@ -605,11 +607,14 @@ mod tests {
 
     #[test]
     fn shipped_example_config_is_valid() {
-        std::env::set_var("OFFSITE_BUCKET", "backups");
-        std::env::set_var("OFFSITE_S3_ENDPOINT", "http://127.0.0.1:9000");
-        std::env::set_var("OFFSITE_AGE_RECIPIENT", r());
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/offsite.toml");
-        let c = Config::load(&p).unwrap();
+        let rcpt = r();
+        let vars = [
+            ("OFFSITE_BUCKET", "backups"),
+            ("OFFSITE_S3_ENDPOINT", "http://127.0.0.1:9000"),
+            ("OFFSITE_AGE_RECIPIENT", rcpt.as_str()),
+        ];
+        let c = units::with_vars(&vars, || Config::load(&p)).unwrap();
         assert_eq!(c.databases.len(), 2);
         let d = &c.databases[0];
         assert_eq!(d.replicas.len(), 2);

@@ -6,6 +6,36 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 /// Expand `${VAR}` from the environment; `$$` is a literal `$`.
+/// The value of environment variable `name`. Unit tests set variables for
+/// their own thread only ([`with_vars`]): a test never changes the process
+/// environment while others run.
+fn var(name: &str) -> Option<String> {
+    #[cfg(test)]
+    if let Some(v) = TEST_VARS.with(|t| t.borrow().as_ref().map(|m| m.get(name).cloned())) {
+        return v;
+    }
+    std::env::var(name).ok()
+}
+
+#[cfg(test)]
+thread_local! {
+    static TEST_VARS: std::cell::RefCell<Option<std::collections::HashMap<String, String>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Run `f` with `vars` as this thread's whole environment for `${VAR}`.
+#[cfg(test)]
+pub(crate) fn with_vars<T>(vars: &[(&str, &str)], f: impl FnOnce() -> T) -> T {
+    let m = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    TEST_VARS.with(|t| *t.borrow_mut() = Some(m));
+    let r = f();
+    TEST_VARS.with(|t| *t.borrow_mut() = None);
+    r
+}
+
 pub fn expand_env(s: &str, what: &str) -> anyhow::Result<String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
@@ -23,7 +53,7 @@ pub fn expand_env(s: &str, what: &str) -> anyhow::Result<String> {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 bail!("{what}: invalid variable name {name:?} in {s:?}");
             }
-            let v = std::env::var(name).map_err(|_| {
+            let v = var(name).ok_or_else(|| {
                 anyhow::anyhow!(
                     "{what}: environment variable {name} is not set (used as ${{{name}}})"
                 )
