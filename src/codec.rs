@@ -15,6 +15,8 @@ pub const FORMAT_VERSION: u16 = 2;
 /// Format version 1 (SQLite only, written before the engine boundary):
 /// still read, never written.
 pub const LEGACY_VERSION: u16 = 1;
+/// The one engine format 1 knew.
+pub const LEGACY_ENGINE: &str = "sqlite";
 const ZSTD_LEVEL: i32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,7 +101,7 @@ struct LegacyMeta {
 impl LegacyMeta {
     fn into_meta(self) -> EnvelopeMeta {
         EnvelopeMeta {
-            engine: crate::engine::Engine::Sqlite.name().to_string(),
+            engine: LEGACY_ENGINE.to_string(),
             lineage: self.lineage,
             first_txid: self.first_txid,
             last_txid: self.last_txid,
@@ -186,7 +188,6 @@ impl Envelope {
         } else {
             serde_json::from_slice(&json).context("envelope metadata is not valid")?
         };
-        crate::engine::Engine::parse(&meta.engine)?;
         let mut raw = fixed.to_vec();
         raw.extend_from_slice(&json);
         Ok(Envelope {

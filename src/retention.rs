@@ -59,7 +59,9 @@ impl Default for Policy {
     fn default() -> Self {
         Policy {
             retention: crate::config::defaults::RETENTION,
-            snapshot_retention: crate::config::defaults::SNAPSHOT_RETENTION,
+            snapshot_retention: SnapshotRetention::Count(
+                crate::config::defaults::SNAPSHOT_RETENTION_COUNT,
+            ),
         }
     }
 }

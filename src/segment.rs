@@ -553,7 +553,7 @@ mod legacy {
     /// `payload` as format 2 has them; its `prev_checksum` is its link (in
     /// format 1 the state checksum links objects).
     pub(super) fn convert(json: &[u8], env: &Envelope) -> anyhow::Result<(Header, Reading)> {
-        let engine = crate::engine::Engine::Sqlite.name().to_string();
+        let engine = crate::codec::LEGACY_ENGINE.to_string();
         Ok(match env.kind {
             ObjectKind::Snapshot => {
                 let h: Snapshot =

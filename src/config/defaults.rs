@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use crate::retention::SnapshotRetention;
-
 const HOUR: Duration = Duration::from_secs(3600);
 
 /// `sync-interval`: how often pending commits are uploaded.
@@ -21,8 +19,8 @@ pub const MAX_WAL_BYTES: u64 = 512 << 20;
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 /// `retention`: the point-in-time window kept by pruning.
 pub const RETENTION: Duration = Duration::from_secs(24 * 3600);
-/// `snapshot-retention`: snapshots kept beyond the window.
-pub const SNAPSHOT_RETENTION: SnapshotRetention = SnapshotRetention::Count(2);
+/// `snapshot-retention`: this many newest snapshots kept beyond the window.
+pub const SNAPSHOT_RETENTION_COUNT: usize = 2;
 /// `snapshot-interval`: a fresh snapshot inside the lineage this often.
 pub const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// `compaction-levels`: window lengths of compaction levels 1, 2, 3.
