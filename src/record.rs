@@ -39,7 +39,7 @@ pub async fn read(store: &dyn Storage) -> anyhow::Result<Option<ReplicaRecord>> 
         Err(StorageError::NotFound { .. }) => return Ok(None),
         Err(e) => {
             return Err(anyhow::Error::new(e).context(format!(
-                "cannot read {RECORD_KEY} of replica {}",
+                "cannot read {RECORD_KEY} of replica {} (every command reads this small record; with a least-privilege policy allow s3:GetObject on PREFIX/{RECORD_KEY}, see docs/IAM.md)",
                 store.describe()
             )))
         }
@@ -86,7 +86,12 @@ pub async fn claim(store: &dyn Storage, engine: Engine) -> anyhow::Result<()> {
             store
                 .put(RECORD_KEY, Body::Bytes(body.into()))
                 .await
-                .with_context(|| format!("cannot write {RECORD_KEY} to {}", store.describe()))
+                .with_context(|| {
+                    format!(
+                        "cannot write {RECORD_KEY} to {} (a shipper writes this small record once; with a least-privilege policy allow s3:PutObject on PREFIX/{RECORD_KEY}, see docs/IAM.md)",
+                        store.describe()
+                    )
+                })
         }
     }
 }
