@@ -19,7 +19,7 @@ mod state;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use tokio::sync::watch;
 
 use crate::codec::{Encryption, Envelope};
@@ -476,8 +476,21 @@ impl Replicator {
                 "the replica's newest lineage was written by an earlier offsite (format 1); continuing in a new lineage (format 2)",
             )));
         }
-        let link = Link::from_hex(&env.meta.link)
-            .with_context(|| format!("object {} is damaged", head.key()))?;
+        // A head this shipper cannot continue is a break, not a reason to stop.
+        if env.meta.engine != self.engine.name() {
+            return Ok(Err(Break::hard(format!(
+                "the replica's newest object {} names the {:?} engine, not {}",
+                head.key(),
+                env.meta.engine,
+                self.engine
+            ))));
+        }
+        let Ok(link) = Link::from_hex(&env.meta.link) else {
+            return Ok(Err(Break::hard(format!(
+                "the replica's newest object {} has no valid chain link",
+                head.key()
+            ))));
+        };
         match blocking(|| src.resume(&env.meta.resume))? {
             Ok(r) => {
                 tracing::info!(db = %self.opts.db_path.display(), lineage, txid = head.last_txid(), how = %r.how, "resuming replication: {}", r.how);

@@ -235,3 +235,62 @@ fn list_json_raw(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// A replica's newest object naming another engine (or carrying no valid
+/// chain link) is not continued: the shipper starts a new lineage beside it
+/// instead of stopping.
+#[test]
+fn a_head_of_another_engine_starts_a_new_lineage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let db = dir.join("app.db");
+    {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.pragma_update(None, "journal_mode", "wal").unwrap();
+        c.execute_batch("create table t(v); insert into t values ('a');")
+            .unwrap();
+    }
+    let url = format!("file://{}", dir.join("replica").display());
+    let shipper = Shipper::start(&db, &url, &["--no-encryption"]);
+    wait_for("the first snapshot", Duration::from_secs(60), || {
+        list_json(&url)["latest"]["txid"].as_u64().is_some()
+    });
+    let (st, log) = shipper.stop();
+    assert!(st.success(), "{log}");
+    // The newest object's plaintext envelope now names another engine (the
+    // same length, so the envelope still parses).
+    // Nothing was written after the start: the snapshot is the head.
+    let files = list_json_raw(dir);
+    assert!(
+        !files.iter().any(|p| p.contains("/segments/0/")),
+        "{files:?}"
+    );
+    let newest = files
+        .into_iter()
+        .filter(|p| p.contains("/snapshots/"))
+        .max()
+        .unwrap();
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let at = bytes
+        .windows(8)
+        .position(|w| w == b"\"sqlite\"")
+        .expect("the envelope names its engine");
+    bytes[at + 1..at + 7].copy_from_slice(b"sqlitx");
+    std::fs::write(&newest, &bytes).unwrap();
+    let before = list_json(&url)["lineages"].as_array().unwrap().len();
+    let shipper = Shipper::start(&db, &url, &["--no-encryption"]);
+    wait_for("a new lineage", Duration::from_secs(60), || {
+        list_json(&url)["lineages"].as_array().unwrap().len() > before
+    });
+    let (st, log) = shipper.stop();
+    assert!(st.success(), "{log}");
+    assert!(
+        log.contains("sqlitx") && log.contains("starting a new lineage"),
+        "{log}"
+    );
+    // The new lineage restores the database.
+    let out = dir.join("out.db");
+    let r = restore(&url, &out, &[]);
+    assert!(r.ok(), "{}", r.stderr());
+    assert_eq!(rows(&out), 1);
+}
