@@ -1,5 +1,5 @@
 //! The replica record (`replica.json` at the replica root, docs/FORMAT.md,
-//! "Replica record"): which engine and format wrote the replica, so that
+//! "Bucket layout"): which engine and format wrote the replica, so that
 //! `restore`, `list`, `verify` and `prune` work from the URL alone and a
 //! shipper of another engine is refused before it writes anything.
 
