@@ -653,14 +653,18 @@ fn wal_stays_bounded_under_a_steady_writer() {
         &url,
         &["--age-recipient", &rcpt, "--checkpoint-frames", "200"],
     );
-    // 5 s of writes with no pause, ~7 pages per commit: ~115 MB through the
-    // WAL, which would all stay in it without offsite's checkpoints.
+    // 5 s of writes with no pause, ~7 pages per commit: ~58 MB through the
+    // WAL, which would all stay in it without offsite's checkpoints. The rate
+    // is one the shipper outpaces on a loaded 2-core machine with a debug
+    // build: at 800 commits/s (~14 MB/s) a fresh-clone CI run saw it fall
+    // behind (one reset in 5 s, a 117 MB WAL) — a writer that outruns the
+    // shipper is issue 13's ("say so before max-wal-size"), not this test's.
     let mut writer = workload_cmd(&db)
         .args([
             "--count",
-            "4000",
+            "2000",
             "--rate",
-            "800",
+            "400",
             "--big-every",
             "1",
             "--big-bytes",
@@ -713,7 +717,7 @@ fn wal_stays_bounded_under_a_steady_writer() {
         "no WAL reset in the second half of the writer's run ({took:?}; resets at \
          {resets:?}): offsite stopped checkpointing:\n{out}"
     );
-    check_replica(&url, dir, &key, 4005, &log);
+    check_replica(&url, dir, &key, 2005, &log);
 }
 
 #[test]
