@@ -4,14 +4,25 @@
 
 use std::io::{self, Read, Write};
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::keys::{Identities, Recipients};
+use crate::sign::{Binding, PublicKey, Trust};
 
 pub const MAGIC: &[u8; 8] = b"OFFSITE\0";
 /// The format version this offsite writes (docs/FORMAT.md).
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
+/// Format version 2 (unsigned, before "trust nothing in the bucket"): still
+/// read (with `--allow-unsigned`), never written.
+pub const UNSIGNED_VERSION: u16 = 2;
+/// The footer of a format-3 object: the payload's BLAKE3, then the
+/// Ed25519 signature over the envelope and that hash.
+pub const FOOTER_LEN: usize = 96;
+/// Domain separation of object signatures.
+const OBJECT_SIG_DOMAIN: &[u8] = b"offsite-object-v3\0";
+/// Envelope metadata is refused beyond this size (hostile input).
+const MAX_META: usize = 16 << 10;
 /// Format version 1 (SQLite only, written before the engine boundary):
 /// still read, never written.
 pub const LEGACY_VERSION: u16 = 1;
@@ -75,9 +86,26 @@ impl std::fmt::Debug for Encryption {
 pub struct EnvelopeMeta {
     /// The engine that wrote the object (`"sqlite"`).
     pub engine: String,
+    /// Format 3: the replica id (`replica.json`) the object belongs to.
+    #[serde(default)]
+    pub replica: String,
+    /// Format 3: the name of the database the object is of.
+    #[serde(default)]
+    pub database: String,
     pub lineage: String,
     pub first_txid: u64,
     pub last_txid: u64,
+    /// Format 3: the time of the object's last commit (a snapshot's time),
+    /// equal to the time in its key.
+    #[serde(default)]
+    pub time_us: i64,
+    /// Format 3: the compaction level (0 for snapshots and shipped segments),
+    /// equal to the level in its key.
+    #[serde(default)]
+    pub level: u8,
+    /// Format 3: the hex Ed25519 verifying key that signed the object.
+    #[serde(default)]
+    pub signer: String,
     /// The chain link after the object's last commit (docs/FORMAT.md,
     /// "Chain link"); empty in format-1 objects.
     pub link: String,
@@ -102,9 +130,14 @@ impl LegacyMeta {
     fn into_meta(self) -> EnvelopeMeta {
         EnvelopeMeta {
             engine: LEGACY_ENGINE.to_string(),
+            replica: String::new(),
+            database: String::new(),
             lineage: self.lineage,
             first_txid: self.first_txid,
             last_txid: self.last_txid,
+            time_us: 0,
+            level: 0,
+            signer: String::new(),
             link: String::new(),
             resume: serde_json::json!({
                 "frames": self.resume_at,
@@ -125,8 +158,48 @@ pub struct Envelope {
     pub raw: Vec<u8>,
 }
 
+/// How objects are sealed: encrypted (or explicitly not), signed, and bound
+/// to their replica and database.
+#[derive(Clone)]
+pub struct Seal {
+    pub enc: Encryption,
+    pub binding: Binding,
+}
+
+impl Seal {
+    /// Unsigned and unbound: only for tests of formats and parsers.
+    pub fn unsigned(enc: Encryption) -> Seal {
+        Seal {
+            enc,
+            binding: Binding {
+                signer: None,
+                replica: String::new(),
+                database: String::new(),
+            },
+        }
+    }
+}
+
+/// How an object's authenticity was established.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Authenticity {
+    /// Signed by this pinned key and bound to the expected replica.
+    Signed(PublicKey),
+    /// No signature (format 1 or 2): accepted only with `--allow-unsigned`.
+    Unsigned,
+}
+
 impl Envelope {
-    pub fn new(kind: ObjectKind, enc: &Encryption, meta: EnvelopeMeta) -> Envelope {
+    pub fn new(kind: ObjectKind, seal: &Seal, mut meta: EnvelopeMeta) -> Envelope {
+        meta.replica = seal.binding.replica.clone();
+        meta.database = seal.binding.database.clone();
+        meta.signer = seal
+            .binding
+            .signer
+            .as_ref()
+            .map(|s| s.public().hex())
+            .unwrap_or_default();
+        let enc = &seal.enc;
         let json = serde_json::to_vec(&meta).expect("envelope meta serializes");
         let mut raw = Vec::with_capacity(16 + json.len());
         raw.extend_from_slice(MAGIC);
@@ -151,8 +224,73 @@ impl Envelope {
         self.version == LEGACY_VERSION
     }
 
+    /// Format 3 and later: the object ends with a signed footer.
+    pub fn has_footer(&self) -> bool {
+        self.version >= 3
+    }
+
     pub fn blake3_hex(&self) -> String {
         blake3::hash(&self.raw).to_hex().to_string()
+    }
+
+    /// What the signature covers: the envelope and the payload's hash.
+    fn signed_message(&self, payload_hash: &[u8]) -> Vec<u8> {
+        let mut m = Vec::with_capacity(OBJECT_SIG_DOMAIN.len() + self.raw.len() + 32);
+        m.extend_from_slice(OBJECT_SIG_DOMAIN);
+        m.extend_from_slice(&self.raw);
+        m.extend_from_slice(payload_hash);
+        m
+    }
+
+    /// Check the envelope against `trust`, given the object's footer: the
+    /// signature (by a pinned key), the replica and the database it is bound
+    /// to. The payload hash in the footer is checked by [`authenticate`]
+    /// (here only the envelope is proven, e.g. from two ranged reads).
+    pub fn check(&self, footer: Option<&[u8; FOOTER_LEN]>, trust: &Trust) -> anyhow::Result<Authenticity> {
+        let unsigned = |why: &str| -> anyhow::Result<Authenticity> {
+            if trust.allow_unsigned {
+                Ok(Authenticity::Unsigned)
+            } else {
+                bail!("{why}: it carries no signature, so anyone with write access to the bucket could have written it; refusing it (a replica written before format 3 restores only with --allow-unsigned)")
+            }
+        };
+        if !self.has_footer() {
+            return unsigned(&format!("object was written by format {}", self.version));
+        }
+        let footer = footer.context("object has no footer")?;
+        let sig: [u8; 64] = footer[32..].try_into().unwrap();
+        if self.meta.signer.is_empty() {
+            return unsigned("object is unsigned");
+        }
+        let Some(key) = trust.pins(&self.meta.signer) else {
+            bail!(
+                "object is signed by offsite-vk1-{}, which is not a key this reader trusts ({}); written by another shipper, or a planted object",
+                self.meta.signer,
+                trust.describe_keys()
+            );
+        };
+        if !key.verify(&self.signed_message(&footer[..32]), &sig) {
+            bail!("object's signature does not verify: it was forged or modified after it was written");
+        }
+        match &trust.replica {
+            Some(r) if *r == self.meta.replica => {}
+            Some(r) => bail!(
+                "object belongs to replica {}, not to this replica {r} (copied from another replica or tenant?)",
+                self.meta.replica
+            ),
+            None => bail!(
+                "cannot tell which replica this object belongs to: replica.json is missing or unsigned (pass --replica-id {} if this is the right replica)",
+                self.meta.replica
+            ),
+        }
+        if let Some(d) = &trust.database {
+            ensure!(
+                *d == self.meta.database,
+                "object is of database {:?}, not {d:?}",
+                self.meta.database
+            );
+        }
+        Ok(Authenticity::Signed(*key))
     }
 
     /// Read and validate an envelope from the start of an object.
@@ -164,8 +302,8 @@ impl Envelope {
             bail!("not an offsite object (bad magic)");
         }
         let version = u16::from_le_bytes([fixed[8], fixed[9]]);
-        if version != FORMAT_VERSION && version != LEGACY_VERSION {
-            bail!("object has format version {version}; this offsite reads versions {LEGACY_VERSION} and {FORMAT_VERSION} (upgrade offsite)");
+        if !(LEGACY_VERSION..=FORMAT_VERSION).contains(&version) {
+            bail!("object has format version {version}; this offsite reads versions {LEGACY_VERSION} to {FORMAT_VERSION} (upgrade offsite)");
         }
         let kind = ObjectKind::from_u8(fixed[10])
             .with_context(|| format!("unknown object kind {}", fixed[10]))?;
@@ -178,6 +316,7 @@ impl Envelope {
             bail!("unknown compression {}", fixed[12]);
         }
         let meta_len = u16::from_le_bytes([fixed[14], fixed[15]]) as usize;
+        ensure!(meta_len <= MAX_META, "envelope metadata is implausibly large ({meta_len} bytes)");
         let mut json = vec![0u8; meta_len];
         r.read_exact(&mut json)
             .context("object is truncated inside its envelope")?;
@@ -188,6 +327,18 @@ impl Envelope {
         } else {
             serde_json::from_slice(&json).context("envelope metadata is not valid")?
         };
+        if version < FORMAT_VERSION {
+            ensure!(
+                meta.replica.is_empty() && meta.database.is_empty() && meta.signer.is_empty() && meta.time_us == 0 && meta.level == 0,
+                "envelope metadata is not valid for format {version}"
+            );
+        }
+        ensure!(
+            meta.first_txid <= meta.last_txid && meta.last_txid <= crate::layout::MAX_TXID,
+            "envelope names an impossible txid range {}..={}",
+            meta.first_txid,
+            meta.last_txid
+        );
         let mut raw = fixed.to_vec();
         raw.extend_from_slice(&json);
         Ok(Envelope {
@@ -200,20 +351,95 @@ impl Envelope {
     }
 }
 
-enum Inner<W: Write> {
-    Plain(zstd::Encoder<'static, W>),
-    Age(zstd::Encoder<'static, age::stream::StreamWriter<W>>),
+/// Authenticate a whole object before anything parses its payload: the
+/// envelope, the payload's hash against the signed footer, the signature,
+/// the replica and database binding. Returns the envelope and where the
+/// payload ends (the footer excluded). `len` is the object's size.
+pub fn authenticate<R: Read>(
+    mut r: R,
+    len: u64,
+    trust: &Trust,
+) -> anyhow::Result<(Envelope, Authenticity, u64)> {
+    let env = Envelope::read_from(&mut r)?;
+    if !env.has_footer() {
+        let a = env.check(None, trust)?;
+        return Ok((env, a, len));
+    }
+    let payload_len = len
+        .checked_sub(env.raw.len() as u64 + FOOTER_LEN as u64)
+        .context("object is truncated (too short for its envelope and footer)")?;
+    let mut h = blake3::Hasher::new();
+    let copied = std::io::copy(&mut (&mut r).take(payload_len), &mut HashSink(&mut h))
+        .context("cannot read the object")?;
+    ensure!(copied == payload_len, "object is truncated");
+    let mut footer = [0u8; FOOTER_LEN];
+    r.read_exact(&mut footer).context("object is truncated (footer)")?;
+    let mut extra = [0u8; 1];
+    ensure!(
+        r.read(&mut extra).context("cannot read the object")? == 0,
+        "object is longer than it was listed (changed while being read?)"
+    );
+    // The signature first: a bad hash under a valid signature is damage,
+    // an unsigned or foreign object is refused as such.
+    let a = env.check(Some(&footer), trust)?;
+    ensure!(
+        h.finalize().as_bytes()[..] == footer[..32],
+        "object payload does not match its signed hash (damaged or modified)"
+    );
+    let end = env.raw.len() as u64 + payload_len;
+    Ok((env, a, end))
 }
 
-/// Writes one object: envelope, then the body through zstd (and age).
+struct HashSink<'a>(&'a mut blake3::Hasher);
+
+impl Write for HashSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Bytes written after the envelope, hashed on the way to the sink.
+struct Hashed<W: Write> {
+    inner: W,
+    hasher: blake3::Hasher,
+}
+
+impl<W: Write> Write for Hashed<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+enum Inner<W: Write> {
+    Plain(zstd::Encoder<'static, Hashed<W>>),
+    Age(zstd::Encoder<'static, age::stream::StreamWriter<Hashed<W>>>),
+}
+
+/// Writes one object: envelope, then the body through zstd (and age), then
+/// the footer (the payload's hash and the signature).
 pub struct ObjectWriter<W: Write> {
     inner: Inner<W>,
+    env: Envelope,
+    signer: Option<std::sync::Arc<crate::sign::Signer>>,
 }
 
 impl<W: Write> ObjectWriter<W> {
-    pub fn new(mut sink: W, env: &Envelope, enc: &Encryption) -> anyhow::Result<Self> {
+    pub fn new(mut sink: W, env: &Envelope, seal: &Seal) -> anyhow::Result<Self> {
         sink.write_all(&env.raw)?;
-        let inner = match enc {
+        let sink = Hashed {
+            inner: sink,
+            hasher: blake3::Hasher::new(),
+        };
+        let inner = match &seal.enc {
             Encryption::None => {
                 let mut z = zstd::Encoder::new(sink, ZSTD_LEVEL)?;
                 z.include_checksum(true)?;
@@ -228,14 +454,27 @@ impl<W: Write> ObjectWriter<W> {
                 Inner::Age(z)
             }
         };
-        Ok(ObjectWriter { inner })
+        Ok(ObjectWriter {
+            inner,
+            env: env.clone(),
+            signer: seal.binding.signer.clone(),
+        })
     }
 
     pub fn finish(self) -> io::Result<W> {
-        match self.inner {
-            Inner::Plain(z) => z.finish(),
-            Inner::Age(z) => z.finish()?.finish(),
+        let hashed = match self.inner {
+            Inner::Plain(z) => z.finish()?,
+            Inner::Age(z) => z.finish()?.finish()?,
+        };
+        let hash = hashed.hasher.finalize();
+        let mut sink = hashed.inner;
+        let mut footer = [0u8; FOOTER_LEN];
+        footer[..32].copy_from_slice(hash.as_bytes());
+        if let Some(s) = &self.signer {
+            footer[32..].copy_from_slice(&s.sign(&self.env.signed_message(hash.as_bytes())));
         }
+        sink.write_all(&footer)?;
+        Ok(sink)
     }
 }
 
@@ -256,11 +495,22 @@ impl<W: Write> Write for ObjectWriter<W> {
 
 /// Open an object for reading: validates the envelope, decrypts (if
 /// encrypted) and returns the decompressed body stream.
+/// `len` is the object's size: a format-3 object's footer is not payload.
+/// Call [`authenticate`] first; this only decodes.
 pub fn open_object<'a, R: Read + 'a>(
     mut r: R,
+    len: u64,
     identities: Option<&Identities>,
 ) -> anyhow::Result<(Envelope, Box<dyn Read + 'a>)> {
     let env = Envelope::read_from(&mut r)?;
+    let r = if env.has_footer() {
+        let payload = len
+            .checked_sub(env.raw.len() as u64 + FOOTER_LEN as u64)
+            .context("object is truncated (too short for its envelope and footer)")?;
+        r.take(payload)
+    } else {
+        r.take(u64::MAX)
+    };
     let body: Box<dyn Read + 'a> = if env.encrypted {
         let ids = identities.context(
             "the replica is encrypted; pass the identity file with --age-identity PATH \
@@ -284,15 +534,48 @@ pub fn open_object<'a, R: Read + 'a>(
 mod tests {
     use super::*;
     use crate::keys;
+    use crate::sign::Signer;
+    use std::sync::Arc;
 
     fn meta() -> EnvelopeMeta {
         EnvelopeMeta {
             engine: "sqlite".into(),
+            replica: String::new(),
+            database: String::new(),
             lineage: "0000000000000001-000000aa".into(),
             first_txid: 1,
             last_txid: 2,
+            time_us: 5,
+            level: 0,
+            signer: String::new(),
             link: "00".repeat(16),
             resume: serde_json::json!({"frames": 0}),
+        }
+    }
+
+    fn seal(enc: Encryption, signer: &Arc<Signer>, replica: &str) -> Seal {
+        Seal {
+            enc,
+            binding: Binding {
+                signer: Some(signer.clone()),
+                replica: replica.into(),
+                database: "app.db".into(),
+            },
+        }
+    }
+
+    fn write(seal: &Seal, data: &[u8]) -> (Envelope, Vec<u8>) {
+        let env = Envelope::new(ObjectKind::Segment, seal, meta());
+        let mut w = ObjectWriter::new(Vec::new(), &env, seal).unwrap();
+        w.write_all(data).unwrap();
+        (env, w.finish().unwrap())
+    }
+
+    fn trust(signer: &Signer, replica: &str) -> Trust {
+        Trust {
+            keys: vec![signer.public()],
+            replica: Some(replica.into()),
+            ..Trust::default()
         }
     }
 
@@ -301,21 +584,23 @@ mod tests {
         let (id, rcpt) = keys::generate();
         let ids = keys::Identities::from_x25519(vec![id]);
         let recipients = keys::Recipients::parse_list(std::slice::from_ref(&rcpt)).unwrap();
+        let signer = Arc::new(Signer::generate());
         for enc in [Encryption::None, Encryption::Age(recipients)] {
-            let env = Envelope::new(ObjectKind::Segment, &enc, meta());
-            let mut w = ObjectWriter::new(Vec::new(), &env, &enc).unwrap();
+            let encrypted = matches!(enc, Encryption::Age(_));
+            let seal = seal(enc, &signer, "r1");
             let data: Vec<u8> = (0..100_000u32)
                 .flat_map(|i| (i % 7).to_le_bytes())
                 .collect();
-            w.write_all(&data).unwrap();
-            let obj = w.finish().unwrap();
-            let (e2, mut body) = open_object(&obj[..], Some(&ids)).unwrap();
-            assert_eq!(e2.meta, meta());
+            let (env, obj) = write(&seal, &data);
+            let (e1, a, _) = authenticate(&obj[..], obj.len() as u64, &trust(&signer, "r1")).unwrap();
+            assert_eq!(a, Authenticity::Signed(signer.public()));
+            assert_eq!(e1.meta.replica, "r1");
+            let (e2, mut body) = open_object(&obj[..], obj.len() as u64, Some(&ids)).unwrap();
             assert_eq!(e2.raw, env.raw);
             let mut out = Vec::new();
             body.read_to_end(&mut out).unwrap();
             assert_eq!(out, data);
-            if matches!(enc, Encryption::Age(_)) {
+            if encrypted {
                 // Ciphertext must not contain the plaintext run.
                 assert!(
                     !obj.windows(16).any(|w| w == &data[..16])
@@ -324,14 +609,59 @@ mod tests {
                 // Wrong identity → clear error.
                 let (other, _) = keys::generate();
                 let wrong = keys::Identities::from_x25519(vec![other]);
-                let err = open_object(&obj[..], Some(&wrong)).err().unwrap();
+                let err = open_object(&obj[..], obj.len() as u64, Some(&wrong)).err().unwrap();
                 assert!(
                     err.to_string().contains("none of the given age identities"),
                     "{err}"
                 );
-                let err = open_object(&obj[..], None).err().unwrap();
+                let err = open_object(&obj[..], obj.len() as u64, None).err().unwrap();
                 assert!(err.to_string().contains("--age-identity"), "{err}");
             }
         }
+    }
+
+    /// Every way to get an object past a reader without the signing key
+    /// is refused, each with its own reason.
+    #[test]
+    fn authenticate_refuses_what_the_pinned_key_did_not_sign_for_this_replica() {
+        let signer = Arc::new(Signer::generate());
+        let t = trust(&signer, "r1");
+        let check = |obj: &[u8], t: &Trust| {
+            authenticate(obj, obj.len() as u64, t)
+                .map(|_| ())
+                .map_err(|e| format!("{e:#}"))
+        };
+        let (_, good) = write(&seal(Encryption::None, &signer, "r1"), b"data");
+        check(&good, &t).unwrap();
+        // Another shipper (a key that is not pinned).
+        let other = Arc::new(Signer::generate());
+        let (_, forged) = write(&seal(Encryption::None, &other, "r1"), b"evil");
+        assert!(check(&forged, &t).unwrap_err().contains("not a key this reader trusts"));
+        // Another replica of the same shipper.
+        let (_, moved) = write(&seal(Encryption::None, &signer, "r2"), b"data");
+        assert!(check(&moved, &t).unwrap_err().contains("belongs to replica r2"));
+        // Unsigned: refused unless explicitly allowed.
+        let (_, unsigned) = write(&Seal::unsigned(Encryption::None), b"data");
+        assert!(check(&unsigned, &t).unwrap_err().contains("no signature"));
+        let mut lax = t.clone();
+        lax.allow_unsigned = true;
+        check(&unsigned, &lax).unwrap();
+        // A modified envelope byte (the encryption mode) or payload byte.
+        let mut flipped = good.clone();
+        flipped[11] = 1;
+        assert!(check(&flipped, &t).unwrap_err().contains("signature does not verify"));
+        let mut body = good.clone();
+        let n = body.len() - FOOTER_LEN - 1;
+        body[n] ^= 1;
+        assert!(check(&body, &t).unwrap_err().contains("does not match its signed hash"));
+        // Truncated or extended.
+        assert!(check(&good[..good.len() - 1], &t).is_err());
+        let mut longer = good.clone();
+        longer.push(0);
+        assert!(check(&longer, &t).is_err());
+        // The wrong database, when the reader names one.
+        let mut db = t.clone();
+        db.database = Some("other.db".into());
+        assert!(check(&good, &db).unwrap_err().contains("not \"other.db\""));
     }
 }

@@ -38,6 +38,10 @@ pub struct Daemon {
     pub clock: Clock,
     /// How often directories are searched for new or removed databases.
     pub discover_interval: Duration,
+    /// The signing key every replicator signs with.
+    pub signer: Option<Arc<crate::sign::Signer>>,
+    /// Further verifying keys trusted (old keys during a rotation).
+    pub verify_keys: Vec<crate::sign::PublicKey>,
 }
 
 /// A running replicator task's identity.
@@ -118,7 +122,11 @@ fn signals() -> tokio::sync::mpsc::UnboundedReceiver<i32> {
 /// Restore `d` from the first replica holding a backup, if the database
 /// does not exist. A replica with no backup yet is fine (a fresh
 /// application); an unreachable one is an error.
-async fn restore_if_missing(d: &DatabaseConfig, ids: &[PathBuf]) -> anyhow::Result<()> {
+async fn restore_if_missing(
+    d: &DatabaseConfig,
+    ids: &[PathBuf],
+    trust: &crate::sign::Trust,
+) -> anyhow::Result<()> {
     if std::fs::symlink_metadata(&d.path).is_ok() {
         tracing::info!(db = %d.path.display(), "database exists; nothing to restore");
         return Ok(());
@@ -147,6 +155,19 @@ async fn restore_if_missing(d: &DatabaseConfig, ids: &[PathBuf]) -> anyhow::Resu
             crate::restore::RestoreOptions::new(crate::layout::Target::Latest, d.path.clone());
         o.force = false;
         o.identities = identities;
+        // What this shipper signs, plus the pins in the identity files; and
+        // the replica must be of this database.
+        let mut t = trust.clone();
+        for f in &files {
+            if let Ok(text) = std::fs::read_to_string(f) {
+                t.keys.extend(crate::sign::PublicKey::pins_in(&text)?);
+            }
+        }
+        t.database = d
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        o.trust = t;
         let rep = crate::restore::restore(store.as_ref(), o)
             .await
             .with_context(|| {
@@ -182,7 +203,14 @@ impl Daemon {
             .partition(|d| d.discover.is_none());
         if self.restore_if_db_not_exists {
             for d in &statics {
-                restore_if_missing(d, &self.restore_identities).await?;
+                let trust = crate::sign::Trust::with_keys(
+                    self.signer
+                        .iter()
+                        .map(|s| s.public())
+                        .chain(self.verify_keys.iter().copied())
+                        .collect(),
+                );
+                restore_if_missing(d, &self.restore_identities, &trust).await?;
             }
         }
 
@@ -197,6 +225,8 @@ impl Daemon {
             spool: spool.path().to_path_buf(),
             clock: self.clock.clone(),
             shutdown_timeout: self.shutdown_timeout,
+            signer: self.signer.clone(),
+            verify_keys: self.verify_keys.clone(),
         };
         for d in &statics {
             let (tx, rx) = watch::channel(false);
@@ -351,6 +381,8 @@ struct Spawner {
     spool: PathBuf,
     clock: Clock,
     shutdown_timeout: Duration,
+    signer: Option<Arc<crate::sign::Signer>>,
+    verify_keys: Vec<crate::sign::PublicKey>,
 }
 
 impl Spawner {
@@ -364,6 +396,8 @@ impl Spawner {
     ) -> anyhow::Result<()> {
         for r in &d.replicas {
             let mut o = options_for(d, r)?;
+            o.signer = self.signer.clone();
+            o.verify_keys = self.verify_keys.clone();
             o.spool_dir = self.spool.clone();
             o.clock = self.clock.clone();
             o.shutdown_timeout = self.shutdown_timeout;

@@ -249,6 +249,11 @@ const COUNTERS: &[(&str, &str, Count)] = &[
         |s| s.lineage_breaks.load(Relaxed),
     ),
     (
+        "offsite_refused_objects",
+        "Objects read back from the replica that did not prove out (unsigned, foreign or forged): alert on any",
+        |s| s.refused_objects.load(Relaxed),
+    ),
+    (
         "offsite_wal_overflows",
         "Times the WAL outgrew max-wal-size while the replica was unreachable and was released (continuity lost, a new snapshot follows)",
         |s| s.wal_overflows.load(Relaxed),

@@ -136,21 +136,25 @@ pub fn generate() -> (age::x25519::Identity, String) {
 }
 
 /// The identity file text, in age-keygen's layout.
-pub fn identity_file_text(id: &age::x25519::Identity) -> String {
+pub fn identity_file_text(id: &age::x25519::Identity, pins: &[crate::sign::PublicKey]) -> String {
     let now = time::OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
+    let pins: String = pins
+        .iter()
+        .map(|k| format!("{} {k}\n", crate::sign::PIN_LINE))
+        .collect();
     format!(
-        "# created: {now}\n# public key: {}\n{}\n",
+        "# created: {now}\n# public key: {}\n{pins}{}\n",
         id.to_public(),
         id.to_string().expose_secret()
     )
 }
 
 /// Write a new identity to `path` (mode 0600, refusing to overwrite) and return its recipient.
-pub fn keygen_to_file(path: &Path) -> anyhow::Result<String> {
+pub fn keygen_to_file(path: &Path, pins: &[crate::sign::PublicKey]) -> anyhow::Result<String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let (id, r) = generate();
@@ -165,7 +169,7 @@ pub fn keygen_to_file(path: &Path) -> anyhow::Result<String> {
                 path.display()
             )
         })?;
-    f.write_all(identity_file_text(&id).as_bytes())?;
+    f.write_all(identity_file_text(&id, pins).as_bytes())?;
     f.sync_all()?;
     Ok(r)
 }

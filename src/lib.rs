@@ -20,18 +20,21 @@ pub mod layout;
 pub mod replicate;
 pub mod restore;
 pub mod retention;
+pub mod sign;
 pub mod storage;
 pub mod verify;
 pub mod workload;
 
 pub(crate) mod config;
 pub(crate) mod daemon;
+pub(crate) mod head;
 pub(crate) mod http;
 pub(crate) mod lease;
 pub(crate) mod record;
 pub(crate) mod replay;
 pub(crate) mod segment;
 pub(crate) mod status;
+pub(crate) mod trusted;
 
 /// `replicate --exec`: the application's exit status, for `main` to exit with.
 pub use daemon::ExitStatus;

@@ -3,16 +3,19 @@
 //! `restore`, `list`, `verify` and `prune` work from the URL alone and a
 //! shipper of another engine is refused before it writes anything.
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::Engine;
+use crate::sign::{PublicKey, Signer, Trust};
 use crate::storage::{Body, Storage, StorageError};
 
 pub const RECORD_KEY: &str = "replica.json";
 
 /// Larger than any record offsite writes; a bigger object is not read.
-const MAX_RECORD_BYTES: usize = 64 << 10;
+const MAX_RECORD_BYTES: u64 = 64 << 10;
+
+const RECORD_SIG_DOMAIN: &[u8] = b"offsite-replica-v3\0";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,31 +23,101 @@ pub struct ReplicaRecord {
     /// The format version of the replica's newest objects' writer.
     pub format: u16,
     pub engine: String,
+    /// Format 3: the replica id (32 hex), made once; every object carries it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub replica: String,
+    /// Format 3: the database's name; every object carries it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub database: String,
+    /// Format 3: the verifying key (64 hex) that signed the record.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub signer: String,
+    /// Format 3: Ed25519 signature (128 hex) over the fields above.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sig: String,
 }
 
 impl ReplicaRecord {
-    pub fn new(engine: Engine) -> ReplicaRecord {
-        ReplicaRecord {
+    /// A new, signed record of a new replica.
+    pub fn new(engine: Engine, replica: String, database: &str, signer: &Signer) -> ReplicaRecord {
+        let mut r = ReplicaRecord {
             format: crate::codec::FORMAT_VERSION,
             engine: engine.name().to_string(),
-        }
+            replica,
+            database: database.to_string(),
+            signer: signer.public().hex(),
+            sig: String::new(),
+        };
+        r.sig = hex::encode(signer.sign(&r.message()));
+        r
     }
+
+    fn message(&self) -> Vec<u8> {
+        let mut m = RECORD_SIG_DOMAIN.to_vec();
+        m.extend_from_slice(&self.format.to_le_bytes());
+        for f in [&self.engine, &self.replica, &self.database, &self.signer] {
+            m.extend_from_slice(&(f.len() as u32).to_le_bytes());
+            m.extend_from_slice(f.as_bytes());
+        }
+        m
+    }
+
+    /// Written before format 3: no replica id, no signature.
+    pub fn is_unsigned(&self) -> bool {
+        self.format < 3
+    }
+
+    /// Check the record's signature against `trust` (format 3).
+    pub fn check(&self, trust: &Trust) -> anyhow::Result<PublicKey> {
+        ensure!(
+            !self.is_unsigned(),
+            "{RECORD_KEY} was written before format 3 and is not signed"
+        );
+        ensure!(
+            self.replica.len() == 32 && self.replica.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{RECORD_KEY} has an invalid replica id {:?}",
+            self.replica
+        );
+        let Some(key) = trust.pins(&self.signer) else {
+            bail!(
+                "{RECORD_KEY} is signed by offsite-vk1-{}, which is not a key this reader trusts ({})",
+                self.signer,
+                trust.describe_keys()
+            );
+        };
+        let sig: [u8; 64] = hex::decode(&self.sig)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .with_context(|| format!("{RECORD_KEY} has a damaged signature"))?;
+        ensure!(
+            key.verify(&self.message(), &sig),
+            "the signature of {RECORD_KEY} does not verify: it was forged or modified"
+        );
+        Ok(*key)
+    }
+}
+
+/// A new random replica id.
+pub fn new_replica_id() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
 }
 
 /// The replica's record; `None` for an empty replica or one written before
 /// records existed (format 1: SQLite).
 pub async fn read(store: &dyn Storage) -> anyhow::Result<Option<ReplicaRecord>> {
-    let bytes = match store.get(RECORD_KEY).await {
+    let denied = |e: StorageError| {
+        anyhow::Error::new(e).context(format!(
+            "cannot read {RECORD_KEY} of replica {} (every command reads this small record; with a least-privilege policy allow s3:GetObject on PREFIX/{RECORD_KEY}, see docs/IAM.md)",
+            store.describe()
+        ))
+    };
+    // One ranged read: a hostile record is never downloaded whole.
+    let bytes = match store.get_range(RECORD_KEY, 0, MAX_RECORD_BYTES + 1).await {
         Ok(b) => b,
         Err(StorageError::NotFound { .. }) => return Ok(None),
-        Err(e) => {
-            return Err(anyhow::Error::new(e).context(format!(
-                "cannot read {RECORD_KEY} of replica {} (every command reads this small record; with a least-privilege policy allow s3:GetObject on PREFIX/{RECORD_KEY}, see docs/IAM.md)",
-                store.describe()
-            )))
-        }
+        Err(e) => return Err(denied(e)),
     };
-    if bytes.len() > MAX_RECORD_BYTES {
+    if bytes.len() as u64 > MAX_RECORD_BYTES {
         bail!(
             "{RECORD_KEY} of replica {} is {} bytes, not a replica record (is the URL right?)",
             store.describe(),
@@ -71,29 +144,89 @@ pub async fn engine(store: &dyn Storage) -> anyhow::Result<Engine> {
     }
 }
 
-/// A shipper's start: check the record, and write it if the replica has
-/// none or an older one.
-pub async fn claim(store: &dyn Storage, engine: Engine) -> anyhow::Result<()> {
-    match read(store).await? {
+/// A reader's start: the engine, and `trust` completed with the replica id
+/// of a record whose signature proves out (unless `--replica-id` already
+/// named one). A record that does not prove out is an error naming it;
+/// an unsigned (format 1 or 2) record leaves the replica id unknown, which
+/// refuses every format-3 object.
+pub async fn open(store: &dyn Storage, trust: &mut Trust) -> anyhow::Result<Engine> {
+    let Some(r) = read(store).await? else {
+        return Ok(Engine::Sqlite);
+    };
+    let engine = Engine::parse(&r.engine)
+        .with_context(|| format!("replica {} ({RECORD_KEY})", store.describe()))?;
+    if r.is_unsigned() {
+        return Ok(engine);
+    }
+    if trust.replica.is_some() {
+        // Pinned by the caller: the record is not needed to know it.
+        return Ok(engine);
+    }
+    r.check(trust)
+        .with_context(|| format!("replica {}", store.describe()))?;
+    if let Some(d) = &trust.database {
+        ensure!(
+            *d == r.database,
+            "replica {} holds database {:?}, not {d:?} ({RECORD_KEY})",
+            store.describe(),
+            r.database
+        );
+    }
+    trust.replica = Some(r.replica);
+    Ok(engine)
+}
+
+/// A shipper's start: check the record and return the replica id every
+/// object is bound to. A replica without a record, or with an unsigned one
+/// (written before format 3), gets a new replica id and a signed record; a
+/// record signed by a key in `trust` (this shipper's, or an old one during
+/// a rotation) keeps its id and is re-signed with `signer` if needed. A
+/// record of another engine or database, or one no trusted key signed, is
+/// refused before anything is written.
+pub async fn claim(
+    store: &dyn Storage,
+    engine: Engine,
+    database: &str,
+    signer: &Signer,
+    trust: &Trust,
+) -> anyhow::Result<String> {
+    let existing = read(store).await?;
+    let replica = match &existing {
         Some(r) if r.engine != engine.name() => bail!(
             "replica {} holds a {} replica ({RECORD_KEY}); refusing to ship a {engine} database into it (use another prefix)",
             store.describe(),
             r.engine
         ),
-        Some(r) if r.format >= crate::codec::FORMAT_VERSION => Ok(()),
-        _ => {
-            let body = serde_json::to_vec(&ReplicaRecord::new(engine)).expect("record serializes");
-            store
-                .put(RECORD_KEY, Body::Bytes(body.into()))
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot write {RECORD_KEY} to {} (a shipper writes this small record once; with a least-privilege policy allow s3:PutObject on PREFIX/{RECORD_KEY}, see docs/IAM.md)",
-                        store.describe()
-                    )
-                })
+        Some(r) if !r.is_unsigned() => {
+            r.check(trust).with_context(|| format!(
+                "replica {}: refusing to ship into it (if you rotated the signing key, add the old verifying key to verify-keys; if the record was tampered with, investigate before deleting {RECORD_KEY})",
+                store.describe()
+            ))?;
+            ensure!(
+                r.database == database,
+                "replica {} holds database {:?} ({RECORD_KEY}); refusing to ship {database:?} into it (use another prefix)",
+                store.describe(),
+                r.database
+            );
+            if r.signer == signer.public().hex() && r.format == crate::codec::FORMAT_VERSION {
+                return Ok(r.replica.clone());
+            }
+            r.replica.clone()
         }
-    }
+        _ => new_replica_id(),
+    };
+    let rec = ReplicaRecord::new(engine, replica.clone(), database, signer);
+    let body = serde_json::to_vec(&rec).expect("record serializes");
+    store
+        .put(RECORD_KEY, Body::Bytes(body.into()))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot write {RECORD_KEY} to {} (a shipper writes this small record once; with a least-privilege policy allow s3:PutObject on PREFIX/{RECORD_KEY}, see docs/IAM.md)",
+                store.describe()
+            )
+        })?;
+    Ok(replica)
 }
 
 #[cfg(test)]
@@ -102,25 +235,61 @@ mod tests {
     use crate::storage::file::FileStorage;
 
     #[tokio::test]
-    async fn claim_writes_once_and_refuses_another_engine() {
+    async fn claim_writes_once_and_refuses_another_engine_database_or_key() {
         let tmp = tempfile::tempdir().unwrap();
         let store = FileStorage::new(tmp.path().to_path_buf()).unwrap();
+        let signer = Signer::generate();
+        let trust = Trust::with_keys(vec![signer.public()]);
         // No record: a format-1 (or empty) replica, which is SQLite.
         assert_eq!(read(&store).await.unwrap(), None);
         assert_eq!(engine(&store).await.unwrap(), Engine::Sqlite);
-        claim(&store, Engine::Sqlite).await.unwrap();
-        assert_eq!(
-            read(&store).await.unwrap(),
-            Some(ReplicaRecord::new(Engine::Sqlite))
-        );
-        claim(&store, Engine::Sqlite).await.unwrap();
+        let id = claim(&store, Engine::Sqlite, "app.db", &signer, &trust).await.unwrap();
+        let rec = read(&store).await.unwrap().unwrap();
+        assert_eq!(rec.replica, id);
+        assert_eq!(rec.check(&trust).unwrap(), signer.public());
+        // Claimed again: the same id.
+        assert_eq!(claim(&store, Engine::Sqlite, "app.db", &signer, &trust).await.unwrap(), id);
+        // A reader learns the id from the verified record.
+        let mut t = trust.clone();
+        open(&store, &mut t).await.unwrap();
+        assert_eq!(t.replica.as_deref(), Some(id.as_str()));
+        // Another database into the same prefix: refused.
+        let e = format!("{:#}", claim(&store, Engine::Sqlite, "b.db", &signer, &trust).await.unwrap_err());
+        assert!(e.contains("\"app.db\"") && e.contains("refusing"), "{e}");
+        // Rotation: a new key that trusts the old one keeps the id and re-signs.
+        let new = Signer::generate();
+        let both = Trust::with_keys(vec![new.public(), signer.public()]);
+        assert_eq!(claim(&store, Engine::Sqlite, "app.db", &new, &both).await.unwrap(), id);
+        assert_eq!(read(&store).await.unwrap().unwrap().signer, new.public().hex());
+        // A shipper that does not trust the record's key refuses.
+        let stranger = Signer::generate();
+        let e = format!("{:#}", claim(&store, Engine::Sqlite, "app.db", &stranger, &Trust::with_keys(vec![stranger.public()])).await.unwrap_err());
+        assert!(e.contains("not a key this reader trusts"), "{e}");
+        // A forged record (another key's signature over this id) is refused by readers.
+        let forged = ReplicaRecord::new(Engine::Sqlite, id.clone(), "app.db", &stranger);
+        store
+            .put(RECORD_KEY, Body::Bytes(serde_json::to_vec(&forged).unwrap().into()))
+            .await
+            .unwrap();
+        let mut t = both.clone();
+        let e = format!("{:#}", open(&store, &mut t).await.unwrap_err());
+        assert!(e.contains("not a key this reader trusts"), "{e}");
+        // An edited field under a valid signature.
+        let mut edited = ReplicaRecord::new(Engine::Sqlite, id.clone(), "app.db", &new);
+        edited.database = "b.db".into();
+        store
+            .put(RECORD_KEY, Body::Bytes(serde_json::to_vec(&edited).unwrap().into()))
+            .await
+            .unwrap();
+        let e = format!("{:#}", open(&store, &mut both.clone()).await.unwrap_err());
+        assert!(e.contains("does not verify"), "{e}");
         // Another engine's record: every command refuses, naming it.
         let other = br#"{"format": 2, "engine": "postgres"}"#;
         store
             .put(RECORD_KEY, Body::Bytes(other[..].into()))
             .await
             .unwrap();
-        let e = format!("{:#}", claim(&store, Engine::Sqlite).await.unwrap_err());
+        let e = format!("{:#}", claim(&store, Engine::Sqlite, "app.db", &new, &both).await.unwrap_err());
         assert!(e.contains("postgres") && e.contains("refusing"), "{e}");
         let e = format!("{:#}", engine(&store).await.unwrap_err());
         assert!(e.contains("postgres") && e.contains(RECORD_KEY), "{e}");
@@ -131,11 +300,11 @@ mod tests {
             .unwrap();
         let e = format!("{:#}", read(&store).await.unwrap_err());
         assert!(e.contains("not a valid replica record"), "{e}");
-        // Oversized: refused before parsing.
+        // Oversized: refused before it is downloaded.
         store
             .put(
                 RECORD_KEY,
-                Body::Bytes(vec![b' '; MAX_RECORD_BYTES + 1].into()),
+                Body::Bytes(vec![b' '; MAX_RECORD_BYTES as usize + 1].into()),
             )
             .await
             .unwrap();

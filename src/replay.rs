@@ -9,12 +9,20 @@ use std::path::Path;
 
 use anyhow::{bail, ensure};
 
-use crate::codec::{open_object, Envelope};
+use crate::codec::{authenticate, open_object, Authenticity, Envelope};
 use crate::engine::{Engine, ExactRead, Replay};
 use crate::keys::Identities;
 use crate::layout::{SegmentEntry, SnapshotEntry};
 use crate::segment::{BodyReader, Digest, Header, Link, Payload};
+use crate::sign::Trust;
 use crate::storage::Storage;
+
+/// What a reader decrypts with and what it trusts.
+#[derive(Clone, Default)]
+pub struct Keys {
+    pub ids: Option<Identities>,
+    pub trust: Trust,
+}
 
 /// Objects above this size are downloaded to a temp file instead of memory
 /// (with 8 downloads in flight, at most 64 MiB of objects are in memory).
@@ -26,6 +34,13 @@ pub(crate) enum Downloaded {
 }
 
 impl Downloaded {
+    pub(crate) fn len(&self) -> anyhow::Result<u64> {
+        Ok(match self {
+            Downloaded::Mem(b) => b.len() as u64,
+            Downloaded::File(f) => f.as_file().metadata()?.len(),
+        })
+    }
+
     pub(crate) fn reader(&self) -> anyhow::Result<Box<dyn Read + '_>> {
         Ok(match self {
             Downloaded::Mem(b) => Box::new(&b[..]),
@@ -97,6 +112,8 @@ pub(crate) struct Chain {
     pub encrypted: bool,
     /// Format 1: the state digest is the link.
     pub legacy: bool,
+    /// The format the lineage is written in (its snapshot's).
+    pub version: u16,
     pub link: Link,
     pub txid: u64,
     pub time_us: i64,
@@ -115,12 +132,51 @@ impl Chain {
             engine: self.engine,
             encrypted: self.encrypted,
             legacy: self.legacy,
+            version: self.version,
             link: self.link,
             txid: self.txid,
             time_us: self.time_us,
             replay: self.replay.fork(),
         }
     }
+}
+
+/// Authenticate a downloaded object (signature, payload hash, replica and
+/// database binding) before anything parses its payload, then open its
+/// body. A restore given identities refuses plaintext objects unless
+/// `--allow-plaintext`: the encryption mode is part of what is signed, so a
+/// plaintext object is one the shipper deliberately wrote unencrypted.
+pub(crate) fn open_checked<'a>(
+    obj: &'a Downloaded,
+    keys: &Keys,
+) -> anyhow::Result<(Envelope, Box<dyn Read + 'a>)> {
+    let len = obj.len()?;
+    let (env, auth, _) = authenticate(obj.reader()?, len, &keys.trust)?;
+    if auth == Authenticity::Unsigned {
+        tracing::warn!(
+            lineage = %env.meta.lineage,
+            first_txid = env.meta.first_txid,
+            "accepting an UNSIGNED object (--allow-unsigned): its authenticity is not proven"
+        );
+    }
+    if keys.ids.is_some() && !env.encrypted && !keys.trust.allow_plaintext {
+        bail!("object is plaintext, but this restore was given an age identity and expects an encrypted replica; refusing it (pass --allow-plaintext if the replica was deliberately written with --no-encryption)");
+    }
+    open_object(obj.reader()?, len, keys.ids.as_ref())
+}
+
+/// Format 3: the signed envelope names the object's time and level, which
+/// must equal its key's (a signed object copied under another name is refused).
+fn check_name(env: &Envelope, time_us: i64, level: u8) -> anyhow::Result<()> {
+    if env.has_footer() {
+        ensure!(
+            env.meta.time_us == time_us && env.meta.level == level,
+            "envelope (time {}, level {}) does not match the object's name (renamed object)",
+            env.meta.time_us,
+            env.meta.level
+        );
+    }
+    Ok(())
 }
 
 fn check_engine(env: &Envelope, engine: Option<Engine>) -> anyhow::Result<Engine> {
@@ -139,11 +195,12 @@ fn check_engine(env: &Envelope, engine: Option<Engine>) -> anyhow::Result<Engine
 pub(crate) fn apply_snapshot(
     key: &SnapshotEntry,
     obj: &Downloaded,
-    ids: Option<&Identities>,
+    keys: &Keys,
     engine: Option<Engine>,
     output: Option<std::fs::File>,
 ) -> anyhow::Result<Chain> {
-    let (env, body) = open_object(obj.reader()?, ids)?;
+    let (env, body) = open_checked(obj, keys)?;
+    check_name(&env, key.time_us, 0)?;
     let engine = check_engine(&env, engine)?;
     let (mut br, header) = BodyReader::open(body, &env)?;
     let Header::Snapshot(h) = header else {
@@ -190,6 +247,7 @@ pub(crate) fn apply_snapshot(
         engine,
         encrypted: env.encrypted,
         legacy,
+        version: env.version,
         link,
         txid: h.txid,
         time_us: h.time_us,
@@ -205,9 +263,10 @@ pub(crate) fn apply_segment(
     stop: Stop,
     seg: &SegmentEntry,
     obj: &Downloaded,
-    ids: Option<&Identities>,
+    keys: &Keys,
 ) -> anyhow::Result<(Option<(u64, i64)>, bool)> {
-    let (env, body) = open_object(obj.reader()?, ids)?;
+    let (env, body) = open_checked(obj, keys)?;
+    check_name(&env, seg.last_time_us, seg.level)?;
     ensure!(
         env.encrypted == chain.encrypted,
         "object is {} but the snapshot is {}: refusing to mix encrypted and plaintext objects",
@@ -224,10 +283,10 @@ pub(crate) fn apply_segment(
     );
     check_engine(&env, Some(chain.engine))?;
     ensure!(
-        env.is_legacy() == chain.legacy,
+        env.version == chain.version,
         "object is format {} but its lineage's snapshot is format {}: a lineage is written in one format",
         env.version,
-        if chain.legacy { 1 } else { crate::codec::FORMAT_VERSION }
+        chain.version
     );
     let (mut br, header) = BodyReader::open(body, &env)?;
     let Header::Segment(h) = header else {
@@ -323,9 +382,10 @@ pub(crate) fn apply_segment(
 pub(crate) fn check_lone_segment(
     g: &SegmentEntry,
     obj: &Downloaded,
-    ids: Option<&Identities>,
+    keys: &Keys,
 ) -> anyhow::Result<()> {
-    let (env, body) = open_object(obj.reader()?, ids)?;
+    let (env, body) = open_checked(obj, keys)?;
+    check_name(&env, g.last_time_us, g.level)?;
     let engine = check_engine(&env, None)?;
     let (mut br, header) = BodyReader::open(body, &env)?;
     let Header::Segment(h) = header else {

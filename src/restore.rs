@@ -11,7 +11,8 @@ use futures::StreamExt;
 use crate::engine::sqlite;
 use crate::keys::Identities;
 use crate::layout::{self, Catalog, Target};
-use crate::replay::{apply_segment, apply_snapshot, download, Stop};
+use crate::replay::{apply_segment, apply_snapshot, download, Keys, Stop};
+use crate::sign::Trust;
 use crate::storage::Storage;
 
 pub struct RestoreOptions {
@@ -19,6 +20,8 @@ pub struct RestoreOptions {
     pub output: PathBuf,
     pub force: bool,
     pub identities: Option<Identities>,
+    /// The verifying keys pinned and the opt-ins (`--allow-unsigned`, …).
+    pub trust: Trust,
     pub integrity_check: bool,
     pub parallel: usize,
     pub progress: bool,
@@ -33,6 +36,7 @@ impl RestoreOptions {
             output,
             force: true,
             identities: None,
+            trust: Trust::default(),
             integrity_check: true,
             parallel: 8,
             progress: false,
@@ -84,10 +88,17 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
             }
         }
     }
-    let catalog = Catalog::load(store).await?;
-    let plan = catalog.plan(opts.target)?;
     // Only SQLite restores to a file; the record refuses anything else.
-    let engine = crate::record::engine(store).await?;
+    // The signed record names the replica every object must belong to.
+    let mut trust = opts.trust.clone();
+    let engine = crate::record::open(store, &mut trust).await?;
+    let mut catalog = Catalog::load(store).await?;
+    let plan = plan_proven(store, &mut catalog, opts.target, &trust).await?;
+    crate::head::check_restore(store, &catalog, &plan, opts.target, &trust).await?;
+    let keys = Keys {
+        ids: opts.identities.clone(),
+        trust,
+    };
     tracing::info!(lineage = %plan.lineage, snapshot = %plan.snapshot.key, segments = plan.segments.len(), "restore plan");
 
     let tmp_path = dir.join(format!(
@@ -132,9 +143,8 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
         .create_new(true)
         .open(&tmp_path)
         .with_context(|| format!("cannot create {}", tmp_path.display()))?;
-    let ids = opts.identities.as_ref();
     let mut chain = tokio::task::block_in_place(|| {
-        apply_snapshot(&plan.snapshot, &snap, ids, Some(engine), Some(outf))
+        apply_snapshot(&plan.snapshot, &snap, &keys, Some(engine), Some(outf))
     })
     .with_context(|| format!("snapshot {} failed verification", plan.snapshot.key))?;
     drop(snap);
@@ -165,7 +175,7 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
             time_us: plan.stop_time_us,
         };
         let (_, stop) =
-            tokio::task::block_in_place(|| apply_segment(&mut chain, stop, &seg, &d, ids))
+            tokio::task::block_in_place(|| apply_segment(&mut chain, stop, &seg, &d, &keys))
                 .with_context(|| format!("segment {} failed verification", seg.key))?;
         stopped = stop;
     }
@@ -208,6 +218,38 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
         objects,
         bytes_downloaded: total,
     })
+}
+
+/// Plan the restore from snapshots whose signed envelopes prove out: a
+/// planted snapshot or lineage (names anyone with bucket access can add) is
+/// reported and planned around, never restored from.
+async fn plan_proven(
+    store: &dyn Storage,
+    catalog: &mut Catalog,
+    target: Target,
+    trust: &Trust,
+) -> anyhow::Result<layout::Plan> {
+    loop {
+        let plan = catalog.plan(target)?;
+        let s = &plan.snapshot;
+        match crate::trusted::envelope(store, &s.key, s.size, trust).await {
+            Ok(_) => return Ok(plan),
+            Err(e) if is_refusal(&e) => {
+                tracing::error!(object = %s.key, error = %format!("{e:#}"), "refusing a snapshot that does not prove out; planning without it");
+                let key = s.key.clone();
+                for l in catalog.lineages.values_mut() {
+                    l.snapshots.retain(|x| x.key != key);
+                }
+                catalog.lineages.retain(|_, l| !l.snapshots.is_empty());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// An authenticity refusal (as opposed to a storage error worth reporting as such).
+fn is_refusal(e: &anyhow::Error) -> bool {
+    !e.chain().any(|c| c.is::<crate::storage::StorageError>())
 }
 
 /// Window and per-lineage summary for `offsite list`.

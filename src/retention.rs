@@ -98,6 +98,11 @@ pub struct PruneReport {
     pub warnings: Vec<String>,
 }
 
+/// A duration in microseconds, saturating at `i64::MAX`.
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
 /// The first level-0 segment whose last commit is after `t`, in chain order
 /// from the lineage's earliest snapshot (None: every commit is at or before t).
 fn first_segment_after(l: &Lineage, t: i64) -> anyhow::Result<Option<u64>> {
@@ -133,7 +138,8 @@ fn base_snapshot(l: &Lineage, window_start: i64) -> anyhow::Result<&SnapshotEntr
 
 /// Plan pruning. `now_us` comes from the caller's clock.
 pub fn plan(catalog: &Catalog, policy: &Policy, now_us: i64) -> anyhow::Result<PrunePlan> {
-    let window_start = now_us - policy.retention.as_micros() as i64;
+    // A huge retention must not wrap into the future.
+    let window_start = now_us.saturating_sub(micros(policy.retention));
     let mut out = PrunePlan {
         window_start: fmt_time_us(window_start),
         window_start_us: window_start,
@@ -163,7 +169,7 @@ pub fn plan(catalog: &Catalog, policy: &Policy, now_us: i64) -> anyhow::Result<P
     for (i, s) in all.iter().enumerate() {
         let keep = match policy.snapshot_retention {
             SnapshotRetention::Count(n) => i < n,
-            SnapshotRetention::Age(d) => s.time_us >= now_us - d.as_micros() as i64,
+            SnapshotRetention::Age(d) => s.time_us >= now_us.saturating_sub(micros(d)),
         };
         if keep {
             keep_snap.insert(s.key.clone());
@@ -377,13 +383,22 @@ fn check_plan(
 /// List the replica, plan, and (unless `dry_run`) delete. Deletions run 8
 /// at a time; an object the store refuses to delete because of an Object
 /// Lock retention is reported as locked and left for a later prune.
+///
+/// Only what proves out plans: snapshots whose signed envelopes verify
+/// under `trust` (`cache` remembers those already proven by this process).
+/// A planted name (a lineage with a huge start txid and an old snapshot
+/// time, a snapshot that would use up `snapshot-retention`) is reported and
+/// never deleted, and never makes a real object look unneeded.
 pub async fn prune(
     store: &dyn Storage,
     policy: &Policy,
     now_us: i64,
     dry_run: bool,
+    trust: &crate::sign::Trust,
+    cache: &mut BTreeSet<String>,
 ) -> anyhow::Result<PruneReport> {
-    let catalog = Catalog::load(store).await?;
+    let listed = Catalog::load(store).await?;
+    let (catalog, refused) = crate::trusted::verified(store, &listed, trust, cache).await;
     let plan = plan(&catalog, policy, now_us)?;
     let mut rep = PruneReport {
         window_start: plan.window_start.clone(),
@@ -391,6 +406,10 @@ pub async fn prune(
         warnings: plan.warnings.clone(),
         ..Default::default()
     };
+    for r in refused {
+        rep.warnings
+            .push(format!("refused (left untouched, not planned with): {r}"));
+    }
     if dry_run {
         rep.deleted = plan.delete;
         rep.bytes_deleted = rep.deleted.iter().map(|d| d.size).sum();

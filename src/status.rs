@@ -100,6 +100,8 @@ pub struct ReplicaStatus {
     pub checkpoints: AtomicU64,
     pub snapshots: AtomicU64,
     pub lineage_breaks: AtomicU64,
+    /// Objects read back that did not prove out (planted, foreign, forged).
+    pub refused_objects: AtomicU64,
     /// Times the WAL outgrew `max-wal-size` while commits could not be
     /// shipped, and offsite let it go (continuity lost).
     pub wal_overflows: AtomicU64,
@@ -138,6 +140,7 @@ impl ReplicaStatus {
             checkpoints: AtomicU64::new(0),
             snapshots: AtomicU64::new(0),
             lineage_breaks: AtomicU64::new(0),
+            refused_objects: AtomicU64::new(0),
             wal_overflows: AtomicU64::new(0),
             drill_ran_us: AtomicI64::new(0),
             verified_time_us: AtomicI64::new(0),

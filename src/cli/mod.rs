@@ -2,8 +2,10 @@
 //! `replicate`'s flags become the config file's structure in `replicate`.
 
 mod replicate;
+mod trust;
 
 use replicate::replicate;
+pub use trust::{KeyArgs, ReaderArgs};
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -46,7 +48,7 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Show the restore window, lineages and snapshots of a replica.
     List(ListArgs),
-    /// Generate an age identity; prints its public recipient.
+    /// Generate an age identity (prints its recipient) or, with --signing, the shipper's signing key (prints its verifying key).
     Keygen(KeygenArgs),
     /// Delete what the retention policy no longer needs (prints what and why).
     Prune(PruneArgs),
@@ -138,6 +140,8 @@ pub struct ReplicateArgs {
     /// default the replica's age-identity-files).
     #[arg(long = "age-identity", value_name = "PATH")]
     pub age_identity: Vec<PathBuf>,
+    #[command(flatten)]
+    pub keys: KeyArgs,
 }
 
 #[derive(Args, Debug)]
@@ -161,6 +165,10 @@ pub struct PruneArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub reader: ReaderArgs,
 }
 
 #[derive(Args, Debug)]
@@ -202,6 +210,10 @@ pub struct RestoreArgs {
     /// replica is still an error).
     #[arg(long)]
     pub if_replica_exists: bool,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub reader: ReaderArgs,
 }
 
 #[derive(Args, Debug)]
@@ -216,6 +228,10 @@ pub struct ListArgs {
     /// With --config: the replica to list (default: the first).
     #[arg(long, value_name = "NAME")]
     pub replica: Option<String>,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub reader: ReaderArgs,
 }
 
 #[derive(Args, Debug)]
@@ -242,13 +258,25 @@ pub struct VerifyArgs {
     /// Objects downloaded in parallel.
     #[arg(long, default_value_t = 8)]
     pub parallel: usize,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    #[command(flatten)]
+    pub reader: ReaderArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct KeygenArgs {
-    /// Write the identity here (mode 0600) instead of standard output.
-    #[arg(short = 'o', long = "output", value_name = "IDENTITY_FILE")]
+    /// Write the key here (mode 0600) instead of standard output.
+    #[arg(short = 'o', long = "output", value_name = "KEY_FILE")]
     pub output: Option<PathBuf>,
+    /// Make the shipper's Ed25519 signing key instead of an age identity;
+    /// prints its verifying key (offsite-vk1-…), which restores pin.
+    #[arg(long)]
+    pub signing: bool,
+    /// With an age identity: pin this verifying key in the identity file
+    /// (`# offsite-verify-key:` line), so restores with it trust that shipper.
+    #[arg(long = "pin", value_name = "KEY")]
+    pub pin: Vec<String>,
 }
 
 /// The log filter unless OFFSITE_LOG or RUST_LOG sets one: offsite's own
@@ -291,9 +319,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
+    if a.signing {
+        if !a.pin.is_empty() {
+            bail!("--pin belongs in an age identity file (offsite keygen -o identity.txt --pin offsite-vk1-…), not in a signing key");
+        }
+        match a.output {
+            Some(p) => {
+                let vk = crate::sign::keygen_to_file(&p)?;
+                eprintln!(
+                    "wrote the signing key to {} (the shipper's secret: give it only to the shipper); its verifying key, which restores pin:",
+                    p.display()
+                );
+                println!("{vk}");
+            }
+            None => {
+                let s = crate::sign::Signer::generate();
+                print!("{}", s.file_text());
+                eprintln!("Verifying key: {}", s.public());
+            }
+        }
+        return Ok(());
+    }
+    let pins = a
+        .pin
+        .iter()
+        .map(|k| crate::sign::PublicKey::parse(k).context("--pin"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     match a.output {
         Some(p) => {
-            let r = crate::keys::keygen_to_file(&p)?;
+            let r = crate::keys::keygen_to_file(&p, &pins)?;
             eprintln!(
                 "wrote identity to {} (keep it secret and off the database host); its recipient:",
                 p.display()
@@ -302,7 +356,7 @@ fn keygen(a: KeygenArgs) -> anyhow::Result<()> {
         }
         None => {
             let (id, r) = crate::keys::generate();
-            print!("{}", crate::keys::identity_file_text(&id));
+            print!("{}", crate::keys::identity_file_text(&id, &pins));
             eprintln!("Public key: {r}");
         }
     }
@@ -321,6 +375,21 @@ async fn sync_cmd(a: SyncArgs) -> anyhow::Result<()> {
     let body = crate::daemon::sync_via_http(&addr, &a.db_path, a.wait, timeout).await?;
     println!("{body}");
     Ok(())
+}
+
+/// The config file, if one is given (for its keys).
+fn config_of(config: &Option<PathBuf>) -> anyhow::Result<Option<Config>> {
+    config.as_deref().map(Config::load).transpose()
+}
+
+/// With --config, the database is known: its replica must be of it.
+fn with_database(mut reader: ReaderArgs, config: &Option<PathBuf>, source: &str) -> ReaderArgs {
+    if config.is_some() && reader.database.is_none() {
+        reader.database = std::path::Path::new(source)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+    }
+    reader
 }
 
 /// The replica URL and identities for restore/list, from args or config.
@@ -440,6 +509,9 @@ async fn restore_cmd(a: RestoreArgs) -> anyhow::Result<()> {
     } else {
         Some(Identities::read_files(&id_files)?)
     };
+    let cfg = config_of(&a.config)?;
+    let reader = with_database(a.reader.clone(), &a.config, &a.source);
+    let trust = trust::trust(&a.keys, Some(&reader), &id_files, cfg.as_ref())?;
     let (_, store) = pick_replica(&replicas, target).await?;
     let started = std::time::Instant::now();
     let rep = restore::restore(
@@ -449,6 +521,7 @@ async fn restore_cmd(a: RestoreArgs) -> anyhow::Result<()> {
             output: a.output.clone(),
             force: a.force,
             identities,
+            trust,
             integrity_check: !a.no_integrity_check,
             parallel: a.parallel,
             progress: std::io::stderr().is_terminal(),
@@ -472,10 +545,17 @@ async fn list(a: ListArgs) -> anyhow::Result<()> {
     let (mut rs, _) = resolve_replicas(&a.source, &a.config, &[], a.replica.as_deref())?;
     let url = rs.remove(0).url;
     let store = storage::open(&url).await?;
-    let catalog = Catalog::load(store.as_ref()).await?;
-    let engine = crate::record::engine(store.as_ref()).await?;
+    let cfg = config_of(&a.config)?;
+    let reader = with_database(a.reader.clone(), &a.config, &a.source);
+    let mut trust = trust::trust(&a.keys, Some(&reader), &[], cfg.as_ref())?;
+    let engine = crate::record::open(store.as_ref(), &mut trust).await?;
+    let listed = Catalog::load(store.as_ref()).await?;
+    // Only snapshots whose signed envelopes prove out make a restore point.
+    let (catalog, refused) =
+        crate::trusted::verified(store.as_ref(), &listed, &trust, &mut Default::default()).await;
     let mut v = restore::describe(&catalog);
     v["engine"] = engine.name().into();
+    v["refused"] = serde_json::to_value(&refused)?;
     // What this listing cost (one LIST per 1000 objects on S3).
     v["requests"] = serde_json::to_value(store.request_counts())?;
     if a.json {
@@ -484,6 +564,9 @@ async fn list(a: ListArgs) -> anyhow::Result<()> {
     }
     if catalog.is_empty() {
         println!("{url}: no backups");
+        for r in &refused {
+            println!("refused  {r}");
+        }
         return Ok(());
     }
     let w = catalog.window().unwrap();
@@ -534,6 +617,9 @@ async fn list(a: ListArgs) -> anyhow::Result<()> {
     if !catalog.ignored.is_empty() {
         println!("ignored {} unrecognised objects", catalog.ignored.len());
     }
+    for r in &refused {
+        println!("refused  {r}");
+    }
     Ok(())
 }
 
@@ -567,11 +653,22 @@ async fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
     }
     let store = storage::open(&r.url).await?;
     // Deleting needs the replica understood: a replica of an engine this
-    // offsite does not know is refused. (The daemon's own pruning needs no
-    // check: its shipper claimed the record at start.)
-    crate::record::engine(store.as_ref()).await?;
+    // offsite does not know is refused, and only objects signed for this
+    // replica steer what is deleted.
+    let cfg = config_of(&a.config)?;
+    let reader = with_database(a.reader.clone(), &a.config, &a.source);
+    let mut trust = trust::trust(&a.keys, Some(&reader), &[], cfg.as_ref())?;
+    crate::record::open(store.as_ref(), &mut trust).await?;
     let now = crate::clock::Clock::from_env()?.now_us();
-    let rep = crate::retention::prune(store.as_ref(), &policy, now, a.dry_run).await?;
+    let rep = crate::retention::prune(
+        store.as_ref(),
+        &policy,
+        now,
+        a.dry_run,
+        &trust,
+        &mut Default::default(),
+    )
+    .await?;
     if a.json {
         println!("{}", serde_json::to_string(&rep)?);
         return Ok(());
@@ -604,10 +701,14 @@ async fn verify_cmd(a: VerifyArgs) -> anyhow::Result<()> {
         Some(Identities::read_files(&id_files)?)
     };
     let store = storage::open(&url).await?;
+    let cfg = config_of(&a.config)?;
+    let reader = with_database(a.reader.clone(), &a.config, &a.source);
+    let trust = trust::trust(&a.keys, Some(&reader), &id_files, cfg.as_ref())?;
     let report = crate::verify::verify(
         store.as_ref(),
         &crate::verify::VerifyOptions {
             identities,
+            trust,
             deep: a.deep,
             samples: a.samples,
             rng_seed: None,

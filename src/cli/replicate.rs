@@ -7,7 +7,15 @@ use super::*;
 pub(super) async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
     let clock = crate::clock::Clock::from_env()?;
     let plan = replicate_plan(&a)?;
+    let signer = super::trust::signer(&a.keys, plan.config.signing_key_file.as_deref())?
+        .context(crate::sign::NO_SIGNER)?;
+    let mut verify_keys = plan.config.verify_keys.clone();
+    for k in a.keys.verify_key.iter().filter(|k| !k.trim().is_empty()) {
+        verify_keys.push(crate::sign::PublicKey::parse(k).context("--verify-key")?);
+    }
     crate::daemon::Daemon {
+        signer: Some(signer),
+        verify_keys,
         databases: plan.config.databases,
         listen: plan.config.listen,
         exec: plan.config.exec,

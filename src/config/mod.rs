@@ -35,6 +35,11 @@ pub(crate) struct RawConfig {
     pub(crate) shutdown_timeout: Option<String>,
     pub(crate) max_lag: Option<String>,
     pub(crate) max_wal_size: Option<String>,
+    /// The shipper's Ed25519 signing key file (`offsite keygen --signing`).
+    pub(crate) signing_key_file: Option<String>,
+    /// Further verifying keys trusted (old keys during a rotation).
+    #[serde(default)]
+    pub(crate) verify_keys: Vec<String>,
     #[serde(default)]
     pub(crate) database: Vec<RawDatabase>,
 }
@@ -174,6 +179,10 @@ pub struct Config {
     /// Application to run as a child (`--exec`).
     pub exec: Option<String>,
     pub shutdown_timeout: Duration,
+    /// The shipper's signing key file; readers pin its verifying key too.
+    pub signing_key_file: Option<PathBuf>,
+    /// Further verifying keys (`offsite-vk1-…`) trusted.
+    pub verify_keys: Vec<crate::sign::PublicKey>,
     pub databases: Vec<DatabaseConfig>,
 }
 
@@ -401,6 +410,19 @@ impl Config {
                 .as_deref()
                 .map(|s| x(s, "spool-dir").map(PathBuf::from))
                 .transpose()?,
+            signing_key_file: raw
+                .signing_key_file
+                .as_deref()
+                .map(|s| x(s, "signing-key-file").map(PathBuf::from))
+                .transpose()?,
+            verify_keys: raw
+                .verify_keys
+                .iter()
+                .map(|k| {
+                    crate::sign::PublicKey::parse(&x(k, "verify-keys")?)
+                        .with_context(|| format!("{file}: verify-keys"))
+                })
+                .collect::<anyhow::Result<_>>()?,
             databases: dbs,
         })
     }

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 
-use crate::codec::Encryption;
+use crate::codec::Seal;
 use crate::segment::{Digest, Link};
 
 /// The engines offsite knows. Recorded in every object and at the replica
@@ -195,7 +195,7 @@ pub trait Compacted: Send + Sync {
     fn last_time_us(&self) -> i64;
     fn raw_bytes(&self) -> u64;
     /// Write the whole object (envelope, encrypted body) into `sink`.
-    fn write(&self, lineage: &str, enc: &Encryption, sink: &mut dyn Write) -> anyhow::Result<()>;
+    fn write(&self, lineage: &str, seal: &Seal, sink: &mut dyn Write) -> anyhow::Result<()>;
 }
 
 /// What a source hands the pipeline, and the maintenance it needs. Every
@@ -227,7 +227,7 @@ pub trait Source: Send {
         lineage: &str,
         txid: u64,
         now: &mut dyn FnMut() -> i64,
-        enc: &Encryption,
+        seal: &Seal,
         sink: &mut dyn Write,
     ) -> anyhow::Result<Built>;
     /// A snapshot inside the lineage of the shipped state (txid `txid`,
@@ -238,7 +238,7 @@ pub trait Source: Send {
         lineage: &str,
         at: (u64, Link),
         now: &mut dyn FnMut() -> i64,
-        enc: &Encryption,
+        seal: &Seal,
         sink: &mut dyn Write,
     ) -> anyhow::Result<Option<Built>>;
     /// How many pending commits go into the next segment (at most
@@ -252,7 +252,7 @@ pub trait Source: Send {
         n: usize,
         link: Link,
         lineage: &str,
-        enc: &Encryption,
+        seal: &Seal,
         sink: &mut dyn Write,
     ) -> anyhow::Result<Built>;
     /// The last built segment's upload landed (`true`: its commits are

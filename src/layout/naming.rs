@@ -6,6 +6,14 @@ use anyhow::Context;
 
 pub const LINEAGES: &str = "lineages/";
 
+/// The highest txid offsite writes or accepts in a name (2^62): a name
+/// above it is not ours (hostile or damaged) and is ignored by planning and
+/// reported by verify, so `txid + 1` can never wrap.
+pub const MAX_TXID: u64 = 1 << 62;
+
+/// Names with a time outside 1970..2262 (an i64 of nanoseconds) are not ours.
+const MAX_TIME_US: u64 = i64::MAX as u64 / 1000;
+
 pub fn new_lineage_id(start_txid: u64) -> String {
     format!("{start_txid:016x}-{:08x}", rand::random::<u32>())
 }
@@ -53,18 +61,29 @@ pub enum Entry {
 }
 
 fn hex_u64(s: &str) -> Option<u64> {
-    if s.len() != 16 {
+    if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         return None;
     }
     u64::from_str_radix(s, 16).ok()
 }
 
+fn txid(s: &str) -> Option<u64> {
+    hex_u64(s).filter(|t| (1..=MAX_TXID).contains(t))
+}
+
+fn time(s: &str) -> Option<i64> {
+    hex_u64(s).filter(|t| *t <= MAX_TIME_US).map(|t| t as i64)
+}
+
 fn valid_lineage(s: &str) -> bool {
     let mut parts = s.split('-');
-    let random = |r: &str| r.len() == 8 && u32::from_str_radix(r, 16).is_ok();
+    let random = |r: &str| {
+        r.len() == 8
+            && r.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
     matches!(
         (
-            parts.next().and_then(hex_u64),
+            parts.next().and_then(txid),
             parts.next().map(random),
             parts.next()
         ),
@@ -91,8 +110,8 @@ pub fn parse_key(key: &str, size: u64) -> Option<Entry> {
             Some(Entry::Snapshot(SnapshotEntry {
                 key: key.to_string(),
                 lineage: lineage.to_string(),
-                txid: hex_u64(a)?,
-                time_us: hex_u64(b)? as i64,
+                txid: txid(a)?,
+                time_us: time(b)?,
                 size,
             }))
         }
@@ -105,10 +124,10 @@ pub fn parse_key(key: &str, size: u64) -> Option<Entry> {
             let e = SegmentEntry {
                 key: key.to_string(),
                 lineage: lineage.to_string(),
-                level: level.parse().ok()?,
-                first_txid: hex_u64(f[0])?,
-                last_txid: hex_u64(f[1])?,
-                last_time_us: hex_u64(f[2])? as i64,
+                level: parse_level(level)?,
+                first_txid: txid(f[0])?,
+                last_txid: txid(f[1])?,
+                last_time_us: time(f[2])?,
                 size,
             };
             if e.last_txid < e.first_txid {
@@ -118,6 +137,14 @@ pub fn parse_key(key: &str, size: u64) -> Option<Entry> {
         }
         _ => None,
     }
+}
+
+/// A decimal level as written (`0`..`255`, no sign, no leading zeros).
+fn parse_level(s: &str) -> Option<u8> {
+    if s.is_empty() || (s.len() > 1 && s.starts_with('0')) || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 pub fn fmt_time_us(t: i64) -> String {

@@ -43,14 +43,17 @@ impl Replicator {
         }
         self.last_drill_us = now;
         let store = self.store.clone();
-        let ids = self.opts.drill_identities.clone();
+        let keys = crate::replay::Keys {
+            ids: self.opts.drill_identities.clone(),
+            trust: self.trust.clone(),
+        };
         let out = self.drill.clone();
         let db = self.db();
         let replica = self.opts.replica_name.clone();
         let status = self.opts.status.clone();
         self.drill_task = Some(tokio::spawn(tracing::Instrument::in_current_span(
             async move {
-                let r = crate::verify::drill(store.as_ref(), ids.as_ref(), 1, rand::random()).await;
+                let r = crate::verify::drill(store.as_ref(), keys.ids.as_ref(), &keys.trust, 1, rand::random()).await;
                 let rec = match r {
                     Ok(d) => DrillRecord {
                         ran_at_us: now,
@@ -98,7 +101,7 @@ impl Replicator {
         let _permit = SNAPSHOT_PERMITS.acquire().await?;
         let txid = self.stored_txid;
         let floor = self.last_time_us;
-        let enc = self.enc.clone();
+        let seal = self.seal.clone();
         let spool_dir = self.opts.spool_dir.clone();
         let clock = self.opts.clock.clone();
         let Some(sh) = self.phase.shipping_mut() else {
@@ -110,7 +113,7 @@ impl Replicator {
         let built = blocking(|| -> anyhow::Result<_> {
             let mut spool = Spool::new(spool_dir);
             let mut now = || clock.now_us().max(floor);
-            match src.snapshot_shipped(&lineage, (txid, link), &mut now, &enc, &mut spool) {
+            match src.snapshot_shipped(&lineage, (txid, link), &mut now, &seal, &mut spool) {
                 Ok(Some(b)) => Ok(Some(Staged::snapshot(&lineage, spool, b)?)),
                 Ok(None) => Ok(None),
                 Err(e) => Err(e),
@@ -201,7 +204,7 @@ impl Replicator {
 
     async fn upload_closed(&mut self, lineage: &str, w: &dyn Compacted) -> anyhow::Result<()> {
         self.lease_ok().await?;
-        let enc = self.enc.clone();
+        let seal = self.seal.clone();
         let spool = Spool::new(self.opts.spool_dir.clone());
         let key = layout::segment_key(
             lineage,
@@ -212,7 +215,7 @@ impl Replicator {
         );
         let (body, _tmp) = blocking(|| {
             let mut spool = spool;
-            w.write(lineage, &enc, &mut spool)?;
+            w.write(lineage, &seal, &mut spool)?;
             spool.into_body()
         })?;
         put_object(&self.store, &key, body, self.lock())
@@ -252,9 +255,23 @@ impl Replicator {
         let store = self.store.clone();
         let db = self.db();
         let replica = self.opts.replica_name.clone();
+        let trust = self.trust.clone();
+        let proven = self.proven.clone();
+        let status = self.opts.status.clone();
         self.prune_task = Some(tokio::spawn(tracing::Instrument::in_current_span(
             async move {
-                match crate::retention::prune(store.as_ref(), &policy, now, false).await {
+                // Snapshots proven by an earlier prune are not read again.
+                let mut cache = std::mem::take(&mut *proven.lock().unwrap());
+                let r = crate::retention::prune(store.as_ref(), &policy, now, false, &trust, &mut cache).await;
+                *proven.lock().unwrap() = cache;
+                if let Ok(r) = &r {
+                    let refused = r.warnings.iter().filter(|w| w.starts_with("refused")).count();
+                    if refused > 0 {
+                        status.add(&status.refused_objects, refused as u64);
+                        tracing::error!(%db, %replica, refused, warnings = ?r.warnings, "objects in the replica do not prove out; they are left untouched and not planned with");
+                    }
+                }
+                match r {
                     Ok(r) => {
                         tracing::info!(%db, %replica, deleted = r.deleted.len(), kept = r.kept, locked = r.locked.len(), bytes_freed = r.bytes_deleted, requests = %requests_json(store.as_ref()), "pruned the replica")
                     }

@@ -1,14 +1,9 @@
-//! Staging objects the engine built (and reading the replica's newest
-//! envelope at startup).
+//! Staging objects the engine built.
 
-use anyhow::Context;
-
-use super::retry::with_retries;
 use super::spool::Spool;
-use crate::codec::Envelope;
 use crate::engine::Built;
 use crate::layout;
-use crate::storage::{Body, DynStorage};
+use crate::storage::Body;
 
 /// A finished object ready for upload.
 pub(super) struct Staged {
@@ -48,9 +43,4 @@ impl Staged {
             built,
         })
     }
-}
-
-pub(super) async fn read_envelope(store: &DynStorage, key: &str) -> anyhow::Result<Envelope> {
-    let head = with_retries("read the newest object", || store.get_range(key, 0, 4096)).await?;
-    Envelope::read_from(&mut &head[..]).with_context(|| format!("object {key} is damaged"))
 }

@@ -19,10 +19,11 @@ mod state;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use tokio::sync::watch;
 
-use crate::codec::{Encryption, Envelope};
+use crate::codec::{Encryption, Envelope, Seal};
+use crate::sign::{Binding, Trust};
 use crate::engine::{Break, Compacted, Engine, Source};
 use crate::layout::{self, Catalog, HeadObject};
 use crate::segment::Link;
@@ -33,7 +34,7 @@ pub use background::DrillRecord;
 pub use options::Options;
 pub use spool::spool_dir;
 
-use build::{read_envelope, Staged};
+use build::Staged;
 use retry::{is_unavailable, put_object, requests_json, with_retries};
 use spool::Spool;
 use state::{Phase, Shipping};
@@ -57,6 +58,16 @@ pub struct Replicator {
     opts: Options,
     store: DynStorage,
     enc: Encryption,
+    /// Encryption, signing key and replica binding of every object (signed
+    /// and bound once `start` has claimed the replica).
+    seal: Seal,
+    /// What this shipper trusts when it reads the replica back: its own
+    /// key, the old keys of a rotation, this replica's id.
+    trust: Trust,
+    /// When the head record was last written, and at which txid.
+    head_written: Option<(Instant, u64)>,
+    /// Snapshots whose signed envelopes pruning already proved.
+    proven: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
     /// The database's engine (only SQLite has a source so far).
     engine: Engine,
     /// What the replicator is doing; while shipping it holds the source
@@ -95,6 +106,10 @@ impl Replicator {
         opts.status.set_state(ReplicaState::Starting);
         Replicator {
             store,
+            seal: Seal::unsigned(enc.clone()),
+            trust: Trust::default(),
+            head_written: None,
+            proven: Default::default(),
             enc,
             engine: Engine::Sqlite,
             phase: Phase::Starting,
@@ -121,6 +136,15 @@ impl Replicator {
             ),
             opts,
         }
+    }
+
+    /// The database's name, as objects and the replica record carry it.
+    fn database_name(&self) -> String {
+        self.opts
+            .db_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 
     fn now_us(&self) -> i64 {
@@ -352,6 +376,7 @@ impl Replicator {
             match self.step(true).await {
                 Ok(()) if self.caught_up() => {
                     self.flush_compaction().await;
+                    self.maybe_write_head(true).await;
                     // A drill only reads; a prune must not outlive the lease.
                     if let Some(t) = self.drill_task.take() {
                         t.abort();
@@ -405,9 +430,36 @@ impl Replicator {
                 );
             }
         }
-        // The replica records its engine: one of another engine is refused
-        // before anything (the lease included) is written to it.
-        crate::record::claim(self.store.as_ref(), Engine::Sqlite).await?;
+        // The replica records its engine, database and id, signed: one of
+        // another engine or database, or signed by a key this shipper does
+        // not trust, is refused before anything (the lease included) is
+        // written to it.
+        let signer = self.opts.signer.clone().context(crate::sign::NO_SIGNER)?;
+        let mut trust = Trust::with_keys(
+            std::iter::once(signer.public())
+                .chain(self.opts.verify_keys.iter().copied())
+                .collect(),
+        );
+        let database = self.database_name();
+        let replica = crate::record::claim(
+            self.store.as_ref(),
+            Engine::Sqlite,
+            &database,
+            &signer,
+            &trust,
+        )
+        .await?;
+        trust.replica = Some(replica.clone());
+        trust.database = Some(database.clone());
+        self.trust = trust;
+        self.seal = Seal {
+            enc: self.enc.clone(),
+            binding: Binding {
+                signer: Some(signer),
+                replica,
+                database,
+            },
+        };
         self.lease_ok().await?;
         // Multipart uploads a killed predecessor left behind (one LIST).
         match self.store.abort_abandoned_uploads().await {
@@ -429,7 +481,26 @@ impl Replicator {
             return self.new_lineage(Some(src), "the replica is empty").await;
         };
         let head = l.head().expect("lineage with objects");
-        let env = read_envelope(&self.store, head.key()).await?;
+        let size = match &head {
+            HeadObject::Snapshot(s) => s.size,
+            HeadObject::Segment(g) => g.size,
+        };
+        // Only a head this shipper signed for this replica is continued; any
+        // other (planted, damaged, written before format 3) starts a new
+        // lineage, loudly, instead of stopping the shipper.
+        let env = match crate::trusted::envelope(self.store.as_ref(), head.key(), size, &self.trust).await {
+            Ok((env, _)) => env,
+            Err(e) if e.chain().any(|c| c.is::<crate::storage::StorageError>()) => {
+                return Err(e).context("read the replica's newest object");
+            }
+            Err(e) => {
+                tracing::error!(db = %self.db(), replica = %self.opts.replica_name, object = %head.key(), error = %format!("{e:#}"), "the replica's newest object does not prove out; starting a new lineage");
+                self.opts.status.add(&self.opts.status.refused_objects, 1);
+                return self
+                    .new_lineage(Some(src), &format!("the replica's newest object {} does not prove out", head.key()))
+                    .await;
+            }
+        };
         if env.encrypted != matches!(self.enc, Encryption::Age(_)) {
             bail!(
                 "the replica at {} holds {} objects but offsite is configured {}; refusing to mix encrypted and plaintext backups in one replica (use another prefix, or fix the encryption settings)",
@@ -508,6 +579,9 @@ impl Replicator {
         // Txids observed but never shipped named no stored state: reuse them,
         // so the new lineage continues right after the highest stored txid.
         let txid = self.stored_txid + 1;
+        if txid > layout::MAX_TXID {
+            bail!("the replica's txids reached {} (the highest offsite writes): objects with implausible txids were planted in the bucket, or it is damaged; run `offsite verify` and remove what it reports before shipping again", layout::MAX_TXID);
+        }
         let lineage = layout::new_lineage_id(txid);
         tracing::warn!(db = %self.db(), replica = %self.opts.replica_name, %lineage, txid, reason = why, "starting a new lineage with a snapshot");
         let mut src = match src {
@@ -515,13 +589,13 @@ impl Replicator {
             None => self.open_source()?,
         };
         let floor = self.last_time_us;
-        let enc = self.enc.clone();
+        let seal = self.seal.clone();
         let spool_dir = self.opts.spool_dir.clone();
         let clock = self.opts.clock.clone();
         let staged = blocking(|| -> anyhow::Result<_> {
             let mut spool = Spool::new(spool_dir);
             let mut now = || clock.now_us().max(floor);
-            let built = src.snapshot(&lineage, txid, &mut now, &enc, &mut spool)?;
+            let built = src.snapshot(&lineage, txid, &mut now, &seal, &mut spool)?;
             Staged::snapshot(&lineage, spool, built)
         })?;
         let time_us = staged.built.last_time_us;
@@ -612,6 +686,7 @@ impl Replicator {
                 Ok(()) => {
                     self.failures = 0;
                     self.retry_at = None;
+                    self.maybe_write_head(false).await;
                 }
                 Err(e) if crate::lease::is_held(&e) => return Err(e),
                 Err(e) => {
@@ -795,11 +870,11 @@ impl Replicator {
                     lineage,
                     link,
                 } = &mut *sh;
-                let enc = &self.enc;
+                let seal = &self.seal;
                 let mut spool = Spool::new(self.opts.spool_dir.clone());
                 let link = *link;
                 blocking(|| {
-                    let built = source.build_segment(n, link, lineage, enc, &mut spool)?;
+                    let built = source.build_segment(n, link, lineage, seal, &mut spool)?;
                     Staged::segment(lineage, spool, built)
                 })?
             };
@@ -830,6 +905,41 @@ impl Replicator {
                         anyhow::Error::new(e).context(format!("cannot upload {}", staged.key))
                     );
                 }
+            }
+        }
+    }
+
+    /// Rewrite the signed head record (rollback detection, docs/FORMAT.md
+    /// "Head record") when something newer was shipped, at most every
+    /// `HEAD_INTERVAL` unless `force` (shutdown). A failure is logged: the
+    /// record only helps detection, it never blocks shipping.
+    async fn maybe_write_head(&mut self, force: bool) {
+        let Some(lineage) = self.lineage().map(str::to_string) else {
+            return;
+        };
+        let due = match self.head_written {
+            None => true,
+            Some((at, txid)) => {
+                self.stored_txid > txid && (force || at.elapsed() >= crate::head::HEAD_INTERVAL)
+            }
+        };
+        let Some(signer) = self.seal.binding.signer.clone() else {
+            return;
+        };
+        if !due || self.stored_txid == 0 {
+            return;
+        }
+        let rec = crate::head::HeadRecord::new(
+            &self.seal.binding.replica,
+            &lineage,
+            self.stored_txid,
+            self.last_time_us,
+            &signer,
+        );
+        match crate::head::write(self.store.as_ref(), &rec).await {
+            Ok(()) => self.head_written = Some((Instant::now(), self.stored_txid)),
+            Err(e) => {
+                tracing::warn!(db = %self.db(), replica = %self.opts.replica_name, error = %format!("{e:#}"), "could not write the head record")
             }
         }
     }

@@ -51,6 +51,12 @@ pub struct Options {
     /// older than `lease_renew`.
     pub lease_ttl: Duration,
     pub lease_renew: Duration,
+    /// The signing key every object and the replica record are signed with
+    /// (required: `start` refuses to ship without one).
+    pub signer: Option<std::sync::Arc<crate::sign::Signer>>,
+    /// Further verifying keys trusted when reading the replica back (old
+    /// keys during a rotation).
+    pub verify_keys: Vec<crate::sign::PublicKey>,
     /// Live counters for metrics, readiness and `sync --wait`.
     pub status: std::sync::Arc<crate::status::ReplicaStatus>,
 }
@@ -78,6 +84,8 @@ impl Options {
             verify_interval: None,
             drill_identities: None,
             status: crate::status::ReplicaStatus::detached(),
+            signer: None,
+            verify_keys: Vec::new(),
             max_wal_bytes: defaults::MAX_WAL_BYTES,
             lease_ttl: Duration::from_secs(300),
             lease_renew: Duration::from_secs(60),

@@ -10,12 +10,11 @@ use futures::StreamExt;
 
 use super::structure::{entry_key, entry_size, Step};
 use super::{err_text, problem, LineageReport, Problem};
-use crate::codec::{Envelope, ObjectKind};
+use crate::codec::{authenticate, Authenticity, Envelope, ObjectKind};
 use crate::engine::Engine;
-use crate::keys::Identities;
 use crate::layout::Entry;
 use crate::replay::{
-    apply_segment, apply_snapshot, check_lone_segment, download, Chain, Downloaded, Stop,
+    apply_segment, apply_snapshot, check_lone_segment, download, Chain, Downloaded, Keys, Stop,
 };
 use crate::segment::{Digest, Link};
 use crate::storage::Storage;
@@ -24,15 +23,30 @@ pub(super) struct ContentsOutcome {
     /// Encrypted objects that could only be checked by envelope (no identity).
     pub(super) envelope_only: usize,
     pub(super) encrypted: Option<bool>,
+    /// Objects accepted without a signature (`--allow-unsigned`).
+    pub(super) unsigned: usize,
 }
 
-/// Check the envelope against the object's name.
-fn check_envelope(e: &Entry, obj: &Downloaded) -> anyhow::Result<Envelope> {
-    let env = Envelope::read_from(&mut obj.reader()?)?;
+/// Authenticate the object (signature, payload hash, replica binding) and
+/// check its envelope against the object's name.
+fn check_envelope(e: &Entry, obj: &Downloaded, keys: &Keys) -> anyhow::Result<(Envelope, Authenticity)> {
+    let (env, auth, _) = authenticate(obj.reader()?, obj.len()?, &keys.trust)?;
     let (kind, lineage, first, last) = match e {
         Entry::Snapshot(s) => (ObjectKind::Snapshot, &s.lineage, s.txid, s.txid),
         Entry::Segment(g) => (ObjectKind::Segment, &g.lineage, g.first_txid, g.last_txid),
     };
+    if env.has_footer() {
+        let (time_us, level) = match e {
+            Entry::Snapshot(s) => (s.time_us, 0),
+            Entry::Segment(g) => (g.last_time_us, g.level),
+        };
+        ensure!(
+            env.meta.time_us == time_us && env.meta.level == level,
+            "signed envelope (time {}, level {}) does not match the object's name (renamed object)",
+            env.meta.time_us,
+            env.meta.level
+        );
+    }
     ensure!(
         env.kind == kind,
         "object is a {} but its name is a {}'s",
@@ -48,7 +62,7 @@ fn check_envelope(e: &Entry, obj: &Downloaded) -> anyhow::Result<Envelope> {
         env.meta.first_txid,
         env.meta.last_txid
     );
-    Ok(env)
+    Ok((env, auth))
 }
 
 /// Download every object of the lineage (in step order, `parallel` at a
@@ -56,7 +70,7 @@ fn check_envelope(e: &Entry, obj: &Downloaded) -> anyhow::Result<Envelope> {
 pub(super) async fn check_contents(
     store: &dyn Storage,
     steps: Vec<Step>,
-    (engine, ids): (Engine, Option<&Identities>),
+    (engine, keys): (Engine, &Keys),
     parallel: usize,
     dl_dir: &Path,
     lr: &mut LineageReport,
@@ -64,7 +78,9 @@ pub(super) async fn check_contents(
     let mut out = ContentsOutcome {
         envelope_only: 0,
         encrypted: None,
+        unsigned: 0,
     };
+    let ids = keys;
     // The replayed state and its txid; `None` after a failure (until the
     // next snapshot restarts the replay).
     let mut chain: Option<Chain> = None;
@@ -96,8 +112,13 @@ pub(super) async fn check_contents(
                 continue;
             }
         };
-        let env = match check_envelope(&entry, &d) {
-            Ok(env) => env,
+        let env = match check_envelope(&entry, &d, keys) {
+            Ok((env, auth)) => {
+                if auth == Authenticity::Unsigned {
+                    out.unsigned += 1;
+                }
+                env
+            }
             Err(e) => {
                 problem(&mut lr.problems, &key, err_text(&e));
                 if matches!(step, Step::Base(_) | Step::Segment(_)) {
@@ -119,7 +140,7 @@ pub(super) async fn check_contents(
             ),
             Some(_) => {}
         }
-        if env.encrypted && ids.is_none() {
+        if env.encrypted && keys.ids.is_none() {
             out.envelope_only += 1;
             chain = None;
             continue;
@@ -289,7 +310,7 @@ mod tests {
         use std::io::Write;
 
         use super::super::*;
-        use crate::codec::{Encryption, EnvelopeMeta, ObjectWriter};
+        use crate::codec::{Encryption, EnvelopeMeta, ObjectWriter, Seal};
         use crate::engine::sqlite::checksum::PageState;
         use crate::engine::sqlite::pages::{self, SegmentFields, SnapshotFields};
         use crate::layout::{segment_key, snapshot_key};
@@ -300,15 +321,22 @@ mod tests {
         const PS: usize = 512;
         const L: &str = "0000000000000001-000000aa";
 
-        fn env(kind: ObjectKind, first: u64, last: u64, link: Link) -> Envelope {
+        /// Unsigned objects (this tests the replay, not the signatures):
+        /// verified with `--allow-unsigned`.
+        fn env(kind: ObjectKind, (first, last): (u64, u64), (t, level): (i64, u8), link: Link) -> Envelope {
             Envelope::new(
                 kind,
-                &Encryption::None,
+                &Seal::unsigned(Encryption::None),
                 EnvelopeMeta {
                     engine: "sqlite".into(),
+                    replica: String::new(),
+                    database: String::new(),
                     lineage: L.into(),
                     first_txid: first,
                     last_txid: last,
+                    time_us: t,
+                    level,
+                    signer: String::new(),
                     link: link.to_hex(),
                     resume: serde_json::Value::Null,
                 },
@@ -316,7 +344,8 @@ mod tests {
         }
 
         fn seal(e: &Envelope, body: &[u8]) -> bytes::Bytes {
-            let mut w = ObjectWriter::new(Vec::new(), e, &Encryption::None).unwrap();
+            let mut w =
+                ObjectWriter::new(Vec::new(), e, &Seal::unsigned(Encryption::None)).unwrap();
             w.write_all(body).unwrap();
             w.finish().unwrap().into()
         }
@@ -347,7 +376,7 @@ mod tests {
             end_link: Link,
         ) -> (String, bytes::Bytes) {
             let _ = prev;
-            let e = env(ObjectKind::Segment, first, last, end_link);
+            let e = env(ObjectKind::Segment, (first, last), (t, level), end_link);
             let h = pages::segment_header(
                 L,
                 e.blake3_hex(),
@@ -377,7 +406,7 @@ mod tests {
             let store = FileStorage::new(tmp.path().to_path_buf()).unwrap();
             let s0 = state(&[page(1), page(2)]);
             let g = Link::genesis(L, 1, 100, &s0.checksum().0);
-            let e = env(ObjectKind::Snapshot, 1, 1, g);
+            let e = env(ObjectKind::Snapshot, (1, 1), (100, 0), g);
             let mut w = SnapshotWriter::new(
                 Vec::new(),
                 &pages::snapshot_header(
@@ -418,7 +447,8 @@ mod tests {
             for (k, b) in &objs {
                 store.put(k, Body::Bytes(b.clone())).await.unwrap();
             }
-            let opts = VerifyOptions::default();
+            let mut opts = VerifyOptions::default();
+            opts.trust.allow_unsigned = true;
             let r = verify(&store, &opts).await.unwrap();
             assert!(r.ok(), "{}", r.human());
             assert_eq!(r.totals.checked_objects, 4);

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::{err_text, DeepSample, Problem, VerifyReport};
-use crate::keys::Identities;
+use crate::replay::Keys;
 use crate::layout::{self, Target};
 use crate::restore;
 use crate::storage::Storage;
@@ -47,7 +47,7 @@ pub(super) fn lr_problem(report: &mut VerifyReport, lineage: &str, s: &DeepSampl
 /// Restore one point into `dir` with `integrity_check`, then delete it.
 pub(super) async fn sample(
     store: &dyn Storage,
-    ids: Option<&Identities>,
+    keys: &Keys,
     dir: &Path,
     kind: &str,
     target: Target,
@@ -56,7 +56,8 @@ pub(super) async fn sample(
     let r = restore::restore(
         store,
         restore::RestoreOptions {
-            identities: ids.cloned(),
+            identities: keys.ids.clone(),
+            trust: keys.trust.clone(),
             ..restore::RestoreOptions::new(target, out.clone())
         },
     )

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use super::deep::{sample, Rng};
 use super::DeepSample;
-use crate::keys::Identities;
+use crate::replay::Keys;
 use crate::layout::{Catalog, Target};
 use crate::storage::Storage;
 
@@ -24,11 +24,23 @@ pub struct DrillResult {
 /// `integrity_check`. Fails only when the replica cannot be listed.
 pub async fn drill(
     store: &dyn Storage,
-    identities: Option<&Identities>,
+    identities: Option<&crate::keys::Identities>,
+    trust: &crate::sign::Trust,
     samples: usize,
     rng_seed: u64,
 ) -> anyhow::Result<DrillResult> {
-    let catalog = Catalog::load(store).await?;
+    // The drill trusts what a restore would: the replica's proven snapshots.
+    let mut keys = Keys {
+        ids: identities.cloned(),
+        trust: trust.clone(),
+    };
+    crate::record::open(store, &mut keys.trust).await?;
+    let listed = Catalog::load(store).await?;
+    let (catalog, refused) =
+        crate::trusted::verified(store, &listed, &keys.trust, &mut Default::default()).await;
+    for r in refused {
+        tracing::error!(refused = %r, "restore drill: an object of the replica does not prove out");
+    }
     let mut out = DrillResult {
         newest_verified_txid: None,
         newest_verified_time_us: None,
@@ -53,7 +65,7 @@ pub async fn drill(
         points.push(("random", rng.range(first.txid, hi)));
     }
     for (kind, t) in points {
-        let s = sample(store, identities, tmp.path(), kind, Target::Txid(t)).await;
+        let s = sample(store, &keys, tmp.path(), kind, Target::Txid(t)).await;
         if s.ok && s.txid > out.newest_verified_txid {
             out.newest_verified_txid = s.txid;
             out.newest_verified_time_us = s.time_us;

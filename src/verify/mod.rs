@@ -21,7 +21,7 @@ mod deep;
 mod drill;
 mod structure;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context;
 use serde::Serialize;
@@ -50,12 +50,15 @@ pub struct VerifyOptions {
     pub rng_seed: Option<u64>,
     /// Objects downloaded in parallel.
     pub parallel: usize,
+    /// The pinned verifying keys and the opt-ins.
+    pub trust: crate::sign::Trust,
 }
 
 impl Default for VerifyOptions {
     fn default() -> Self {
         VerifyOptions {
             identities: None,
+            trust: Default::default(),
             deep: false,
             samples: 3,
             rng_seed: None,
@@ -255,8 +258,18 @@ fn problem(v: &mut Vec<Problem>, key: &str, text: impl Into<String>) {
 /// finding about its objects is in the report.
 pub async fn verify(store: &dyn Storage, opts: &VerifyOptions) -> anyhow::Result<VerifyReport> {
     let catalog = Catalog::load(store).await?;
-    let engine = crate::record::engine(store).await?;
-    let ids = opts.identities.as_ref();
+    let mut trust = opts.trust.clone();
+    // A record that does not prove out is a problem of its own; without a
+    // proven replica id every signed object is then refused too.
+    let (engine, record_problem) = match crate::record::open(store, &mut trust).await {
+        Ok(e) => (e, None),
+        Err(e) => (crate::record::engine(store).await?, Some(err_text(&e))),
+    };
+    let keys = crate::replay::Keys {
+        ids: opts.identities.clone(),
+        trust,
+    };
+    let ids = &keys;
     let mut report = VerifyReport {
         replica: store.describe(),
         encrypted: None,
@@ -275,11 +288,15 @@ pub async fn verify(store: &dyn Storage, opts: &VerifyOptions) -> anyhow::Result
         deep: Vec::new(),
         totals: Totals::default(),
     };
+    if let Some(p) = record_problem {
+        problem(&mut report.problems, crate::record::RECORD_KEY, p);
+    }
     if catalog.is_empty() {
         report
             .notices
             .push("the replica holds no backups (nothing under lineages/)".into());
     }
+    let mut modes: BTreeMap<bool, Vec<String>> = BTreeMap::new();
     let dl_dir = tempfile::Builder::new()
         .prefix(".offsite-verify-")
         .tempdir()
@@ -303,7 +320,7 @@ pub async fn verify(store: &dyn Storage, opts: &VerifyOptions) -> anyhow::Result
         let c = check_contents(
             store,
             steps,
-            (engine, ids),
+            (engine, &keys),
             opts.parallel,
             dl_dir.path(),
             &mut lr,
@@ -312,8 +329,49 @@ pub async fn verify(store: &dyn Storage, opts: &VerifyOptions) -> anyhow::Result
         unchecked += c.envelope_only;
         if let Some(e) = c.encrypted {
             report.encrypted = Some(report.encrypted.unwrap_or(false) || e);
+            modes.entry(e).or_default().push(l.id.clone());
+        }
+        if c.unsigned > 0 {
+            problem(
+                &mut lr.warnings,
+                &format!("{}{}/", layout::LINEAGES, l.id),
+                format!("{} objects carry no signature (accepted with --allow-unsigned; written before format 3)", c.unsigned),
+            );
         }
         report.lineages.push(lr);
+    }
+    // A replica is encrypted or not as a whole: plaintext lineages in an
+    // encrypted replica are planted or misconfigured.
+    if let (Some(_), Some(plain)) = (modes.get(&true), modes.get(&false)) {
+        for id in plain {
+            problem(
+                &mut report.problems,
+                &format!("{}{id}/", layout::LINEAGES),
+                "plaintext lineage in a replica whose other lineages are encrypted (mixed replica: planted, or shipped with --no-encryption by mistake)",
+            );
+        }
+    }
+    // Rollback: the signed head record names the newest state shipped.
+    match crate::head::read(store, &keys.trust).await {
+        Ok(Some(h)) => {
+            let newest = catalog.max_txid().unwrap_or(0);
+            if h.txid > newest {
+                problem(
+                    &mut report.problems,
+                    crate::head::HEAD_KEY,
+                    format!(
+                        "the signed head record says txid {} ({}) was shipped, but the newest object is txid {newest}: newer objects are missing (deleted, or rolled back)",
+                        h.txid,
+                        layout::fmt_time_us(h.time_us)
+                    ),
+                );
+            }
+        }
+        Ok(None) => {}
+        Err(e) if keys.trust.replica.is_some() => {
+            problem(&mut report.problems, crate::head::HEAD_KEY, err_text(&e))
+        }
+        Err(_) => {}
     }
     if unchecked > 0 {
         report.contents_checked = false;

@@ -344,7 +344,9 @@ impl Compactor {
 mod tests {
     use super::super::checksum::PageState;
     use super::*;
-    use crate::codec::{open_object, Encryption, Envelope, EnvelopeMeta, ObjectKind, ObjectWriter};
+    use crate::codec::{
+        open_object, Encryption, Envelope, EnvelopeMeta, ObjectKind, ObjectWriter, Seal,
+    };
     use crate::segment::{BodyReader, Header};
 
     fn page(ps: usize, v: u8) -> Vec<u8> {
@@ -353,22 +355,28 @@ mod tests {
 
     /// Apply a merged segment to a page vector the way restore does.
     fn apply_closed(c: &Closed, db: &mut Vec<Vec<u8>>, ps: usize) -> Checksum {
+        let seal = Seal::unsigned(Encryption::None);
         let env = Envelope::new(
             ObjectKind::Segment,
-            &Encryption::None,
+            &seal,
             EnvelopeMeta {
                 engine: "sqlite".into(),
+                replica: String::new(),
+                database: String::new(),
                 lineage: "l".into(),
                 first_txid: c.first_txid(),
                 last_txid: c.last_txid(),
+                time_us: c.last_time_us(),
+                level: 1,
+                signer: String::new(),
                 link: c.end_link().to_hex(),
                 resume: serde_json::Value::Null,
             },
         );
         let h = c.header("l", env.blake3_hex());
-        let ow = ObjectWriter::new(Vec::new(), &env, &Encryption::None).unwrap();
+        let ow = ObjectWriter::new(Vec::new(), &env, &seal).unwrap();
         let bytes = c.write_body(ow, &h).unwrap().finish().unwrap();
-        let (env2, body) = open_object(&bytes[..], None).unwrap();
+        let (env2, body) = open_object(&bytes[..], bytes.len() as u64, None).unwrap();
         let (mut br, hdr) = BodyReader::open(body, &env2).unwrap();
         let Header::Segment(h2) = hdr else { panic!() };
         let f = SegmentFields::parse(&h2.payload).unwrap();

@@ -13,7 +13,7 @@ use super::checksum::{Checksum, PageState};
 use super::compact::{Closed, Compactor};
 use super::pages::{self, SegmentFields, SnapshotFields};
 use super::source::{SnapshotView, SqliteSource, WalPos};
-use crate::codec::{Encryption, Envelope, EnvelopeMeta, ObjectKind, ObjectWriter};
+use crate::codec::{Envelope, EnvelopeMeta, ObjectKind, ObjectWriter, Seal};
 use crate::engine::Break;
 use crate::engine::Engine;
 use crate::segment::{Link, SegmentWriter, SnapshotWriter};
@@ -64,20 +64,27 @@ impl Built {
 
 fn envelope(
     kind: ObjectKind,
-    enc: &Encryption,
+    seal: &Seal,
     lineage: &str,
     (first, last): (u64, u64),
+    (time_us, level): (i64, u8),
     link: Link,
     resume: serde_json::Value,
 ) -> Envelope {
+    // The replica, database and signer fields are the seal's to fill.
     Envelope::new(
         kind,
-        enc,
+        seal,
         EnvelopeMeta {
             engine: Engine::Sqlite.name().into(),
+            replica: String::new(),
+            database: String::new(),
             lineage: lineage.to_string(),
             first_txid: first,
             last_txid: last,
+            time_us,
+            level,
+            signer: String::new(),
             link: link.to_hex(),
             resume,
         },
@@ -95,7 +102,7 @@ pub fn build_snapshot<W: Write>(
     lineage: &str,
     (txid, time_us): (u64, i64),
     link: Option<Link>,
-    enc: &Encryption,
+    seal: &Seal,
     sink: W,
 ) -> anyhow::Result<(W, Built, PageState)> {
     let page_size = src.page_size();
@@ -109,9 +116,10 @@ pub fn build_snapshot<W: Write>(
     let link = link.unwrap_or_else(|| Link::genesis(lineage, txid, time_us, &ck.0));
     let env = envelope(
         ObjectKind::Snapshot,
-        enc,
+        seal,
         lineage,
         (txid, txid),
+        (time_us, 0),
         link,
         Resume::new(&view.pos, &ck).to_value(),
     );
@@ -122,7 +130,7 @@ pub fn build_snapshot<W: Write>(
         link,
         SnapshotFields::new(page_size, view.db_pages),
     );
-    let ow = ObjectWriter::new(sink, &env, enc)?;
+    let ow = ObjectWriter::new(sink, &env, seal)?;
     let mut sw = SnapshotWriter::new(ow, &header)?;
     let mut again = PageState::new(page_size as usize);
     src.snapshot_read(view, |pgno, page| {
@@ -161,7 +169,7 @@ pub fn build_segment<W: Write>(
     state: &mut PageState,
     link: Link,
     lineage: &str,
-    enc: &Encryption,
+    seal: &Seal,
     sink: W,
 ) -> anyhow::Result<(W, Built)> {
     let commits = &src.pending()[..n];
@@ -190,9 +198,10 @@ pub fn build_segment<W: Write>(
     let end_ck = ends.last().unwrap().0;
     let env = envelope(
         ObjectKind::Segment,
-        enc,
+        seal,
         lineage,
         (first, last),
+        (commits[n - 1].time_us, 0),
         at,
         Resume::new(&pos, &end_ck).to_value(),
     );
@@ -206,7 +215,7 @@ pub fn build_segment<W: Write>(
         None,
         SegmentFields::new(ps, None),
     );
-    let ow = ObjectWriter::new(sink, &env, enc)?;
+    let ow = ObjectWriter::new(sink, &env, seal)?;
     let mut sw = SegmentWriter::new(ow, &header)?;
     // Pass 2: write the records.
     for ((c, (ck, _)), pages) in commits.iter().zip(&ends).zip(&frames) {
@@ -247,20 +256,21 @@ pub fn build_segment<W: Write>(
 pub fn build_compacted<W: Write>(
     closed: &Closed,
     lineage: &str,
-    enc: &Encryption,
+    seal: &Seal,
     sink: W,
 ) -> anyhow::Result<W> {
     let env = envelope(
         ObjectKind::Segment,
-        enc,
+        seal,
         lineage,
         (closed.first_txid(), closed.last_txid()),
+        (closed.last_time_us(), closed.level),
         closed.end_link(),
         // Compacted segments are never a resume point.
         serde_json::Value::Null,
     );
     let header = closed.header(lineage, env.blake3_hex());
-    let ow = ObjectWriter::new(sink, &env, enc)?;
+    let ow = ObjectWriter::new(sink, &env, seal)?;
     Ok(closed.write_body(ow, &header)?.finish()?)
 }
 

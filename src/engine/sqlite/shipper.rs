@@ -12,7 +12,7 @@ use super::checksum::PageState;
 use super::compact::{Closed, Compactor};
 use super::ship::{self, Resumed as How};
 use super::source::SqliteSource;
-use crate::codec::Encryption;
+use crate::codec::Seal;
 use crate::engine::{Break, Built, Compacted, Diverged, Pending, Resumed, Source};
 use crate::segment::Link;
 
@@ -71,8 +71,8 @@ impl Compacted for Closed {
     fn raw_bytes(&self) -> u64 {
         Closed::raw_bytes(self)
     }
-    fn write(&self, lineage: &str, enc: &Encryption, sink: &mut dyn Write) -> anyhow::Result<()> {
-        ship::build_compacted(self, lineage, enc, sink)?;
+    fn write(&self, lineage: &str, seal: &Seal, sink: &mut dyn Write) -> anyhow::Result<()> {
+        ship::build_compacted(self, lineage, seal, sink)?;
         Ok(())
     }
 }
@@ -149,7 +149,7 @@ impl Source for Shipper {
         lineage: &str,
         txid: u64,
         now: &mut dyn FnMut() -> i64,
-        enc: &Encryption,
+        seal: &Seal,
         sink: &mut dyn Write,
     ) -> anyhow::Result<Built> {
         let view = self.source.snapshot_begin()?;
@@ -161,7 +161,7 @@ impl Source for Shipper {
             lineage,
             (txid, time_us),
             None,
-            enc,
+            seal,
             sink,
         )?;
         self.state = Some(st);
@@ -174,7 +174,7 @@ impl Source for Shipper {
         lineage: &str,
         (txid, link): (u64, Link),
         now: &mut dyn FnMut() -> i64,
-        enc: &Encryption,
+        seal: &Seal,
         sink: &mut dyn Write,
     ) -> anyhow::Result<Option<Built>> {
         let want = self.state()?.checksum();
@@ -188,7 +188,7 @@ impl Source for Shipper {
             lineage,
             (txid, time_us),
             Some(link),
-            enc,
+            seal,
             sink,
         )?;
         let got = st.checksum();
@@ -224,7 +224,7 @@ impl Source for Shipper {
         n: usize,
         link: Link,
         lineage: &str,
-        enc: &Encryption,
+        seal: &Seal,
         sink: &mut dyn Write,
     ) -> anyhow::Result<Built> {
         // An earlier build that was never settled goes back first.
@@ -236,7 +236,7 @@ impl Source for Shipper {
             .as_mut()
             .context("the source has no replicated state (no snapshot or resume yet)")?;
         state.begin();
-        match ship::build_segment(source, n, state, link, lineage, enc, sink) {
+        match ship::build_segment(source, n, state, link, lineage, seal, sink) {
             Ok((_, b)) => {
                 let out = built(&b);
                 self.built = Some(b);

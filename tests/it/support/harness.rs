@@ -4,10 +4,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The shipper signing key every test's `offsite` runs with (a test key,
+/// public here on purpose), and its verifying key, pinned by every test's
+/// readers. Adversary tests use other keys explicitly.
+pub const TEST_SIGNING_KEY: &str =
+    "OFFSITE-SIGNING-KEY-1-1fe68baae7dc8c3de994e764a0e7e2136d195ce5137edca43bd2f9f1cf71b73d";
+pub const TEST_VERIFY_KEY: &str =
+    "offsite-vk1-be017f807e29b24ee8abeec3c41a7dfc3a97ce63f68ce7321c56a6556e61f42c";
+
 pub fn offsite() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_offsite"));
     c.env("OFFSITE_LOG", "info,offsite=debug");
+    c.env("OFFSITE_SIGNING_KEY", TEST_SIGNING_KEY);
+    c.env("OFFSITE_VERIFY_KEY", TEST_VERIFY_KEY);
     c
+}
+
+/// A reader's trust in the test key (for tests that call the library).
+pub fn test_trust() -> offsite::sign::Trust {
+    offsite::sign::Trust::with_keys(vec![offsite::sign::PublicKey::parse(TEST_VERIFY_KEY).unwrap()])
 }
 
 pub fn workload_cmd(db: &Path) -> Command {
