@@ -7,12 +7,9 @@ use super::*;
 pub(super) async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
     let clock = crate::clock::Clock::from_env()?;
     let plan = replicate_plan(&a)?;
-    let signer = super::trust::signer(&a.keys, plan.config.signing_key_file.as_deref())?
+    let signer = super::trust::signer(&Default::default(), plan.config.signing_key_file.as_deref())?
         .context(crate::sign::NO_SIGNER)?;
-    let mut verify_keys = plan.config.verify_keys.clone();
-    for k in a.keys.verify_key.iter().filter(|k| !k.trim().is_empty()) {
-        verify_keys.push(crate::sign::PublicKey::parse(k).context("--verify-key")?);
-    }
+    let verify_keys = plan.config.verify_keys.clone();
     crate::daemon::Daemon {
         signer: Some(signer),
         verify_keys,
@@ -167,6 +164,11 @@ pub(crate) fn replicate_plan(a: &ReplicateArgs) -> anyhow::Result<ReplicatePlan>
             if let Some(v) = utf8(&a.spool_dir, "--spool-dir")? {
                 raw.spool_dir = Some(lit(&v));
             }
+            if let Some(v) = utf8(&a.keys.signing_key_file, "--signing-key-file")? {
+                raw.signing_key_file = Some(lit(&v));
+            }
+            raw.verify_keys
+                .extend(a.keys.verify_key.iter().filter(|k| !k.trim().is_empty()).map(|k| lit(k)));
             Config::from_raw(&raw, &Origin::File(f.to_string()))?
         }
         None => {
@@ -175,6 +177,14 @@ pub(crate) fn replicate_plan(a: &ReplicateArgs) -> anyhow::Result<ReplicatePlan>
             };
             let db = std::path::absolute(db).unwrap_or_else(|_| db.clone());
             let raw = RawConfig {
+                signing_key_file: utf8(&a.keys.signing_key_file, "--signing-key-file")?,
+                verify_keys: a
+                    .keys
+                    .verify_key
+                    .iter()
+                    .filter(|k| !k.trim().is_empty())
+                    .cloned()
+                    .collect(),
                 spool_dir: utf8(&a.spool_dir, "--spool-dir")?,
                 listen: a.listen.clone(),
                 exec: a.exec.clone(),
@@ -443,6 +453,18 @@ encryption = "none"
                 args: s(&["--restore-if-db-not-exists"]),
                 without_config: Applied(|p| p.restore_if_db_not_exists),
                 with_config: Applied(|p| p.restore_if_db_not_exists),
+            },
+            Case {
+                id: "signing_key_file",
+                args: s(&["--signing-key-file", "/s.key"]),
+                without_config: Applied(|p| p.config.signing_key_file.as_deref() == Some(Path::new("/s.key"))),
+                with_config: Applied(|p| p.config.signing_key_file.as_deref() == Some(Path::new("/s.key"))),
+            },
+            Case {
+                id: "verify_key",
+                args: s(&["--verify-key", "offsite-vk1-be017f807e29b24ee8abeec3c41a7dfc3a97ce63f68ce7321c56a6556e61f42c"]),
+                without_config: Applied(|p| p.config.verify_keys.len() == 1),
+                with_config: Applied(|p| p.config.verify_keys.len() == 1),
             },
             Case {
                 id: "age_identity",

@@ -13,6 +13,38 @@ use super::pages::{SegmentFields, SnapshotFields};
 use crate::engine::{ExactRead, Replay};
 use crate::segment::Digest;
 
+/// Pages a commit may add beyond the pages it writes. SQLite writes every
+/// page it adds to a database except the lock-byte page (at 1 GiB), so a
+/// real commit adds at most one unwritten page; a declared size far beyond
+/// what a commit carries is hostile or damaged and would make the restore
+/// extend the file with zeros and hash every added page.
+const MAX_UNWRITTEN_GROWTH: u64 = 64;
+
+/// Bytes of page state kept per page (a hash per page, see `PageState`).
+const STATE_BYTES_PER_PAGE: u64 = 16;
+
+/// Free bytes on the filesystem holding `f`.
+fn free_bytes(f: &File) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fstatvfs on a valid descriptor into a zeroed struct.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::fstatvfs(f.as_raw_fd(), &mut st) == 0 {
+            Some(st.f_bavail as u64 * st.f_frsize as u64)
+        } else {
+            None
+        }
+    }
+}
+
+/// Memory available to this process (Linux: MemAvailable), if known.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// The page state of the database being restored (or verified), and the
 /// file it is written to.
 pub struct PageReplay {
@@ -32,6 +64,31 @@ impl PageReplay {
         }
     }
 
+    /// Before a state grows to `db_pages` pages: the output must have room
+    /// for it, and the page state must fit in memory. Checked before any
+    /// byte is written or allocated, so a hostile declared size fails fast
+    /// with a clear error instead of filling the disk or the memory.
+    fn check_capacity(&self, db_pages: u32, page_size: usize) -> anyhow::Result<()> {
+        let bytes = db_pages as u64 * page_size as u64;
+        if let Some(f) = self.out.as_ref() {
+            let have = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if let Some(free) = free_bytes(f) {
+                ensure!(
+                    bytes.saturating_sub(have) <= free,
+                    "the database would grow to {bytes} bytes ({db_pages} pages), but the output filesystem has {free} bytes free: free space or restore elsewhere (if the replica's database is not that large, the object is damaged or hostile)"
+                );
+            }
+        }
+        let state = db_pages as u64 * STATE_BYTES_PER_PAGE;
+        if let Some(mem) = available_memory() {
+            ensure!(
+                state <= mem / 2,
+                "the database would have {db_pages} pages, whose page state needs {state} bytes of memory, more than half of what is available ({mem}); refusing (a damaged or hostile size?)"
+            );
+        }
+        Ok(())
+    }
+
     fn state(&mut self) -> anyhow::Result<&mut PageState> {
         self.state
             .as_mut()
@@ -47,6 +104,7 @@ impl Replay for PageReplay {
     ) -> anyhow::Result<Digest> {
         let f = SnapshotFields::parse(header)?;
         let ps = f.page_size as usize;
+        self.check_capacity(f.db_pages, ps)?;
         let mut state = PageState::new(ps);
         self.buf.resize(ps, 0);
         let mut w = match self.out.as_mut() {
@@ -93,6 +151,17 @@ impl Replay for PageReplay {
         let seg = self.segment.clone().context("commit outside a segment")?;
         let ps = seg.page_size as usize;
         let (db_pages, records) = read_start(payload, seg.page_size)?;
+        let before = match seg.truncate_to {
+            Some(t) => t.min(self.state()?.pages()),
+            None => self.state()?.pages(),
+        };
+        ensure!(
+            db_pages as u64 <= before as u64 + records as u64 + MAX_UNWRITTEN_GROWTH,
+            "commit grows the database from {before} to {db_pages} pages but carries only {records} pages (SQLite writes the pages it adds): refusing a declared size that is damaged or hostile"
+        );
+        if db_pages > before {
+            self.check_capacity(db_pages, ps)?;
+        }
         let mut buf = std::mem::take(&mut self.buf);
         let r = (|| {
             if let Some(t) = seg.truncate_to {
@@ -164,6 +233,10 @@ fn read_start(payload: &mut dyn ExactRead, page_size: u32) -> anyhow::Result<(u3
     payload.read_exact(&mut b)?;
     let db_pages = u32::from_le_bytes(b[..4].try_into().unwrap());
     let records = u32::from_le_bytes(b[4..].try_into().unwrap());
+    ensure!(
+        records <= db_pages,
+        "commit carries {records} page records for a database of {db_pages} pages (each page at most once)"
+    );
     ensure!(
         super::pages::commit_len(records, page_size) - 8 == payload.remaining(),
         "commit payload length does not match its {records} page records"
