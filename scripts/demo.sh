@@ -13,15 +13,21 @@ cargo build --release --bins --quiet
 OFFSITE=target/release/offsite
 WORKLOAD=target/release/offsite-workload
 
-# 1. A key pair: the shipper gets only the public recipient.
-[ -f "$WORK/identity.txt" ] || "$OFFSITE" keygen -o "$WORK/identity.txt" > "$WORK/recipient.txt"
+# 1. Keys. The shipper gets the public age recipient (it cannot read its own
+#    backups) and a signing key (so a restore can tell its objects from
+#    anything else written into the bucket); the restore side gets the age
+#    identity, which pins the shipper's verifying key.
+[ -f "$WORK/signing.key" ] || "$OFFSITE" keygen --signing -o "$WORK/signing.key" > "$WORK/verify-key.txt"
+VERIFY_KEY=$(cat "$WORK/verify-key.txt")
+[ -f "$WORK/identity.txt" ] || "$OFFSITE" keygen -o "$WORK/identity.txt" --pin "$VERIFY_KEY" > "$WORK/recipient.txt"
 RECIPIENT=$(grep -o 'age1[0-9a-z]*' "$WORK/identity.txt" | head -1)
 
 # 2. A database in WAL mode with some data.
 "$WORKLOAD" "$WORK/app.db" --count 100
 
 # 3. Replicate while the application keeps writing.
-"$OFFSITE" replicate "$WORK/app.db" "file://$WORK/replica" --age-recipient "$RECIPIENT" --log-format text &
+"$OFFSITE" replicate "$WORK/app.db" "file://$WORK/replica" --age-recipient "$RECIPIENT" \
+    --signing-key-file "$WORK/signing.key" --log-format text &
 SHIPPER=$!
 trap 'kill $SHIPPER 2>/dev/null || true' EXIT
 "$WORKLOAD" "$WORK/app.db" --count 200 --rate 100
@@ -30,7 +36,7 @@ wait $SHIPPER
 trap - EXIT
 
 # 4. What the replica holds, and a restore to the latest commit and to txid 50.
-"$OFFSITE" list "file://$WORK/replica"
+"$OFFSITE" list "file://$WORK/replica" --verify-key "$VERIFY_KEY"
 "$OFFSITE" restore "file://$WORK/replica" -o "$WORK/restored.db" --age-identity "$WORK/identity.txt" --force
 "$OFFSITE" restore "file://$WORK/replica" -o "$WORK/restored-50.db" --txid 50 --age-identity "$WORK/identity.txt" --force
 python3 - "$WORK" <<'PY' 2>/dev/null || true

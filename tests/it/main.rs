@@ -11,6 +11,7 @@
 
 mod support;
 
+mod adversary;
 mod deploy_files;
 mod e2e_sqlite;
 mod faults;

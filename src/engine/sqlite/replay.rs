@@ -289,3 +289,132 @@ pub fn integrity_check(path: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ExactRead;
+
+    /// Bytes handed out as a payload (or endless zeros: a decompression bomb).
+    struct Bytes {
+        data: Vec<u8>,
+        at: usize,
+        zeros_forever: bool,
+    }
+
+    impl ExactRead for Bytes {
+        fn read_exact(&mut self, buf: &mut [u8]) -> anyhow::Result<()> {
+            if self.zeros_forever {
+                buf.fill(0);
+                self.at += buf.len();
+                return Ok(());
+            }
+            ensure!(self.at + buf.len() <= self.data.len(), "short");
+            buf.copy_from_slice(&self.data[self.at..self.at + buf.len()]);
+            self.at += buf.len();
+            Ok(())
+        }
+        fn remaining(&self) -> u64 {
+            if self.zeros_forever {
+                u64::MAX
+            } else {
+                (self.data.len() - self.at) as u64
+            }
+        }
+    }
+
+    fn snapshot(r: &mut PageReplay, pages: u32) {
+        let mut data = Bytes {
+            data: vec![7u8; 512 * pages as usize],
+            at: 0,
+            zeros_forever: false,
+        };
+        r.snapshot(&SnapshotFields::new(512, pages).to_value(), &mut data)
+            .unwrap();
+    }
+
+    fn commit(r: &mut PageReplay, db_pages: u32, records: &[u32]) -> anyhow::Result<Digest> {
+        r.begin_segment(&SegmentFields::new(512, None).to_value())?;
+        let mut p = Vec::new();
+        p.extend_from_slice(&db_pages.to_le_bytes());
+        p.extend_from_slice(&(records.len() as u32).to_le_bytes());
+        for pg in records {
+            p.extend_from_slice(&pg.to_le_bytes());
+            p.extend_from_slice(&[1u8; 512]);
+        }
+        r.commit(&mut Bytes {
+            data: p,
+            at: 0,
+            zeros_forever: false,
+        })
+    }
+
+    /// A tiny commit declaring `db_pages = 0xFFFFFFFF` made restore extend
+    /// the output to ~2 TiB and verify allocate ~64 GiB of page state.
+    #[test]
+    fn a_declared_size_beyond_the_written_pages_is_refused_before_anything_grows() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(tmp.path().join("out.db"))
+            .unwrap();
+        for file in [Some(out), None] {
+            let with_file = file.is_some();
+            let mut r = PageReplay::new(file);
+            snapshot(&mut r, 4);
+            let e = format!("{:#}", commit(&mut r, u32::MAX, &[1]).unwrap_err());
+            assert!(e.contains("grows the database"), "{e}");
+            assert_eq!(r.state.as_ref().unwrap().pages(), 4);
+            if with_file {
+                let len = r.out.as_ref().unwrap().metadata().unwrap().len();
+                assert_eq!(len, 4 * 512, "the output grew");
+            }
+            // A real growth (pages written, plus the lock-byte page) applies.
+            commit(&mut r, 7, &[5, 6]).unwrap();
+            assert_eq!(r.state.as_ref().unwrap().pages(), 7);
+            // More records than pages: refused.
+            let e = format!("{:#}", commit(&mut r, 1, &[1, 1]).unwrap_err());
+            assert!(e.contains("each page at most once"), "{e}");
+        }
+    }
+
+    /// A snapshot whose zstd stream is endless zeros (RLE blocks) declaring a
+    /// huge database: refused before a byte is written, because the output
+    /// filesystem cannot hold it (and its page state would not fit in memory).
+    #[test]
+    fn a_decompression_bomb_cannot_fill_the_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("out.db");
+        let out = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        let mut r = PageReplay::new(Some(out));
+        let mut bomb = Bytes {
+            data: Vec::new(),
+            at: 0,
+            zeros_forever: true,
+        };
+        let e = r
+            .snapshot(&SnapshotFields::new(65536, u32::MAX).to_value(), &mut bomb)
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("bytes free") || e.contains("memory"), "{e}");
+        assert_eq!(bomb.at, 0, "bytes were read before the size was checked");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        // Without an output (verify, drills): the page state must fit in
+        // memory (64 GiB here; a machine with more would read the bomb).
+        if available_memory().is_none_or(|m| m / 2 >= u32::MAX as u64 * STATE_BYTES_PER_PAGE) {
+            return;
+        }
+        let mut r = PageReplay::new(None);
+        let e = r
+            .snapshot(&SnapshotFields::new(512, u32::MAX).to_value(), &mut bomb)
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("memory"), "{e:#}");
+    }
+}
