@@ -271,6 +271,8 @@ async fn run(args: Args) -> anyhow::Result<String> {
         retention: Duration::from_secs(24 * 3600),
         snapshot_retention: SnapshotRetention::Count(2),
     };
+    // Objects are signed; the restores below pin this key.
+    let signer = std::sync::Arc::new(offsite::sign::Signer::generate());
     let mk = |compaction: bool| {
         let mut o = Options::new(db.clone(), spool.clone());
         o.clock = clock.clone();
@@ -291,6 +293,7 @@ async fn run(args: Args) -> anyhow::Result<String> {
         let store = storage::open(&url.parse()?).await?;
         let mut o = mk(compaction);
         o.replica_name = name.into();
+        o.signer = Some(signer.clone());
         rs.push(Replica {
             name,
             rep: Replicator::new(o, store.clone(), Encryption::None),
@@ -425,7 +428,9 @@ async fn run(args: Args) -> anyhow::Result<String> {
                 let _ = std::fs::remove_file(&out);
                 let before = r.store.request_counts();
                 let t = Instant::now();
-                let rep = restore(r.store.as_ref(), RestoreOptions::new(*target, out.clone()))
+                let mut ro = RestoreOptions::new(*target, out.clone());
+                ro.trust = offsite::sign::Trust::with_keys(vec![signer.public()]);
+                let rep = restore(r.store.as_ref(), ro)
                     .await
                     .with_context(|| format!("restore {tname} from {}", r.name))?;
                 walls.push(t.elapsed().as_secs_f64());

@@ -176,12 +176,14 @@ pub async fn open(store: &dyn Storage, trust: &mut Trust) -> anyhow::Result<Engi
     Ok(engine)
 }
 
-/// A shipper's start: check the record and return the replica id every
-/// object is bound to. A replica without a record, or with an unsigned one
-/// (written before format 3), gets a new replica id and a signed record; a
-/// record signed by a key in `trust` (this shipper's, or an old one during
-/// a rotation) keeps its id and is re-signed with `signer` if needed. A
-/// record of another engine or database, or one no trusted key signed, is
+/// A shipper's start: check the record and return the replica id and the
+/// database name every object is bound to. A replica without a record, or
+/// with an unsigned one (written before format 3), gets a new replica id
+/// and a signed record naming `database`; a record signed by a key in
+/// `trust` (this shipper's, or an old one during a rotation) keeps its id
+/// and database name (a database restored under another file name and
+/// shipped on continues the same replica) and is re-signed with `signer` if
+/// needed. A record of another engine, or one no trusted key signed, is
 /// refused before anything is written.
 pub async fn claim(
     store: &dyn Storage,
@@ -189,8 +191,9 @@ pub async fn claim(
     database: &str,
     signer: &Signer,
     trust: &Trust,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<(String, String)> {
     let existing = read(store).await?;
+    let mut database = database.to_string();
     let replica = match &existing {
         Some(r) if r.engine != engine.name() => bail!(
             "replica {} holds a {} replica ({RECORD_KEY}); refusing to ship a {engine} database into it (use another prefix)",
@@ -202,20 +205,18 @@ pub async fn claim(
                 "replica {}: refusing to ship into it (if you rotated the signing key, add the old verifying key to verify-keys; if the record was tampered with, investigate before deleting {RECORD_KEY})",
                 store.describe()
             ))?;
-            ensure!(
-                r.database == database,
-                "replica {} holds database {:?} ({RECORD_KEY}); refusing to ship {database:?} into it (use another prefix)",
-                store.describe(),
-                r.database
-            );
+            if r.database != database {
+                tracing::warn!(replica = %store.describe(), record = %r.database, local = %database, "shipping a database file of another name into this replica: it continues the replica of {:?} (a restored copy?); if this is another database, stop and give it its own prefix", r.database);
+                database = r.database.clone();
+            }
             if r.signer == signer.public().hex() && r.format == crate::codec::FORMAT_VERSION {
-                return Ok(r.replica.clone());
+                return Ok((r.replica.clone(), database));
             }
             r.replica.clone()
         }
         _ => new_replica_id(),
     };
-    let rec = ReplicaRecord::new(engine, replica.clone(), database, signer);
+    let rec = ReplicaRecord::new(engine, replica.clone(), &database, signer);
     let body = serde_json::to_vec(&rec).expect("record serializes");
     store
         .put(RECORD_KEY, Body::Bytes(body.into()))
@@ -226,7 +227,7 @@ pub async fn claim(
                 store.describe()
             )
         })?;
-    Ok(replica)
+    Ok((replica, database))
 }
 
 #[cfg(test)]
@@ -243,23 +244,27 @@ mod tests {
         // No record: a format-1 (or empty) replica, which is SQLite.
         assert_eq!(read(&store).await.unwrap(), None);
         assert_eq!(engine(&store).await.unwrap(), Engine::Sqlite);
-        let id = claim(&store, Engine::Sqlite, "app.db", &signer, &trust).await.unwrap();
+        let (id, db) = claim(&store, Engine::Sqlite, "app.db", &signer, &trust).await.unwrap();
+        assert_eq!(db, "app.db");
         let rec = read(&store).await.unwrap().unwrap();
         assert_eq!(rec.replica, id);
         assert_eq!(rec.check(&trust).unwrap(), signer.public());
         // Claimed again: the same id.
-        assert_eq!(claim(&store, Engine::Sqlite, "app.db", &signer, &trust).await.unwrap(), id);
+        assert_eq!(claim(&store, Engine::Sqlite, "app.db", &signer, &trust).await.unwrap().0, id);
         // A reader learns the id from the verified record.
         let mut t = trust.clone();
         open(&store, &mut t).await.unwrap();
         assert_eq!(t.replica.as_deref(), Some(id.as_str()));
-        // Another database into the same prefix: refused.
-        let e = format!("{:#}", claim(&store, Engine::Sqlite, "b.db", &signer, &trust).await.unwrap_err());
-        assert!(e.contains("\"app.db\"") && e.contains("refusing"), "{e}");
+        // A restored copy under another file name continues the replica
+        // (and its database name).
+        assert_eq!(
+            claim(&store, Engine::Sqlite, "restored.db", &signer, &trust).await.unwrap(),
+            (id.clone(), "app.db".to_string())
+        );
         // Rotation: a new key that trusts the old one keeps the id and re-signs.
         let new = Signer::generate();
         let both = Trust::with_keys(vec![new.public(), signer.public()]);
-        assert_eq!(claim(&store, Engine::Sqlite, "app.db", &new, &both).await.unwrap(), id);
+        assert_eq!(claim(&store, Engine::Sqlite, "app.db", &new, &both).await.unwrap().0, id);
         assert_eq!(read(&store).await.unwrap().unwrap().signer, new.public().hex());
         // A shipper that does not trust the record's key refuses.
         let stranger = Signer::generate();

@@ -229,13 +229,27 @@ async fn plan_proven(
     target: Target,
     trust: &Trust,
 ) -> anyhow::Result<layout::Plan> {
+    let mut refused: Vec<String> = Vec::new();
     loop {
-        let plan = catalog.plan(target)?;
+        let plan = match catalog.plan(target) {
+            Ok(p) => p,
+            Err(e) if refused.is_empty() => return Err(e),
+            Err(e) => {
+                return Err(e.context(format!(
+                    "after refusing {} snapshot(s) that do not prove out: {}",
+                    refused.len(),
+                    refused.join("; ")
+                )))
+            }
+        };
         let s = &plan.snapshot;
         match crate::trusted::envelope(store, &s.key, s.size, trust).await {
             Ok(_) => return Ok(plan),
             Err(e) if is_refusal(&e) => {
                 tracing::error!(object = %s.key, error = %format!("{e:#}"), "refusing a snapshot that does not prove out; planning without it");
+                if refused.len() < 3 {
+                    refused.push(format!("{e:#}"));
+                }
                 let key = s.key.clone();
                 for l in catalog.lineages.values_mut() {
                     l.snapshots.retain(|x| x.key != key);

@@ -55,7 +55,44 @@ pub async fn envelope(
     let a = env
         .check(Some(&footer), trust)
         .with_context(|| format!("object {key}"))?;
+    matches_name(&env, key)?;
     Ok((env, a))
+}
+
+/// A proven envelope must name what its key names (kind, lineage, txids,
+/// time, level): a genuine object copied under another name is refused.
+fn matches_name(env: &Envelope, key: &str) -> anyhow::Result<()> {
+    use crate::codec::ObjectKind;
+    use crate::layout::{parse_key, Entry};
+    let ok = match parse_key(key, 0) {
+        Some(Entry::Snapshot(s)) => {
+            env.kind == ObjectKind::Snapshot
+                && env.meta.lineage == s.lineage
+                && env.meta.first_txid == s.txid
+                && env.meta.last_txid == s.txid
+                && env.meta.time_us == s.time_us
+                && env.meta.level == 0
+        }
+        Some(Entry::Segment(g)) => {
+            env.kind == ObjectKind::Segment
+                && env.meta.lineage == g.lineage
+                && env.meta.first_txid == g.first_txid
+                && env.meta.last_txid == g.last_txid
+                && env.meta.time_us == g.last_time_us
+                && env.meta.level == g.level
+        }
+        None => false,
+    };
+    anyhow::ensure!(
+        ok,
+        "object {key}: its signed envelope (lineage {}, txids {}..={}, time {}, level {}) does not match its name (renamed, swapped or copied object)",
+        env.meta.lineage,
+        env.meta.first_txid,
+        env.meta.last_txid,
+        env.meta.time_us,
+        env.meta.level
+    );
+    Ok(())
 }
 
 /// Check that a snapshot's proven envelope names what its key names.

@@ -1091,6 +1091,14 @@ def main():
     ctx.recipient = subprocess.run([ctx.offsite, "keygen", "-o", ctx.key], check=True, capture_output=True,
                                    text=True).stdout.strip().split()[-1]
     assert ctx.recipient.startswith("age1"), ctx.recipient
+    # The shipper signs every object; readers pin its verifying key. Both reach
+    # every offsite this bench runs through the environment.
+    sign_key = ctx.work / "signing.key"
+    vk = subprocess.run([ctx.offsite, "keygen", "--signing", "-o", sign_key], check=True,
+                        capture_output=True, text=True).stdout.strip()
+    assert vk.startswith("offsite-vk1-"), vk
+    os.environ["OFFSITE_SIGNING_KEY_FILE"] = str(sign_key)
+    os.environ["OFFSITE_VERIFY_KEY"] = vk
 
     # S3: the Garage entry of the test servers' env (scripts/test-servers.sh).
     garage = [t for t in os.environ.get("OFFSITE_TEST_S3_TARGETS", "").split(";") if t.startswith("garage=")]

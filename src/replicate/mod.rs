@@ -440,11 +440,10 @@ impl Replicator {
                 .chain(self.opts.verify_keys.iter().copied())
                 .collect(),
         );
-        let database = self.database_name();
-        let replica = crate::record::claim(
+        let (replica, database) = crate::record::claim(
             self.store.as_ref(),
             Engine::Sqlite,
-            &database,
+            &self.database_name(),
             &signer,
             &trust,
         )

@@ -108,7 +108,10 @@ fn ship_evil(dir: &Path, name: &str, url: &str, args: &[&str], n: &str) {
     let db = d.join(name);
     workload(&db, &["--count", n]);
     let s = Shipper::start(&db, url, args);
-    wait_shipped(url, None, Duration::from_secs(60));
+    // Its replica is not readable with the test's pins: watch its log.
+    wait_for("the attacker's snapshot", Duration::from_secs(60), || {
+        s.log_text().contains("snapshot uploaded")
+    });
     let (st, log) = s.stop();
     assert!(st.success(), "{log}");
 }
@@ -238,14 +241,18 @@ fn mixed_replica_is_refused_and_reported() {
     let aurl = format!("file://{}", dir.join("plain").display());
     let plain = Bucket::open(&aurl);
     plain.put("replica.json", victim.get("replica.json"));
-    ship_evil(dir, "app.db", &aurl, &["--no-encryption"], "300");
+    // A name above the victim's txids makes this lineage the newest one.
+    let marker = "lineages/00000000000000ff-aaaaaaaa/snapshots/00000000000000ff-0000000000000001.snap";
+    plain.put(marker, Vec::new());
+    ship_evil(dir, "app.db", &aurl, &["--no-encryption"], "30");
+    plain.delete(marker);
     let planted = victim.plant_from(&plain);
     let snap = planted.iter().find(|k| k.ends_with(".snap")).unwrap();
 
     let idarg = id.to_str().unwrap();
     let out = dir.join("restored.db");
     let r = restore(&url, &out, &["--age-identity", idarg]);
-    assert!(!r.ok(), "a plaintext object was restored with an identity");
+    assert!(!r.ok(), "a plaintext object was restored with an identity: {}", r.stderr());
     assert!(
         r.stderr().contains("--allow-plaintext") && r.stderr().contains(snap.as_str()),
         "{}",
@@ -268,7 +275,9 @@ fn bad_head_and_huge_txid_do_not_stop_the_shipper() {
     let dir = tmp.path();
     let url = format!("file://{}", dir.join("replica").display());
     let db = dir.join("app.db");
-    ship_in_rounds(&db, &url, &["--no-encryption"]);
+    // Without compaction, restores need the level-0 head.
+    let args = ["--no-encryption", "--compaction-levels", "off"];
+    ship_in_rounds(&db, &url, &args);
     let b = Bucket::open(&url);
     let mut segs: Vec<String> = b
         .keys("lineages/")
@@ -286,7 +295,7 @@ fn bad_head_and_huge_txid_do_not_stop_the_shipper() {
     let r = restore(&url, &out, &[]);
     assert!(!r.ok() && r.stderr().contains(&newest), "{}", r.stderr());
 
-    let s = Shipper::start(&db, &url, &["--no-encryption"]);
+    let s = Shipper::start(&db, &url, &args);
     workload(&db, &["--count", "7"]);
     wait_for("a new lineage", Duration::from_secs(60), || {
         Bucket::open(&url).lineages().len() == 2

@@ -203,6 +203,8 @@ fn spawn_shipper(db: &Path, url: &str, args: &[&str], wrap: &[String], drop_dac:
         c
     };
     c.env("OFFSITE_LOG", "info,offsite=debug")
+        .env("OFFSITE_SIGNING_KEY", TEST_SIGNING_KEY)
+        .env("OFFSITE_VERIFY_KEY", TEST_VERIFY_KEY)
         .arg("replicate")
         .arg(db)
         .arg(url)
@@ -264,6 +266,7 @@ impl Replica {
     fn restore(&self, target: Target, out: &Path) -> anyhow::Result<(u64, u64)> {
         let mut o = RestoreOptions::new(target, out.to_path_buf());
         o.identities = self.ids.clone();
+        o.trust = test_trust();
         let rep = self.rt.block_on(restore(self.store.as_ref(), o))?;
         let m = offsite::workload::verify(out)?;
         Ok((rep.txid, m))

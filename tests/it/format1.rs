@@ -43,7 +43,7 @@ fn rows(p: &Path) -> i64 {
 /// `offsite verify URL --age-identity ID` finds no problem.
 fn verify_ok(url: &str, id: &str) {
     let v = support::harness::offsite()
-        .args(["verify", url, "--age-identity", id])
+        .args(["verify", url, "--age-identity", id, "--allow-unsigned"])
         .output()
         .unwrap();
     assert!(
@@ -71,9 +71,14 @@ fn every_txid_of_a_format1_replica_restores_exactly() {
     assert!(txids.len() >= 20, "the fixture covers many commits");
     assert!(exp["lineages"].as_u64().unwrap() >= 2);
     let id = identity();
+    // Format 1 carries no signatures: restoring it is an explicit opt-in.
+    let out = tmp.path().join("refused.db");
+    let r = restore(&url, &out, &["--age-identity", &id]);
+    assert!(!r.ok() && r.stderr().contains("--allow-unsigned"), "{}", r.stderr());
+    assert!(!out.exists());
     for (txid, want) in txids {
         let out = tmp.path().join(format!("r-{txid}.db"));
-        let r = restore(&url, &out, &["--txid", txid, "--age-identity", &id]);
+        let r = restore(&url, &out, &["--txid", txid, "--age-identity", &id, "--allow-unsigned"]);
         assert!(r.ok(), "txid {txid}: {}", r.stderr());
         assert_eq!(
             sha256(&out),
@@ -85,7 +90,7 @@ fn every_txid_of_a_format1_replica_restores_exactly() {
     }
     // The latest state, by default.
     let out = tmp.path().join("latest.db");
-    let r = restore(&url, &out, &["--age-identity", &id]);
+    let r = restore(&url, &out, &["--age-identity", &id, "--allow-unsigned"]);
     assert!(r.ok(), "{}", r.stderr());
     assert_eq!(r.txid, exp["latest_txid"].as_u64());
     let latest = exp["latest_txid"].as_u64().unwrap().to_string();
@@ -108,7 +113,7 @@ fn a_shipper_starts_a_format2_lineage_beside_format1() {
     let max = exp["latest_txid"].as_u64().unwrap();
     // The application's database: the format-1 replica's latest state.
     let db = tmp.path().join("app.db");
-    let r = restore(&url, &db, &["--age-identity", &id]);
+    let r = restore(&url, &db, &["--age-identity", &id, "--allow-unsigned"]);
     assert!(r.ok(), "{}", r.stderr());
     {
         let c = rusqlite::Connection::open(&db).unwrap();
@@ -135,7 +140,10 @@ fn a_shipper_starts_a_format2_lineage_beside_format1() {
     let rec: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tmp.path().join("replica/replica.json")).unwrap())
             .unwrap();
-    assert_eq!(rec, serde_json::json!({"format": 2, "engine": "sqlite"}));
+    assert_eq!(rec["format"], 3, "{rec}");
+    assert_eq!(rec["engine"], "sqlite", "{rec}");
+    assert_eq!(rec["database"], "app.db", "{rec}");
+    assert_eq!(rec["replica"].as_str().unwrap().len(), 32, "{rec}");
     // The new lineage restores the application's state; the old txids still
     // restore exactly.
     let out = tmp.path().join("new.db");
@@ -154,7 +162,7 @@ fn a_shipper_starts_a_format2_lineage_beside_format1() {
         .unwrap()
         .clone();
     let out = tmp.path().join("old.db");
-    let r = restore(&url, &out, &["--txid", &first, "--age-identity", &id]);
+    let r = restore(&url, &out, &["--txid", &first, "--age-identity", &id, "--allow-unsigned"]);
     assert!(r.ok(), "{}", r.stderr());
     assert_eq!(
         sha256(&out),
@@ -284,8 +292,9 @@ fn a_head_of_another_engine_starts_a_new_lineage() {
     });
     let (st, log) = shipper.stop();
     assert!(st.success(), "{log}");
+    // The edited envelope no longer matches its signature.
     assert!(
-        log.contains("sqlitx") && log.contains("starting a new lineage"),
+        log.contains("does not prove out") && log.contains("starting a new lineage"),
         "{log}"
     );
     // The new lineage restores the database.

@@ -93,6 +93,7 @@ async fn build(dir: &Path) -> (DynStorage, DynStorage, Identities) {
     for lineage in 0..3 {
         let opts = |spool: &Path| {
             let mut o = Options::new(db.clone(), spool.to_path_buf());
+            o.signer = Some(crate::support::harness::test_signer());
             o.clock = clock.clone();
             o.retention = None;
             o.compaction_levels = vec![Duration::from_secs(60), Duration::from_secs(300)];
@@ -146,6 +147,7 @@ async fn restore_hash(
 ) -> anyhow::Result<[u8; 32]> {
     let mut o = RestoreOptions::new(target, out.to_path_buf());
     o.identities = ids.cloned();
+    o.trust = crate::support::harness::test_trust();
     o.parallel = 4;
     let r = restore(store.as_ref(), o).await;
     let res = r.map(|_| *blake3::hash(&std::fs::read(out).unwrap()).as_bytes());
@@ -203,6 +205,7 @@ async fn survey(name: &str, store: DynStorage, ids: Option<Identities>, tmp: &Pa
 fn verify_opts(ids: Option<&Identities>) -> VerifyOptions {
     VerifyOptions {
         identities: ids.cloned(),
+        trust: crate::support::harness::test_trust(),
         parallel: 4,
         ..Default::default()
     }

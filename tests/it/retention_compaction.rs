@@ -32,8 +32,16 @@ fn sub_url(url: &str, name: &str) -> String {
     }
 }
 
+fn verify_opts() -> offsite::verify::VerifyOptions {
+    offsite::verify::VerifyOptions {
+        trust: crate::support::harness::test_trust(),
+        ..Default::default()
+    }
+}
+
 fn options(db: &Path, spool: &Path, clock: &Clock) -> Options {
     let mut o = Options::new(db.to_path_buf(), spool.to_path_buf());
+    o.signer = Some(crate::support::harness::test_signer());
     o.clock = clock.clone();
     o.retention = None;
     o.snapshot_interval = None;
@@ -45,10 +53,9 @@ async fn restore_to(
     target: Target,
     out: &Path,
 ) -> offsite::restore::RestoreReport {
-    restore(
-        store.as_ref(),
-        RestoreOptions::new(target, out.to_path_buf()),
-    )
+    let mut o = RestoreOptions::new(target, out.to_path_buf());
+    o.trust = crate::support::harness::test_trust();
+    restore(store.as_ref(), o)
     .await
     .unwrap_or_else(|e| panic!("restore {target:?}: {e:#}"))
 }
@@ -180,7 +187,7 @@ async fn compacted_and_uncompacted_replicas_restore_identically() {
         }
         // verify replays every compacted segment against the level-0 chain.
         for st in [&sa, &sb] {
-            let rep = offsite::verify::verify(st.as_ref(), &Default::default())
+            let rep = offsite::verify::verify(st.as_ref(), &verify_opts())
                 .await
                 .unwrap();
             assert!(rep.ok(), "{}: {}", target.name, rep.human());
@@ -288,7 +295,7 @@ async fn retention_window_holds_across_simulated_hours() {
         assert!(checks >= 20, "{checks}");
         // The pruned replica verifies clean: kept tail snapshots stand alone,
         // the window's chain is whole.
-        let rep = offsite::verify::verify(store.as_ref(), &Default::default())
+        let rep = offsite::verify::verify(store.as_ref(), &verify_opts())
             .await
             .unwrap();
         assert!(rep.ok(), "{}", rep.human());

@@ -20,6 +20,11 @@ pub fn offsite() -> Command {
     c
 }
 
+/// The test shipper's signing key (for tests that run a `Replicator` in-process).
+pub fn test_signer() -> std::sync::Arc<offsite::sign::Signer> {
+    std::sync::Arc::new(offsite::sign::Signer::parse(TEST_SIGNING_KEY).unwrap())
+}
+
 /// A reader's trust in the test key (for tests that call the library).
 pub fn test_trust() -> offsite::sign::Trust {
     offsite::sign::Trust::with_keys(vec![offsite::sign::PublicKey::parse(TEST_VERIFY_KEY).unwrap()])
