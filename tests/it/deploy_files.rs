@@ -145,12 +145,20 @@ fn compose(vars: &[(&str, &str)]) -> Result<Yaml, String> {
 
 const TEST_RECIPIENT: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
 
+/// The secrets docker-compose.yml requires (it has no default passwords).
+const COMPOSE_SECRETS: &[(&str, &str)] = &[
+    ("MINIO_ROOT_PASSWORD", "test-minio-root-password"),
+    ("OFFSITE_SHIPPER_SECRET_KEY", "test-shipper-secret"),
+    ("OFFSITE_RESTORE_SECRET_KEY", "test-restore-secret"),
+];
+
 fn compose_default() -> Yaml {
-    compose(&[
+    let mut vars = vec![
         ("OFFSITE_AGE_RECIPIENT", TEST_RECIPIENT),
         ("OFFSITE_IDENTITY_FILE", "/nonexistent/identity.txt"),
-    ])
-    .unwrap()
+    ];
+    vars.extend_from_slice(COMPOSE_SECRETS);
+    compose(&vars).unwrap()
 }
 
 fn service<'a>(c: &'a Yaml, name: &str) -> &'a Yaml {
@@ -468,8 +476,42 @@ fn compose_file_has_the_services_volumes_and_wiring() {
     }
 
     // Encryption is never off by accident: no recipient, no compose.
-    let err = compose(&[]).unwrap_err();
+    let mut vars = COMPOSE_SECRETS.to_vec();
+    let err = compose(&vars).unwrap_err();
     assert!(err.contains("OFFSITE_AGE_RECIPIENT"), "{err}");
+    // No default password either: each secret missing (or empty) stops
+    // compose with a message naming it.
+    vars.push(("OFFSITE_AGE_RECIPIENT", TEST_RECIPIENT));
+    for (missing, _) in COMPOSE_SECRETS {
+        for empty in [false, true] {
+            let vars: Vec<(&str, &str)> = vars
+                .iter()
+                .filter_map(|(k, v)| match (k == missing, empty) {
+                    (false, _) => Some((*k, *v)),
+                    (true, true) => Some((*k, "")),
+                    (true, false) => None,
+                })
+                .collect();
+            let err = compose(&vars).unwrap_err();
+            assert!(err.contains(missing), "{missing}: {err}");
+        }
+    }
+    // Every password and secret key in the file comes from a required variable.
+    let text = read("docker-compose.yml");
+    for l in text.lines().map(str::trim) {
+        let Some((k, v)) = l.split_once(": ") else {
+            continue;
+        };
+        if k.contains("PASSWORD") || k.contains("SECRET") {
+            assert!(
+                v.starts_with("${") && v.contains(":?") && !v.contains(":-"),
+                "{l}: a secret without a required variable"
+            );
+        }
+    }
+    for (_, v) in COMPOSE_SECRETS {
+        assert!(!text.contains(v));
+    }
 }
 
 #[test]
@@ -1173,11 +1215,12 @@ fn compose_commands_replicate_and_restore_against_s3() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let (identity, recipient) = harness::keygen(tmp.path());
-    let c = compose(&[
+    let mut vars = vec![
         ("OFFSITE_AGE_RECIPIENT", recipient.as_str()),
         ("OFFSITE_IDENTITY_FILE", identity.to_str().unwrap()),
-    ])
-    .unwrap();
+    ];
+    vars.extend_from_slice(COMPOSE_SECRETS);
+    let c = compose(&vars).unwrap();
     let r = Runner {
         tmp: tmp.path().to_path_buf(),
         s3: S3Map::from_target(&target),
