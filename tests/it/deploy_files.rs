@@ -710,13 +710,26 @@ fn kubernetes_pod_has_sidecar_init_restore_and_keeps_the_identity_out_of_the_sid
         );
     }
 
-    // Credentials: a Secret, referenced by the two offsite containers only.
-    let secret = k8s_kind(&docs, "Secret", "offsite-s3");
-    assert_eq!(
-        keys(&secret["stringData"]),
-        ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
-    );
-    assert_eq!(secret_refs(restore), ["offsite-s3"]);
+    // Credentials: one Secret per role (docs/IAM.md). The sidecar has the
+    // shipper's; the init container the read-only restore role's, never the
+    // shipper's (it only reads); the app none.
+    let shipper = k8s_kind(&docs, "Secret", "offsite-s3");
+    let restorer = k8s_kind(&docs, "Secret", "offsite-s3-restore");
+    for secret in [shipper, restorer] {
+        assert_eq!(
+            keys(&secret["stringData"]),
+            ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+        );
+    }
+    for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+        assert_ne!(
+            s(&shipper["stringData"][k]),
+            s(&restorer["stringData"][k]),
+            "{k}: the restore role has credentials of its own"
+        );
+    }
+    assert!(s(&restorer["stringData"]["AWS_ACCESS_KEY_ID"]).contains("RESTORE"));
+    assert_eq!(secret_refs(restore), ["offsite-s3-restore"]);
     assert_eq!(secret_refs(sidecar), ["offsite-s3"]);
     assert!(secret_refs(app).is_empty() && app["env"].is_badvalue());
 
@@ -1434,7 +1447,11 @@ impl PodRunner {
             e.insert(k, val);
         }
         for name in secret_refs(c) {
-            assert_eq!(name, "offsite-s3");
+            // The test server has one key: both roles' Secrets map to it.
+            assert!(
+                ["offsite-s3", "offsite-s3-restore"].contains(&name.as_str()),
+                "{name}"
+            );
             e.insert("AWS_ACCESS_KEY_ID".into(), self.s3.access_key.clone());
             e.insert("AWS_SECRET_ACCESS_KEY".into(), self.s3.secret_key.clone());
         }
