@@ -442,18 +442,35 @@ impl Spawner {
     }
 }
 
+/// Whether the application inherits variable `name`: not offsite's own
+/// (`OFFSITE_*`) nor the AWS SDK's (`AWS_*`: the shipper's credentials,
+/// which can write and delete backups). Case-insensitive, as some tools are.
+fn child_inherits(name: &std::ffi::OsStr) -> bool {
+    let n = name.as_encoded_bytes();
+    let starts = |p: &[u8]| n.len() >= p.len() && n[..p.len()].eq_ignore_ascii_case(p);
+    !(starts(b"AWS_") || starts(b"OFFSITE_"))
+}
+
 fn spawn_child(cmd: &str) -> anyhow::Result<tokio::process::Child> {
-    let words = shell_words::split(cmd)
-        .with_context(|| format!("--exec {cmd:?}: cannot split into words (check the quotes)"))?;
+    // The command line may carry secrets (a password argument): no message
+    // shows it, only the program's name.
+    let words = shell_words::split(cmd).map_err(|e| {
+        anyhow::anyhow!("--exec: cannot split the command into words ({e}); check the quotes")
+    })?;
     let Some((prog, args)) = words.split_first() else {
         bail!("--exec is empty; give the application's command, e.g. --exec \"/app/server --port 8080\"");
     };
-    let child = tokio::process::Command::new(prog)
-        .args(args)
-        .kill_on_drop(false)
+    let mut command = tokio::process::Command::new(prog);
+    command.args(args).kill_on_drop(false);
+    for (name, _) in std::env::vars_os() {
+        if !child_inherits(&name) {
+            command.env_remove(&name);
+        }
+    }
+    let child = command
         .spawn()
         .with_context(|| format!("--exec: cannot start {prog:?}"))?;
-    tracing::info!(pid = child.id(), command = %cmd, "started the application");
+    tracing::info!(pid = child.id(), program = %prog, args = args.len(), "started the application");
     Ok(child)
 }
 
@@ -508,4 +525,35 @@ pub async fn sync_via_http(
         );
     }
     Ok(body.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_application_inherits_neither_aws_nor_offsite_variables() {
+        for n in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "aws_secret_access_key",
+            "OFFSITE_LOG",
+            "OFFSITE_BUCKET",
+            "Offsite_Anything",
+        ] {
+            assert!(!child_inherits(std::ffi::OsStr::new(n)), "{n}");
+        }
+        for n in [
+            "PATH",
+            "HOME",
+            "APP_AWS_REGION",
+            "MY_OFFSITE_X",
+            "AWS",
+            "OFFSITE",
+        ] {
+            assert!(child_inherits(std::ffi::OsStr::new(n)), "{n}");
+        }
+    }
 }

@@ -3,6 +3,7 @@
 //! commit's state checksum, check integrity, then rename into place.
 
 use std::fs::File;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -25,11 +26,15 @@ pub struct RestoreOptions {
     pub integrity_check: bool,
     pub parallel: usize,
     pub progress: bool,
+    /// Permission bits of the restored database file (the `-wal`/`-shm`
+    /// files SQLite creates later are SQLite's): default 0600, owner only.
+    pub mode: u32,
 }
 
 impl RestoreOptions {
     /// The CLI's defaults: integrity check on, 8 parallel downloads, no
-    /// identity, no progress bar, and replacing `output` if it exists.
+    /// identity, no progress bar, mode 0600, and replacing `output` if it
+    /// exists.
     pub fn new(target: Target, output: PathBuf) -> RestoreOptions {
         RestoreOptions {
             target,
@@ -40,6 +45,7 @@ impl RestoreOptions {
             integrity_check: true,
             parallel: 8,
             progress: false,
+            mode: crate::storage::DEFAULT_FILE_MODE,
         }
     }
 }
@@ -141,8 +147,13 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
         .read(true)
         .write(true)
         .create_new(true)
+        .mode(opts.mode)
         .open(&tmp_path)
         .with_context(|| format!("cannot create {}", tmp_path.display()))?;
+    // Exactly `mode`, whatever the umask (0660 under 022 would be 0640),
+    // before a page is written.
+    outf.set_permissions(std::fs::Permissions::from_mode(opts.mode))
+        .with_context(|| format!("cannot set the mode of {}", tmp_path.display()))?;
     let mut chain = tokio::task::block_in_place(|| {
         apply_snapshot(&plan.snapshot, &snap, &keys, Some(engine), Some(outf))
     })

@@ -214,6 +214,15 @@ pub struct RestoreArgs {
     pub keys: KeyArgs,
     #[command(flatten)]
     pub reader: ReaderArgs,
+    /// Permission bits of the restored database, in octal: owner read-write
+    /// (0600, the default), optionally group bits (0640, 0660 for an
+    /// application of the same group); never anything for other users.
+    #[arg(long, value_name = "OCTAL", default_value = "0600", value_parser = parse_mode_arg)]
+    pub mode: u32,
+}
+
+fn parse_mode_arg(s: &str) -> Result<u32, String> {
+    storage::parse_file_mode(s).map_err(|e| format!("{e:#}"))
 }
 
 #[derive(Args, Debug)]
@@ -525,6 +534,7 @@ async fn restore_cmd(a: RestoreArgs) -> anyhow::Result<()> {
             integrity_check: !a.no_integrity_check,
             parallel: a.parallel,
             progress: std::io::stderr().is_terminal(),
+            mode: a.mode,
         },
     )
     .await?;

@@ -84,8 +84,9 @@ impl DatabaseConfig {
         d.discover = None;
         for r in &mut d.replicas {
             r.url = match &r.url {
-                ReplicaUrl::File { path } => ReplicaUrl::File {
+                ReplicaUrl::File { path, mode } => ReplicaUrl::File {
                     path: path.join(rel),
+                    mode: *mode,
                 },
                 ReplicaUrl::S3(c) => {
                     let mut c = c.clone();

@@ -374,10 +374,7 @@ impl Config {
                 replicas.push(replica_config(r, name, &rwhat, origin)?);
             }
             for (a, ra) in replicas.iter().enumerate() {
-                if replicas[..a]
-                    .iter()
-                    .any(|rb| rb.url.to_string() == ra.url.to_string())
-                {
+                if replicas[..a].iter().any(|rb| rb.url.same_location(&ra.url)) {
                     bail!("{file}: {what}: two replicas use the same URL {}; each replica needs its own location", ra.url);
                 }
             }

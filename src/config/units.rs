@@ -46,12 +46,18 @@ pub fn expand_env(s: &str, what: &str) -> anyhow::Result<String> {
             out.push('$');
             rest = a;
         } else if let Some(a) = after.strip_prefix('{') {
-            let end = a
-                .find('}')
-                .with_context(|| format!("{what}: unterminated ${{ in {s:?}"))?;
+            let end = a.find('}').with_context(|| {
+                format!(
+                    "{what}: unterminated ${{ in {:?}",
+                    crate::storage::redact(s)
+                )
+            })?;
             let name = &a[..end];
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                bail!("{what}: invalid variable name {name:?} in {s:?}");
+                bail!(
+                    "{what}: invalid variable name {name:?} in {:?}",
+                    crate::storage::redact(s)
+                );
             }
             let v = var(name).ok_or_else(|| {
                 anyhow::anyhow!(

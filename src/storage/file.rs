@@ -6,9 +6,15 @@
 //! the directory is fsynced (as are any directories created on the way).
 //! Temp files are named `.tmp-*`, are never listed, and are removed when a
 //! write fails.
+//!
+//! Object files get mode 0600 (`?file-mode=` asks for another, e.g. 0640 for
+//! a group that reads the backups), set on the temp file before any byte is
+//! written and whatever the umask; directories created here get the same
+//! bits plus `x` where there is `r` (0700, 0750).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -18,7 +24,7 @@ use bytes::Bytes;
 
 use super::{
     check_key, Body, ObjectLock, ObjectMeta, RequestCounter, RequestCounts, RequestKind, Result,
-    Storage, StorageError,
+    Storage, StorageError, DEFAULT_FILE_MODE,
 };
 
 /// Names starting with this are in-flight writes, never objects.
@@ -27,15 +33,28 @@ const TMP_PREFIX: &str = ".tmp-";
 #[derive(Debug, Clone)]
 pub struct FileStorage {
     root: PathBuf,
+    /// Permission bits of object files (see the module's doc).
+    mode: u32,
     /// Operations, counted as if each were one request (see `counting`).
     counter: Arc<RequestCounter>,
 }
 
+/// The mode of a directory holding files of `mode`: `x` wherever `r` is.
+fn dir_mode(mode: u32) -> u32 {
+    mode | ((mode & 0o444) >> 2)
+}
+
 impl FileStorage {
-    /// Use (and create, if needed) the directory `root`.
+    /// Use (and create, if needed) the directory `root`; objects get mode 0600.
     pub fn new(root: PathBuf) -> anyhow::Result<Self> {
-        fs::create_dir_all(&root)
-            .with_context(|| format!("creating replica directory {}", root.display()))?;
+        Self::with_mode(root, DEFAULT_FILE_MODE)
+    }
+
+    /// Like [`FileStorage::new`], with object files of mode `mode` (checked
+    /// by [`super::parse_file_mode`] when it comes from a user).
+    pub fn with_mode(root: PathBuf, mode: u32) -> anyhow::Result<Self> {
+        ensure_dir(Path::new("/"), &root, dir_mode(mode))
+            .map_err(|(p, e)| anyhow::anyhow!("creating replica directory {}: {e}", p.display()))?;
         let meta = fs::metadata(&root)
             .with_context(|| format!("reading replica directory {}", root.display()))?;
         if !meta.is_dir() {
@@ -46,6 +65,7 @@ impl FileStorage {
         }
         Ok(Self {
             root,
+            mode,
             counter: Arc::default(),
         })
     }
@@ -119,16 +139,17 @@ fn fsync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| io_err("fsyncing directory", dir, e))
 }
 
-/// Create `dir` (a descendant of `root`) and any missing ancestors, fsyncing
-/// the parent of every directory created so the new entries are durable.
-/// Errors carry the failing path.
-fn ensure_dir(root: &Path, dir: &Path) -> std::result::Result<(), (PathBuf, io::Error)> {
+/// Create `dir` (a descendant of `root`) and any missing ancestors with
+/// permission bits `mode` (whatever the umask), fsyncing the parent of every
+/// directory created so the new entries are durable. Errors carry the
+/// failing path.
+fn ensure_dir(root: &Path, dir: &Path, mode: u32) -> std::result::Result<(), (PathBuf, io::Error)> {
     if dir.is_dir() {
         return Ok(());
     }
     let mut missing = Vec::new();
     let mut cur = dir;
-    while cur != root && !cur.is_dir() {
+    while cur != root && !cur.as_os_str().is_empty() && !cur.is_dir() {
         missing.push(cur.to_path_buf());
         match cur.parent() {
             Some(p) => cur = p,
@@ -136,12 +157,13 @@ fn ensure_dir(root: &Path, dir: &Path) -> std::result::Result<(), (PathBuf, io::
         }
     }
     for d in missing.iter().rev() {
-        match fs::create_dir(d) {
-            Ok(()) => {}
+        match fs::DirBuilder::new().mode(mode).create(d) {
+            Ok(()) => fs::set_permissions(d, fs::Permissions::from_mode(mode))
+                .map_err(|e| (d.clone(), e))?,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => continue,
             Err(e) => return Err((d.clone(), e)),
         }
-        if let Some(parent) = d.parent() {
+        if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
             File::open(parent)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| (parent.to_path_buf(), e))?;
@@ -181,7 +203,7 @@ impl Drop for TempGuard {
     }
 }
 
-fn put_sync(root: &Path, key: &str, path: &Path, body: Body) -> Result<()> {
+fn put_sync(root: &Path, mode: u32, key: &str, path: &Path, body: Body) -> Result<()> {
     let dir = path
         .parent()
         .expect("object path has a parent")
@@ -198,21 +220,28 @@ fn put_sync(root: &Path, key: &str, path: &Path, body: Body) -> Result<()> {
     let mut attempt = 0;
     let (mut tmp_file, guard) = loop {
         attempt += 1;
-        match ensure_dir(root, &dir) {
+        match ensure_dir(root, &dir, dir_mode(mode)) {
             Ok(()) => {}
             Err((_, e)) if e.kind() == io::ErrorKind::NotFound && attempt < 5 => continue,
             Err((p, e)) => return Err(io_err("creating directory", &p, e)),
         }
         let tmp = dir.join(format!("{TMP_PREFIX}{:016x}", rand::random::<u64>()));
-        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+        {
             Ok(f) => {
-                break (
-                    f,
-                    TempGuard {
-                        path: tmp,
-                        armed: true,
-                    },
-                )
+                let guard = TempGuard {
+                    path: tmp,
+                    armed: true,
+                };
+                // The umask may have taken bits away (0660 under 022): set
+                // exactly `mode`, before the first byte is written.
+                f.set_permissions(fs::Permissions::from_mode(mode))
+                    .map_err(|e| io_err("setting the mode of", &guard.path, e))?;
+                break (f, guard);
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < 5 => continue,
             Err(e) => return Err(io_err("creating temporary file", &tmp, e)),
@@ -334,7 +363,8 @@ impl Storage for FileStorage {
         self.counter.record(RequestKind::Put);
         let path = self.path_for(key)?;
         let key = key.to_string();
-        self.blocking(move |root| put_sync(root, &key, &path, body))
+        let mode = self.mode;
+        self.blocking(move |root| put_sync(root, mode, &key, &path, body))
             .await
     }
 
@@ -357,6 +387,7 @@ impl Storage for FileStorage {
         let path = self.path_for(key)?;
         let key = key.to_string();
         let expect = expect.map(str::to_string);
+        let mode = self.mode;
         self.blocking(move |root| {
             // One conditional writer at a time on this directory tree
             // (processes on one host, or a filesystem with working flock).
@@ -365,6 +396,7 @@ impl Storage for FileStorage {
                 .create(true)
                 .truncate(false)
                 .write(true)
+                .mode(mode)
                 .open(&lock_path)
                 .map_err(|e| io_err("opening", &lock_path, e))?;
             // SAFETY: flock on a descriptor we own; released when `lock` closes.
@@ -375,7 +407,7 @@ impl Storage for FileStorage {
             if cur.as_deref() != expect.as_deref() {
                 return Err(StorageError::AlreadyExists { key });
             }
-            let r = put_sync(root, &key, &path, Body::Bytes(body));
+            let r = put_sync(root, mode, &key, &path, Body::Bytes(body));
             drop(lock);
             r
         })
@@ -636,5 +668,62 @@ mod tests {
         let f = d.path().join("file");
         fs::write(&f, b"x").unwrap();
         assert!(FileStorage::new(f).is_err());
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn objects_are_owner_only_by_default() {
+        let (_d, s) = store();
+        assert_eq!(mode_of(s.root()), 0o700, "the replica directory it created");
+        s.put("lineages/l1/a", Body::Bytes(Bytes::from_static(b"1")))
+            .await
+            .unwrap();
+        s.put_conditional("replica.json", Bytes::from_static(b"{}"), None)
+            .await
+            .unwrap();
+        let spool = tempfile::NamedTempFile::new().unwrap();
+        fs::write(spool.path(), b"from a file").unwrap();
+        fs::set_permissions(spool.path(), fs::Permissions::from_mode(0o644)).unwrap();
+        s.put("lineages/l1/b", Body::File(spool.path().to_path_buf()))
+            .await
+            .unwrap();
+        for f in ["lineages/l1/a", "lineages/l1/b", "replica.json"] {
+            assert_eq!(mode_of(&s.root().join(f)), 0o600, "{f}");
+        }
+        for d in ["lineages", "lineages/l1"] {
+            assert_eq!(mode_of(&s.root().join(d)), 0o700, "{d}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_requested_mode_is_honoured_whatever_the_umask() {
+        let d = tempfile::tempdir().unwrap();
+        // 0660 and 0770 under the usual umask 022 would come out 0640/0750.
+        let s = FileStorage::with_mode(d.path().join("a/replica"), 0o660).unwrap();
+        assert_eq!(mode_of(&d.path().join("a")), 0o770);
+        assert_eq!(mode_of(s.root()), 0o770);
+        s.put("x/y", Body::Bytes(Bytes::from_static(b"1")))
+            .await
+            .unwrap();
+        assert_eq!(mode_of(&s.root().join("x/y")), 0o660);
+        assert_eq!(mode_of(&s.root().join("x")), 0o770);
+        // Through the URL.
+        let url: crate::storage::ReplicaUrl =
+            format!("file://{}?file-mode=0640", d.path().join("b").display())
+                .parse()
+                .unwrap();
+        let s = crate::storage::open(&url).await.unwrap();
+        s.put("k", Body::Bytes(Bytes::from_static(b"1")))
+            .await
+            .unwrap();
+        assert_eq!(mode_of(&d.path().join("b/k")), 0o640);
+        assert_eq!(mode_of(&d.path().join("b")), 0o750);
+        // An existing root keeps its mode.
+        fs::set_permissions(d.path().join("b"), fs::Permissions::from_mode(0o755)).unwrap();
+        FileStorage::with_mode(d.path().join("b"), 0o600).unwrap();
+        assert_eq!(mode_of(&d.path().join("b")), 0o755);
     }
 }

@@ -20,7 +20,9 @@ pub mod s3;
 mod url;
 
 pub use self::counting::{RequestCounter, RequestCounts, RequestKind};
-pub use self::url::{did_you_mean, ReplicaUrl, S3Config};
+pub use self::url::{
+    did_you_mean, parse_file_mode, redact, ReplicaUrl, S3Config, DEFAULT_FILE_MODE,
+};
 
 /// Errors a caller can branch on. Everything else is `Other` with a message
 /// that already says what failed and what the user can do.
@@ -231,7 +233,10 @@ pub fn check_key(key: &str) -> Result<()> {
 /// Open the backend a replica URL names.
 pub async fn open(url: &ReplicaUrl) -> anyhow::Result<DynStorage> {
     match url {
-        ReplicaUrl::File { path } => Ok(Arc::new(file::FileStorage::new(path.clone())?)),
+        ReplicaUrl::File { path, mode } => Ok(Arc::new(file::FileStorage::with_mode(
+            path.clone(),
+            mode.unwrap_or(DEFAULT_FILE_MODE),
+        )?)),
         ReplicaUrl::S3(cfg) => Ok(Arc::new(s3::S3Storage::new(cfg.clone()).await?)),
     }
 }

@@ -159,7 +159,7 @@ impl fmt::Debug for S3Storage {
         f.debug_struct("S3Storage")
             .field("bucket", &self.cfg.bucket)
             .field("prefix", &self.cfg.prefix)
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &self.endpoint.as_deref().map(super::redact))
             .field("region", &self.region)
             .field("force_path_style", &self.cfg.force_path_style)
             .field("multipart_threshold", &self.multipart_threshold)
@@ -270,7 +270,8 @@ impl S3Storage {
 
     fn endpoint_desc(&self) -> String {
         match &self.endpoint {
-            Some(e) => e.clone(),
+            // AWS_ENDPOINT_URL may hold `user:password@`.
+            Some(e) => super::redact(e),
             None => format!("AWS S3 (region {})", self.region),
         }
     }

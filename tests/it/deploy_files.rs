@@ -145,12 +145,20 @@ fn compose(vars: &[(&str, &str)]) -> Result<Yaml, String> {
 
 const TEST_RECIPIENT: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
 
+/// The secrets docker-compose.yml requires (it has no default passwords).
+const COMPOSE_SECRETS: &[(&str, &str)] = &[
+    ("MINIO_ROOT_PASSWORD", "test-minio-root-password"),
+    ("OFFSITE_SHIPPER_SECRET_KEY", "test-shipper-secret"),
+    ("OFFSITE_RESTORE_SECRET_KEY", "test-restore-secret"),
+];
+
 fn compose_default() -> Yaml {
-    compose(&[
+    let mut vars = vec![
         ("OFFSITE_AGE_RECIPIENT", TEST_RECIPIENT),
         ("OFFSITE_IDENTITY_FILE", "/nonexistent/identity.txt"),
-    ])
-    .unwrap()
+    ];
+    vars.extend_from_slice(COMPOSE_SECRETS);
+    compose(&vars).unwrap()
 }
 
 fn service<'a>(c: &'a Yaml, name: &str) -> &'a Yaml {
@@ -468,8 +476,42 @@ fn compose_file_has_the_services_volumes_and_wiring() {
     }
 
     // Encryption is never off by accident: no recipient, no compose.
-    let err = compose(&[]).unwrap_err();
+    let mut vars = COMPOSE_SECRETS.to_vec();
+    let err = compose(&vars).unwrap_err();
     assert!(err.contains("OFFSITE_AGE_RECIPIENT"), "{err}");
+    // No default password either: each secret missing (or empty) stops
+    // compose with a message naming it.
+    vars.push(("OFFSITE_AGE_RECIPIENT", TEST_RECIPIENT));
+    for (missing, _) in COMPOSE_SECRETS {
+        for empty in [false, true] {
+            let vars: Vec<(&str, &str)> = vars
+                .iter()
+                .filter_map(|(k, v)| match (k == missing, empty) {
+                    (false, _) => Some((*k, *v)),
+                    (true, true) => Some((*k, "")),
+                    (true, false) => None,
+                })
+                .collect();
+            let err = compose(&vars).unwrap_err();
+            assert!(err.contains(missing), "{missing}: {err}");
+        }
+    }
+    // Every password and secret key in the file comes from a required variable.
+    let text = read("docker-compose.yml");
+    for l in text.lines().map(str::trim) {
+        let Some((k, v)) = l.split_once(": ") else {
+            continue;
+        };
+        if k.contains("PASSWORD") || k.contains("SECRET") {
+            assert!(
+                v.starts_with("${") && v.contains(":?") && !v.contains(":-"),
+                "{l}: a secret without a required variable"
+            );
+        }
+    }
+    for (_, v) in COMPOSE_SECRETS {
+        assert!(!text.contains(v));
+    }
 }
 
 #[test]
@@ -668,13 +710,26 @@ fn kubernetes_pod_has_sidecar_init_restore_and_keeps_the_identity_out_of_the_sid
         );
     }
 
-    // Credentials: a Secret, referenced by the two offsite containers only.
-    let secret = k8s_kind(&docs, "Secret", "offsite-s3");
-    assert_eq!(
-        keys(&secret["stringData"]),
-        ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
-    );
-    assert_eq!(secret_refs(restore), ["offsite-s3"]);
+    // Credentials: one Secret per role (docs/IAM.md). The sidecar has the
+    // shipper's; the init container the read-only restore role's, never the
+    // shipper's (it only reads); the app none.
+    let shipper = k8s_kind(&docs, "Secret", "offsite-s3");
+    let restorer = k8s_kind(&docs, "Secret", "offsite-s3-restore");
+    for secret in [shipper, restorer] {
+        assert_eq!(
+            keys(&secret["stringData"]),
+            ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+        );
+    }
+    for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+        assert_ne!(
+            s(&shipper["stringData"][k]),
+            s(&restorer["stringData"][k]),
+            "{k}: the restore role has credentials of its own"
+        );
+    }
+    assert!(s(&restorer["stringData"]["AWS_ACCESS_KEY_ID"]).contains("RESTORE"));
+    assert_eq!(secret_refs(restore), ["offsite-s3-restore"]);
     assert_eq!(secret_refs(sidecar), ["offsite-s3"]);
     assert!(secret_refs(app).is_empty() && app["env"].is_badvalue());
 
@@ -1173,11 +1228,12 @@ fn compose_commands_replicate_and_restore_against_s3() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let (identity, recipient) = harness::keygen(tmp.path());
-    let c = compose(&[
+    let mut vars = vec![
         ("OFFSITE_AGE_RECIPIENT", recipient.as_str()),
         ("OFFSITE_IDENTITY_FILE", identity.to_str().unwrap()),
-    ])
-    .unwrap();
+    ];
+    vars.extend_from_slice(COMPOSE_SECRETS);
+    let c = compose(&vars).unwrap();
     let r = Runner {
         tmp: tmp.path().to_path_buf(),
         s3: S3Map::from_target(&target),
@@ -1391,7 +1447,11 @@ impl PodRunner {
             e.insert(k, val);
         }
         for name in secret_refs(c) {
-            assert_eq!(name, "offsite-s3");
+            // The test server has one key: both roles' Secrets map to it.
+            assert!(
+                ["offsite-s3", "offsite-s3-restore"].contains(&name.as_str()),
+                "{name}"
+            );
             e.insert("AWS_ACCESS_KEY_ID".into(), self.s3.access_key.clone());
             e.insert("AWS_SECRET_ACCESS_KEY".into(), self.s3.secret_key.clone());
         }

@@ -17,6 +17,7 @@ mod e2e_sqlite;
 mod faults;
 mod fencing;
 mod format1;
+mod local_files;
 mod mutation_fuzz;
 mod object_lock;
 mod request_counts;

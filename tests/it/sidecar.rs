@@ -360,6 +360,97 @@ fn exec_runs_the_application_and_exits_with_its_status() {
 }
 
 #[test]
+fn exec_child_gets_no_aws_or_offsite_variables_and_its_command_line_is_not_logged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let url = format!("file://{}", dir.join("replica").display());
+    let db = dir.join("app.db");
+    workload(&db, &["--count", "1"]);
+    let env_file = dir.join("child.env");
+    // The application writes its environment out; its command line carries
+    // a (pretend) secret argument.
+    let cmd = format!(
+        "sh -c 'env > \"$0\"' {} --db-password=Xk4PretendArgSecret",
+        env_file.display()
+    );
+    let log = dir.join("daemon.log");
+    let mut d = daemon(
+        &[
+            db.to_str().unwrap(),
+            &url,
+            "--no-encryption",
+            "--sync-interval",
+            "1h",
+            "--exec",
+            &cmd,
+        ],
+        &log,
+        &[
+            ("AWS_ACCESS_KEY_ID", "AKIAEXECTESTKEY"),
+            ("AWS_SECRET_ACCESS_KEY", "exec/test+Secret"),
+            ("AWS_SESSION_TOKEN", "exec-session-token"),
+            ("AWS_REGION", "eu-west-1"),
+            ("aws_secret_access_key", "lower-case-too"),
+            ("OFFSITE_TEST_MARKER", "offsite-only"),
+            ("APP_SETTING", "kept-value"),
+            ("MY_AWS_THING", "kept-too"),
+        ],
+    );
+    let st = wait_timeout(&mut d, Duration::from_secs(90));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(st.success(), "{text}");
+    let env = std::fs::read_to_string(&env_file).unwrap();
+    let names: Vec<&str> = env
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, _)| k)
+        .collect();
+    for n in &names {
+        let up = n.to_ascii_uppercase();
+        assert!(
+            !up.starts_with("AWS_") && !up.starts_with("OFFSITE_"),
+            "the application inherited {n}:\n{env}"
+        );
+    }
+    for v in [
+        "AKIAEXECTESTKEY",
+        "exec/test+Secret",
+        "exec-session-token",
+        "offsite-only",
+    ] {
+        assert!(!env.contains(v), "{v} reached the application:\n{env}");
+    }
+    assert!(env.lines().any(|l| l == "APP_SETTING=kept-value"), "{env}");
+    assert!(env.lines().any(|l| l == "MY_AWS_THING=kept-too"), "{env}");
+    assert!(names.contains(&"PATH"), "{env}");
+    // The log names the program, never the command line.
+    let started = text
+        .lines()
+        .find(|l| l.contains("started the application"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(started.contains("sh"), "{started}");
+    assert!(!text.contains("Xk4PretendArgSecret"), "{text}");
+    assert!(!text.contains("env >"), "{text}");
+
+    // A command that cannot be split is refused without echoing it.
+    let out = offsite()
+        .args([
+            "replicate",
+            db.to_str().unwrap(),
+            &url,
+            "--no-encryption",
+            "--exec",
+            "app --password='Xk4Unterminated",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("quotes"), "{err}");
+    assert!(!err.contains("Xk4Unterminated"), "{err}");
+}
+
+#[test]
 fn init_container_restore_then_replication_continues() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
