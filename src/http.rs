@@ -7,20 +7,53 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::{Query, State};
+use axum::extract::{FromRef, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use futures::FutureExt;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use serde::Deserialize;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
-use crate::status::{Registry, ReplicaStatus};
+use crate::status::{Registry, ReplicaState, ReplicaStatus};
+
+/// At most this many `POST /sync?wait=1` requests wait at once (each holds
+/// a connection, so a descriptor); more are answered 503 with Retry-After.
+pub const MAX_WAITING_SYNCS: usize = 64;
+
+/// The longest a sync request may wait (`timeout`), and the default.
+pub const MAX_SYNC_WAIT: Duration = Duration::from_secs(3600);
+const DEFAULT_SYNC_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+struct AppState {
+    registry: Arc<Registry>,
+    /// Permits for waiting sync requests (`max_waiting` of them).
+    waiting: Arc<Semaphore>,
+    max_waiting: usize,
+}
+
+impl AppState {
+    fn new(registry: Arc<Registry>, max_waiting: usize) -> AppState {
+        AppState {
+            registry,
+            waiting: Arc::new(Semaphore::new(max_waiting)),
+            max_waiting,
+        }
+    }
+}
+
+impl FromRef<AppState> for Arc<Registry> {
+    fn from_ref(s: &AppState) -> Arc<Registry> {
+        s.registry.clone()
+    }
+}
 
 /// Bind `addr` and serve until `shutdown` turns true.
 pub async fn serve(
@@ -38,7 +71,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/sync", post(sync))
-        .with_state(registry);
+        .with_state(AppState::new(registry, MAX_WAITING_SYNCS));
     Ok(tokio::spawn(async move {
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
@@ -86,30 +119,79 @@ struct SyncQuery {
     db: String,
     #[serde(default)]
     wait: Option<String>,
-    /// Seconds to wait at most (default 60).
+    /// Seconds to wait at most (default 60, at most 3600). A string, so a
+    /// bad value gets this module's answer rather than a generic one.
     #[serde(default)]
-    timeout: Option<f64>,
+    timeout: Option<String>,
 }
 
-async fn sync(State(reg): State<Arc<Registry>>, Query(q): Query<SyncQuery>) -> Response {
-    let replicas = reg.for_db(&q.db);
+/// The `timeout` of a sync request: a finite number of seconds from 0 to
+/// [`MAX_SYNC_WAIT`].
+fn sync_timeout(v: Option<&str>) -> Result<Duration, String> {
+    let Some(v) = v else {
+        return Ok(DEFAULT_SYNC_WAIT);
+    };
+    let max = MAX_SYNC_WAIT.as_secs();
+    let secs: f64 = v
+        .trim()
+        .parse()
+        .map_err(|_| format!("timeout must be a number of seconds from 0 to {max}"))?;
+    if !secs.is_finite() || !(0.0..=max as f64).contains(&secs) {
+        return Err(format!(
+            "timeout must be a number of seconds from 0 to {max} (finite, not negative)"
+        ));
+    }
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("timeout must be a number of seconds from 0 to {max}"))
+}
+
+fn plain(code: StatusCode, body: String) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+async fn sync(State(st): State<AppState>, Query(q): Query<SyncQuery>) -> Response {
+    let limit = match sync_timeout(q.timeout.as_deref()) {
+        Ok(d) => d,
+        Err(why) => return plain(StatusCode::BAD_REQUEST, why + "\n"),
+    };
+    let replicas = st.registry.for_db(&q.db);
     if replicas.is_empty() {
-        let known: std::collections::BTreeSet<String> = reg
-            .entries()
-            .into_iter()
-            .map(|e| e.status.db.clone())
-            .collect();
-        return (
+        // Nothing about which databases are replicated: the listener may be
+        // reachable by more than the operator.
+        return plain(
             StatusCode::NOT_FOUND,
-            format!(
-                "database {} is not replicated by this offsite (it replicates: {})\n",
-                q.db,
-                known.into_iter().collect::<Vec<_>>().join(", ")
-            ),
-        )
-            .into_response();
+            "that database is not replicated by this offsite (give the path the daemon was configured with)\n"
+                .into(),
+        );
     }
     let wait = matches!(q.wait.as_deref(), Some("" | "1" | "true" | "yes"));
+    // A waiting request holds a permit until it is answered.
+    let _permit = if wait {
+        match st.waiting.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [
+                        (header::RETRY_AFTER, "5"),
+                        (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                    ],
+                    format!(
+                        "too many sync requests are waiting (at most {}); try again later\n",
+                        st.max_waiting
+                    ),
+                )
+                    .into_response()
+            }
+        }
+    } else {
+        None
+    };
     let requests: Vec<(Arc<ReplicaStatus>, u64)> = replicas
         .into_iter()
         .map(|s| {
@@ -118,22 +200,45 @@ async fn sync(State(reg): State<Arc<Registry>>, Query(q): Query<SyncQuery>) -> R
         })
         .collect();
     if wait {
-        let limit = Duration::from_secs_f64(q.timeout.unwrap_or(60.0).clamp(0.0, 86_400.0));
         let all = futures::future::join_all(requests.iter().map(|(s, n)| s.wait_synced(*n)));
-        if tokio::time::timeout(limit, all).await.is_err() {
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(limit, all) => r.is_ok(),
+            // Nothing more becomes durable once the replicators stopped (a
+            // shutdown, whose last ship satisfies the requests it can): answer
+            // now rather than hold the connection, and the daemon's
+            // shutdown, until the timeout.
+            _ = all_stopped(&requests) => {
+                let now = requests.iter().map(|(s, n)| s.wait_synced(*n));
+                futures::future::join_all(now).now_or_never().is_some()
+            }
+        };
+        let stopped: Vec<String> = requests
+            .iter()
+            .filter(|(s, _)| s.state() == ReplicaState::Stopped)
+            .map(|(s, _)| s.replica.clone())
+            .collect();
+        if !outcome && !stopped.is_empty() {
+            return plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "not durable: replica(s) {} stopped (offsite is shutting down, or the replicator failed)\n",
+                    stopped.join(", ")
+                ),
+            );
+        }
+        if !outcome {
             let late: Vec<String> = requests
                 .iter()
                 .filter(|(s, _)| s.pending_since_us.load(Relaxed) != 0 || !s.running.load(Relaxed))
                 .map(|(s, _)| s.replica.clone())
                 .collect();
-            return (
+            return plain(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
                     "not durable after {limit:?}: replica(s) {} still shipping or unreachable\n",
                     late.join(", ")
                 ),
-            )
-                .into_response();
+            );
         }
     }
     let body = serde_json::json!({
@@ -150,6 +255,16 @@ async fn sync(State(reg): State<Arc<Registry>>, Query(q): Query<SyncQuery>) -> R
         body.to_string() + "\n",
     )
         .into_response()
+}
+
+/// Resolves once every replica of a request has stopped.
+async fn all_stopped(requests: &[(Arc<ReplicaStatus>, u64)]) {
+    while !requests
+        .iter()
+        .all(|(s, _)| s.state() == ReplicaState::Stopped)
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Renders the registry at scrape time.
@@ -375,5 +490,135 @@ mod tests {
             1,
             "{out}"
         );
+    }
+
+    /// A registry with one database nobody ships (its syncs never finish).
+    fn one_db() -> (tempfile::TempDir, Arc<Registry>, Arc<ReplicaStatus>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: crate::storage::DynStorage =
+            Arc::new(crate::storage::file::FileStorage::new(dir.path().to_path_buf()).unwrap());
+        let reg = Registry::new(crate::clock::Clock::system());
+        let st = Arc::new(ReplicaStatus::new(
+            "/srv/secret-name/app.db",
+            "r",
+            "file:///x",
+            Duration::from_secs(10),
+            0,
+        ));
+        reg.register(st.clone(), store);
+        (dir, reg, st)
+    }
+
+    fn query(db: &str, wait: bool, timeout: Option<&str>) -> Query<SyncQuery> {
+        Query(SyncQuery {
+            db: db.into(),
+            wait: wait.then(|| "1".into()),
+            timeout: timeout.map(str::to_string),
+        })
+    }
+
+    async fn text(r: Response) -> (StatusCode, String) {
+        let code = r.status();
+        let b = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        (code, String::from_utf8_lossy(&b).into_owned())
+    }
+
+    #[tokio::test]
+    async fn sync_timeouts_that_are_not_a_sane_number_of_seconds_are_refused() {
+        let (_d, reg, st) = one_db();
+        let app = AppState::new(reg, 4);
+        for bad in [
+            "NaN", "nan", "inf", "-inf", "infinity", "-1", "-0.5", "3601", "1e300", "abc", "",
+            "0x10",
+        ] {
+            let r = sync(State(app.clone()), query(&st.db, true, Some(bad))).await;
+            let (code, body) = text(r).await;
+            assert_eq!(code, StatusCode::BAD_REQUEST, "{bad:?}: {body}");
+            assert!(body.contains("timeout must be"), "{bad:?}: {body}");
+        }
+        // Nothing was asked of the replicator, and good values still work.
+        assert_eq!(*st.sync_requests().borrow(), 0);
+        for good in ["0", "0.05", "3600"] {
+            assert!(sync_timeout(Some(good)).is_ok(), "{good}");
+        }
+        let r = sync(State(app.clone()), query(&st.db, true, Some("0.05"))).await;
+        assert_eq!(text(r).await.0, StatusCode::GATEWAY_TIMEOUT);
+        let r = sync(State(app), query(&st.db, false, None)).await;
+        assert_eq!(text(r).await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_database_is_not_told_the_known_ones() {
+        let (_d, reg, st) = one_db();
+        let r = sync(
+            State(AppState::new(reg, 4)),
+            query("/etc/passwd", true, None),
+        )
+        .await;
+        let (code, body) = text(r).await;
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        assert!(body.contains("not replicated by this offsite"), "{body}");
+        assert!(
+            !body.contains(&st.db) && !body.contains("secret-name"),
+            "{body}"
+        );
+    }
+
+    #[tokio::test]
+    async fn waiting_sync_requests_are_capped() {
+        let (_d, reg, st) = one_db();
+        let app = AppState::new(reg, 2);
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let (app, db) = (app.clone(), st.db.clone());
+                tokio::spawn(async move {
+                    text(sync(State(app), query(&db, true, Some("30"))).await).await
+                })
+            })
+            .collect();
+        while app.waiting.available_permits() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let r = sync(State(app.clone()), query(&st.db, true, Some("30"))).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "5");
+        // A request that does not wait is not held back.
+        let r = sync(State(app.clone()), query(&st.db, false, None)).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        // The replicator catches up: both waiters answer, the permits return.
+        st.sync_satisfied(*st.sync_requests().borrow());
+        for w in waiters {
+            let (code, body) = w.await.unwrap();
+            assert_eq!(code, StatusCode::OK, "{body}");
+        }
+        assert_eq!(app.waiting.available_permits(), 2);
+        let r = sync(State(app), query(&st.db, true, Some("0"))).await;
+        assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+
+    /// A waiting request ends when its replicator stops (a shutdown): it
+    /// neither holds the connection nor delays the daemon's exit until its
+    /// timeout.
+    #[tokio::test]
+    async fn waiting_requests_end_when_the_replicator_stops() {
+        let (_d, reg, st) = one_db();
+        let app = AppState::new(reg, 4);
+        let w = {
+            let (app, db) = (app.clone(), st.db.clone());
+            tokio::spawn(async move {
+                text(sync(State(app), query(&db, true, Some("3600"))).await).await
+            })
+        };
+        while app.waiting.available_permits() == 4 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        st.set_state(ReplicaState::Stopped);
+        let (code, body) = tokio::time::timeout(Duration::from_secs(5), w)
+            .await
+            .expect("answered once the replicator stopped")
+            .unwrap();
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("stopped"), "{body}");
+        assert_eq!(app.waiting.available_permits(), 4);
     }
 }

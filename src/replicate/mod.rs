@@ -15,6 +15,8 @@ mod options;
 mod retry;
 mod spool;
 mod state;
+#[cfg(test)]
+mod tests;
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -287,12 +289,13 @@ impl Replicator {
             }
             // Read before the step: the step's poll sees every commit made
             // before the request.
+            // Any number of requests since the last step are one wake-up
+            // (the channel keeps only the newest number). A pending request
+            // skips the sync interval, never the upload backoff: during an
+            // outage the retries keep their pace however many callers
+            // wait, and after they gave up.
             let requested = *sync_rx.borrow_and_update();
             let force = requested > synced;
-            if force {
-                // An explicit request skips the upload backoff once.
-                self.retry_at = None;
-            }
             match self.step(force).await {
                 Ok(()) => {
                     if force && self.caught_up() {

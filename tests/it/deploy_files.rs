@@ -765,7 +765,7 @@ fn kubernetes_pod_has_sidecar_init_restore_and_keeps_the_identity_out_of_the_sid
     );
 
     // The sidecar: the ConfigMap's config, recipients only, the listener
-    // probed for liveness and exposed for Prometheus.
+    // on the pod's loopback, probed for liveness from inside the pod.
     let sargs = strs(&sidecar["args"]);
     assert_eq!(sargs[0], "replicate");
     let cfg_path = flag(&sargs, "--config").unwrap();
@@ -796,21 +796,49 @@ fn kubernetes_pod_has_sidecar_init_restore_and_keeps_the_identity_out_of_the_sid
             "the config uses ${{{v}}}; the sidecar's env lacks it"
         );
     }
-    let port = flag(&sargs, "--listen")
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_string();
-    let cport = &sidecar["ports"][0];
-    assert_eq!(
-        cport["containerPort"].as_i64().map(|p| p.to_string()),
-        Some(port)
+    // The listener stays inside the pod (docs/DEPLOY.md, "Keeping the HTTP
+    // port inside the pod"): loopback, no container port, no Service port,
+    // no scrape annotations pointing at it.
+    let listen = flag(&sargs, "--listen").unwrap();
+    assert!(
+        listen.starts_with("127.0.0.1:"),
+        "the sidecar's listener must be on loopback, not {listen}"
     );
-    assert_eq!(s(&sidecar["livenessProbe"]["httpGet"]["path"]), "/healthz");
-    assert_eq!(
-        s(&sidecar["livenessProbe"]["httpGet"]["port"]),
-        s(&cport["name"])
+    assert!(
+        sidecar["ports"].is_badvalue(),
+        "a port for a loopback listener"
+    );
+    let svc = k8s_kind(&docs, "Service", "app");
+    assert!(
+        svc["spec"]["ports"].is_badvalue(),
+        "the Service exposes a port of the loopback listener: {:?}",
+        svc["spec"]["ports"]
+    );
+    let annotations =
+        &k8s_kind(&docs, "StatefulSet", "app")["spec"]["template"]["metadata"]["annotations"];
+    assert!(
+        keys(annotations)
+            .iter()
+            .all(|k| !k.starts_with("prometheus.io/")),
+        "scrape annotations for a loopback listener: {annotations:?}"
+    );
+    // Liveness: an exec probe that asks the daemon over loopback (the
+    // kubelet's httpGet and tcpSocket probes go to the pod IP).
+    let live = &sidecar["livenessProbe"];
+    assert!(
+        live["httpGet"].is_badvalue() && live["tcpSocket"].is_badvalue(),
+        "{live:?}"
+    );
+    let probe = strs(&live["exec"]["command"]);
+    assert_eq!(probe[..2], ["offsite", "sync"], "{probe:?}");
+    assert_eq!(flag(&probe, "--listen"), Some(listen), "{probe:?}");
+    assert!(
+        !probe.contains(&"--wait".into()),
+        "the probe must not wait for the bucket"
+    );
+    assert!(
+        cfg.contains(&format!("path = \"{}\"", probe[2])),
+        "the probe names a database the sidecar replicates: {probe:?}"
     );
     assert!(
         sidecar["readinessProbe"].is_badvalue(),
@@ -1476,9 +1504,7 @@ impl PodRunner {
                 for (k, v) in &env {
                     a = a.replace(&format!("$({k})"), v);
                 }
-                if a.starts_with("0.0.0.0:") {
-                    a = format!("127.0.0.1:{}", self.listen_port);
-                }
+                self.map_listen(&mut a);
                 map_path(&a, &mounts)
             })
             .collect();
@@ -1501,6 +1527,41 @@ impl PodRunner {
             .env("OFFSITE_LOG", "info,offsite=debug")
             .stdin(Stdio::null());
         cmd
+    }
+
+    /// The listener's address in the manifest → the test's port.
+    fn map_listen(&self, a: &mut String) {
+        if a.starts_with("0.0.0.0:") || a.starts_with("127.0.0.1:") {
+            *a = format!("127.0.0.1:{}", self.listen_port);
+        }
+    }
+
+    /// Run container `c`'s exec liveness probe, as the kubelet runs it in
+    /// the running container (its volumes as they are; no shell).
+    fn probe(&self, c: &Yaml) -> (bool, String) {
+        let mut mounts: Vec<(String, PathBuf)> = mounts(c)
+            .into_iter()
+            .map(|(vol, path)| (path, self.tmp.join("pod").join(vol)))
+            .collect();
+        mounts.sort_by_key(|(t, _)| std::cmp::Reverse(t.len()));
+        let argv: Vec<String> = strs(&c["livenessProbe"]["exec"]["command"])
+            .into_iter()
+            .map(|mut a| {
+                self.map_listen(&mut a);
+                map_path(&a, &mounts)
+            })
+            .collect();
+        assert_eq!(argv[0], "offsite", "the probe runs {argv:?}");
+        let out = Command::new(env!("CARGO_BIN_EXE_offsite"))
+            .args(&argv[1..])
+            .env_clear()
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     fn spawn(&self, c: &Yaml) -> (Child, PathBuf) {
@@ -1573,12 +1634,18 @@ fn kubernetes_commands_restore_only_when_needed_and_without_identity_when_not() 
         still_running(&mut off, &off_err, "offsite sidecar");
         http_get(r.listen_port, "/healthz").is_some_and(|(st, _)| st == 200)
     });
+    // Its liveness probe passes before the database exists…
+    let (ok, err) = r.probe(sidecar);
+    assert!(ok, "liveness probe while waiting for the database:\n{err}");
     let (mut a, a_err) = r.spawn(app);
     wait_for("15 commits shipped", Duration::from_secs(120), || {
         still_running(&mut off, &off_err, "offsite sidecar");
         still_running(&mut a, &a_err, "app");
         harness::latest_txid(&replica).unwrap_or(0) >= 15
     });
+    // …and while shipping.
+    let (ok, err) = r.probe(sidecar);
+    assert!(ok, "liveness probe while shipping:\n{err}");
     // Pod deletion: the app stops first, then the native sidecar.
     sigterm(&a);
     wait_timeout(&mut a, Duration::from_secs(30));
@@ -1588,6 +1655,12 @@ fn kubernetes_commands_restore_only_when_needed_and_without_identity_when_not() 
         st.success(),
         "{}",
         std::fs::read_to_string(&off_err).unwrap()
+    );
+    // A sidecar that does not answer fails the probe.
+    let (ok, err) = r.probe(sidecar);
+    assert!(
+        !ok && err.contains("cannot reach the offsite daemon"),
+        "{err}"
     );
     // Read the state only once nothing holds the database: the app was
     // killed, possibly after writing a commit frame but before updating the

@@ -282,6 +282,102 @@ fn sigterm_ships_the_last_commit_and_sync_wait_returns_once_durable() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the offsite daemon"));
 }
 
+/// `POST /sync` takes nothing on trust: a timeout that is not a sane
+/// number of seconds is a 400 (not a panicked handler), an unknown database
+/// a 404 that lists no configured path, and waiting requests beyond the cap
+/// a 503 with Retry-After. The listener serves on after each.
+#[test]
+fn sync_requests_are_checked_and_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // The database does not exist yet: the replicator waits for it, so a
+    // waiting sync request waits until its timeout.
+    let db = dir.join("secret-app-name.db");
+    let url = format!("file://{}", dir.join("replica").display());
+    let addr = free_addr();
+    let log = dir.join("daemon.log");
+    let mut d = daemon(
+        &[
+            db.to_str().unwrap(),
+            &url,
+            "--no-encryption",
+            "--listen",
+            &addr,
+        ],
+        &log,
+        &[],
+    );
+    wait_for("/healthz", Duration::from_secs(30), || {
+        http(&addr, "GET", "/healthz").is_some_and(|(c, _)| c == 200)
+    });
+    let q: String = url::form_urlencoded::byte_serialize(db.to_str().unwrap().as_bytes()).collect();
+    let sync = |rest: &str| format!("/sync?db={q}&{rest}");
+
+    for t in ["NaN", "inf", "-inf", "-1", "1e400", "86400", "soon"] {
+        let (code, body) = http(&addr, "POST", &sync(&format!("wait=1&timeout={t}")))
+            .unwrap_or_else(|| panic!("timeout={t}: no answer (handler died?)"));
+        assert_eq!(code, 400, "timeout={t}: {body}");
+        assert!(body.contains("timeout must be"), "timeout={t}: {body}");
+        let (code, _) = http(&addr, "GET", "/healthz").expect("still serving");
+        assert_eq!(code, 200, "after timeout={t}");
+    }
+
+    let (code, body) = http(&addr, "POST", "/sync?db=%2Fnonexistent%2Fx.db&wait=1").unwrap();
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("not replicated by this offsite"), "{body}");
+    assert!(
+        !body.contains("secret-app-name") && !body.contains(dir.to_str().unwrap()),
+        "the 404 tells a stranger which databases exist: {body}"
+    );
+
+    // 64 requests wait (each on a connection of its own); the next is refused.
+    let open = |waiting: &mut Vec<TcpStream>| {
+        let mut c = TcpStream::connect(&addr).unwrap();
+        write!(
+            c,
+            "POST {} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            sync("wait=1&timeout=120")
+        )
+        .unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        waiting.push(c);
+    };
+    let mut waiting = Vec::new();
+    let mut refused = None;
+    wait_for(
+        "a request beyond the cap refused",
+        Duration::from_secs(60),
+        || {
+            // The server takes the connections in any order: one of the 64 may
+            // have been refused while a probe below held a place. Replace it.
+            waiting.retain_mut(|c: &mut TcpStream| c.read(&mut [0u8; 64]).is_err());
+            while waiting.len() < 64 {
+                open(&mut waiting);
+            }
+            // (Until all 64 hold their place, the probe just times out.)
+            let r = http(&addr, "POST", &sync("wait=1&timeout=0.2")).unwrap();
+            let done = r.0 == 503;
+            refused = Some(r);
+            done
+        },
+    );
+    let (_, body) = refused.unwrap();
+    assert!(
+        body.contains("too many sync requests are waiting"),
+        "{body}"
+    );
+    // A sync that does not wait, and the other endpoints, still answer.
+    let (code, body) = http(&addr, "POST", &sync("wait=0")).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(http(&addr, "GET", "/healthz").unwrap().0, 200);
+
+    // Shutdown with requests waiting: prompt, clean.
+    sigterm(&d);
+    let st = wait_timeout(&mut d, Duration::from_secs(60));
+    assert!(st.success(), "{}", std::fs::read_to_string(&log).unwrap());
+    drop(waiting);
+}
+
 #[test]
 fn exec_runs_the_application_and_exits_with_its_status() {
     let tmp = tempfile::tempdir().unwrap();
