@@ -143,6 +143,27 @@ fn compose(vars: &[(&str, &str)]) -> Result<Yaml, String> {
     interpolate_yaml(&docs[0], &vars)
 }
 
+/// An age identity that pins the test shipper's verifying key (restores in
+/// these tests run with a cleared environment: the pin is all they trust).
+fn pinned_keygen(dir: &Path) -> (PathBuf, String) {
+    let p = dir.join(format!("key-{:08x}.txt", rand::random::<u32>()));
+    let out = harness::offsite()
+        .args(["keygen", "-o"])
+        .arg(&p)
+        .args(["--pin", harness::TEST_VERIFY_KEY])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (p, String::from_utf8(out.stdout).unwrap().trim().to_string())
+}
+
+/// The test shipper's signing key as a file (the compose secret).
+fn signing_key_file(dir: &Path) -> PathBuf {
+    let p = dir.join("offsite-signing.key");
+    std::fs::write(&p, harness::TEST_SIGNING_KEY).unwrap();
+    p
+}
+
 const TEST_RECIPIENT: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
 
 /// The secrets docker-compose.yml requires (it has no default passwords).
@@ -306,7 +327,7 @@ fn compose_file_has_the_services_volumes_and_wiring() {
         );
     }
     assert_eq!(keys(&c["volumes"]), ["minio-data", "app-data", "restored"]);
-    assert_eq!(keys(&c["secrets"]), ["offsite-identity"]);
+    assert_eq!(keys(&c["secrets"]), ["offsite-identity", "offsite-signing-key"]);
 
     // MinIO, with a health check the bucket job waits for.
     let minio = service(&c, "minio");
@@ -403,9 +424,14 @@ fn compose_file_has_the_services_volumes_and_wiring() {
     let deps = depends_on(off);
     assert_eq!(deps["createbucket"], "service_completed_successfully");
     assert_eq!(deps["app"], "service_started");
-    assert!(
-        off["secrets"].is_badvalue(),
-        "the sidecar never sees the identity"
+    assert_eq!(
+        strs(&off["secrets"]),
+        ["offsite-signing-key"],
+        "the sidecar sees its signing key and never the identity"
+    );
+    assert_eq!(
+        flag(&service_argv(off), "--signing-key-file"),
+        Some("/run/secrets/offsite-signing-key")
     );
     assert!(volumes(off).contains(&("app-data".into(), "/data".into(), false)));
     assert!(
@@ -747,8 +773,10 @@ fn kubernetes_pod_has_sidecar_init_restore_and_keeps_the_identity_out_of_the_sid
     assert!(id_dir != "/data");
     for c in [sidecar, app] {
         for (v, p) in mounts(c) {
+            // The sidecar's one secret is its signing key.
+            let signing = s(&volume(&v)["secret"]["secretName"]) == "offsite-signing-key";
             assert!(
-                volume(&v)["secret"].is_badvalue(),
+                volume(&v)["secret"].is_badvalue() || (signing && s(&c["name"]) == "offsite"),
                 "{} mounts secret volume {v} at {p}",
                 s(&c["name"])
             );
@@ -1255,10 +1283,12 @@ fn compose_commands_replicate_and_restore_against_s3() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let (identity, recipient) = harness::keygen(tmp.path());
+    let (identity, recipient) = pinned_keygen(tmp.path());
+    let signing = signing_key_file(tmp.path());
     let mut vars = vec![
         ("OFFSITE_AGE_RECIPIENT", recipient.as_str()),
         ("OFFSITE_IDENTITY_FILE", identity.to_str().unwrap()),
+        ("OFFSITE_SIGNING_KEY_FILE", signing.to_str().unwrap()),
     ];
     vars.extend_from_slice(COMPOSE_SECRETS);
     let c = compose(&vars).unwrap();
@@ -1440,6 +1470,8 @@ impl PodRunner {
                 for (k, v) in cm["data"].as_hash().unwrap() {
                     std::fs::write(dir.join(s(k)), s(v)).unwrap();
                 }
+            } else if s(&spec["secret"]["secretName"]) == "offsite-signing-key" {
+                std::fs::write(dir.join("signing.key"), harness::TEST_SIGNING_KEY).unwrap();
             } else if spec["secret"].is_hash() {
                 if let Some(id) = &self.identity {
                     std::fs::copy(id, dir.join("age-identity.txt")).unwrap();
@@ -1590,7 +1622,7 @@ fn kubernetes_commands_restore_only_when_needed_and_without_identity_when_not() 
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let (identity, recipient) = harness::keygen(tmp.path());
+    let (identity, recipient) = pinned_keygen(tmp.path());
     let docs = k8s_docs();
     let configmaps = docs
         .iter()
