@@ -774,7 +774,8 @@ fn kubernetes_pod_has_sidecar_init_restore_and_keeps_the_identity_out_of_the_sid
     for c in [sidecar, app] {
         for (v, p) in mounts(c) {
             // The sidecar's one secret is its signing key.
-            let signing = s(&volume(&v)["secret"]["secretName"]) == "offsite-signing-key";
+            let signing =
+                volume(&v)["secret"]["secretName"].as_str() == Some("offsite-signing-key");
             assert!(
                 volume(&v)["secret"].is_badvalue() || (signing && s(&c["name"]) == "offsite"),
                 "{} mounts secret volume {v} at {p}",
@@ -954,7 +955,9 @@ fn iam_policies_are_least_privilege_and_match_the_compose_example() {
         );
     }
     let a = |n: &str| actions(&docs[n]);
-    // The pruner reads no object contents: its one GetObject is the record.
+    // The pruner decrypts nothing; it reads the record and the signed
+    // envelopes of snapshots (ranged reads), so that only proven objects
+    // steer what it deletes.
     for st in docs["pruner"]["Statement"].as_array().unwrap() {
         if st["Action"]
             .as_array()
@@ -964,8 +967,11 @@ fn iam_policies_are_least_privilege_and_match_the_compose_example() {
         {
             assert_eq!(
                 st["Resource"],
-                serde_json::json!(["arn:aws:s3:::BUCKET/PREFIX/replica.json"]),
-                "pruner: GetObject only on the replica record"
+                serde_json::json!([
+                    "arn:aws:s3:::BUCKET/PREFIX/replica.json",
+                    "arn:aws:s3:::BUCKET/PREFIX/lineages/*"
+                ]),
+                "pruner: GetObject on the replica record and the objects' envelopes"
             );
         }
     }
@@ -992,11 +998,18 @@ fn iam_policies_are_least_privilege_and_match_the_compose_example() {
                         || (name.starts_with("shipper")
                             && st["Action"]
                                 == serde_json::json!(["s3:GetObject", "s3:PutObject"])));
+                // The signed head record (rollback detection): the same.
+                let head = r == "arn:aws:s3:::BUCKET/PREFIX/head.json"
+                    && (st["Action"] == serde_json::json!(["s3:GetObject"])
+                        || (name.starts_with("shipper")
+                            && st["Action"]
+                                == serde_json::json!(["s3:GetObject", "s3:PutObject"])));
                 assert!(
                     r == "arn:aws:s3:::BUCKET"
                         || r == "arn:aws:s3:::BUCKET/PREFIX/lineages/*"
                         || lease
-                        || record,
+                        || record
+                        || head,
                     "{name}: resource {r}"
                 );
             }
@@ -1470,7 +1483,7 @@ impl PodRunner {
                 for (k, v) in cm["data"].as_hash().unwrap() {
                     std::fs::write(dir.join(s(k)), s(v)).unwrap();
                 }
-            } else if s(&spec["secret"]["secretName"]) == "offsite-signing-key" {
+            } else if spec["secret"]["secretName"].as_str() == Some("offsite-signing-key") {
                 std::fs::write(dir.join("signing.key"), harness::TEST_SIGNING_KEY).unwrap();
             } else if spec["secret"].is_hash() {
                 if let Some(id) = &self.identity {
