@@ -180,6 +180,20 @@ impl Seal {
     }
 }
 
+/// An object that is not this replica's: unsigned (where that is not
+/// allowed), signed by a key the reader does not pin, or bound to another
+/// replica or database. Planning may go around such an object (it was
+/// planted); an object that names a pinned key but fails its signature or
+/// hash is damage, and fails whatever needs it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Foreign(pub String);
+
+/// Whether `e` says the object is not this replica's (see [`Foreign`]).
+pub fn is_foreign(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Foreign>())
+}
+
 /// How an object's authenticity was established.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Authenticity {
@@ -251,7 +265,7 @@ impl Envelope {
             if trust.allow_unsigned {
                 Ok(Authenticity::Unsigned)
             } else {
-                bail!("{why}: it carries no signature, so anyone with write access to the bucket could have written it; refusing it (a replica written before format 3 restores only with --allow-unsigned)")
+                Err(Foreign(format!("{why}: it carries no signature, so anyone with write access to the bucket could have written it; refusing it (a replica written before format 3 restores only with --allow-unsigned)")).into())
             }
         };
         if !self.has_footer() {
@@ -262,33 +276,47 @@ impl Envelope {
         if self.meta.signer.is_empty() {
             return unsigned("object is unsigned");
         }
+        let msg = self.signed_message(&footer[..32]);
         let Some(key) = trust.pins(&self.meta.signer) else {
-            bail!(
+            // Foreign only when the named key really signed it: a damaged
+            // object of this replica (a flipped bit in `signer`) must fail
+            // what needs it, never be planned around as someone else's.
+            let theirs = PublicKey::from_hex(&self.meta.signer).is_ok_and(|k| k.verify(&msg, &sig));
+            if !theirs {
+                bail!("object names signer offsite-vk1-{} but its signature does not verify under it: damaged or forged", self.meta.signer);
+            }
+            return Err(Foreign(format!(
                 "object is signed by offsite-vk1-{}, which is not a key this reader trusts ({}); written by another shipper, or a planted object",
                 self.meta.signer,
                 trust.describe_keys()
-            );
+            ))
+            .into());
         };
-        if !key.verify(&self.signed_message(&footer[..32]), &sig) {
+        if !key.verify(&msg, &sig) {
             bail!("object's signature does not verify: it was forged or modified after it was written");
         }
         match &trust.replica {
             Some(r) if *r == self.meta.replica => {}
-            Some(r) => bail!(
-                "object belongs to replica {}, not to this replica {r} (copied from another replica or tenant?)",
-                self.meta.replica
-            ),
+            Some(r) => {
+                return Err(Foreign(format!(
+                    "object belongs to replica {}, not to this replica {r} (copied from another replica or tenant?)",
+                    self.meta.replica
+                ))
+                .into())
+            }
             None => bail!(
                 "cannot tell which replica this object belongs to: replica.json is missing or unsigned (pass --replica-id {} if this is the right replica)",
                 self.meta.replica
             ),
         }
         if let Some(d) = &trust.database {
-            ensure!(
-                *d == self.meta.database,
-                "object is of database {:?}, not {d:?}",
-                self.meta.database
-            );
+            if *d != self.meta.database {
+                return Err(Foreign(format!(
+                    "object is of database {:?}, not {d:?}",
+                    self.meta.database
+                ))
+                .into());
+            }
         }
         Ok(Authenticity::Signed(*key))
     }

@@ -69,6 +69,13 @@ pub struct Held {
     pub wait_s: f64,
 }
 
+/// Shipper ids of the leases of replicators alive in this process: a lease
+/// held by this very process whose replicator is gone (dropped, restarted
+/// by the daemon) is dead; one whose replicator lives (another replica
+/// entry writing the same prefix) is not.
+static LIVE: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
 pub struct Lease {
     me: LeaseDoc,
     ttl: Duration,
@@ -137,6 +144,10 @@ fn holder_is_dead(holder: &LeaseDoc, me: &LeaseDoc) -> bool {
     if pid <= 0 {
         return false;
     }
+    if holder.pid == me.pid && holder.started != 0 && holder.started == me.started {
+        // This very process: dead unless one of its replicators holds it.
+        return !LIVE.lock().unwrap().contains(&holder.shipper);
+    }
     match proc_start(holder.pid) {
         // A process with that pid exists: the holder only if it started
         // then (an unknown start time proves nothing).
@@ -183,11 +194,19 @@ fn parse_ns_link(l: &str) -> Option<u64> {
     l.strip_prefix("pid:[")?.strip_suffix(']')?.parse().ok()
 }
 
+impl Drop for Lease {
+    fn drop(&mut self) {
+        LIVE.lock().unwrap().remove(&self.me.shipper);
+    }
+}
+
 impl Lease {
     pub fn new(db: &str, ttl: Duration, renew_every: Duration) -> Lease {
+        let shipper = format!("{:016x}", rand::random::<u64>());
+        LIVE.lock().unwrap().insert(shipper.clone());
         Lease {
             me: LeaseDoc {
-                shipper: format!("{:016x}", rand::random::<u64>()),
+                shipper,
                 host: hostname(),
                 pid: std::process::id(),
                 started: proc_start(std::process::id()).unwrap_or(0),
@@ -420,7 +439,7 @@ mod tests {
     /// A lease of another shipper in this container (host, boot, pid
     /// namespace as ours), renewed "now" by the wall clock.
     fn neighbour(pid: u32, started: u64) -> LeaseDoc {
-        let mut d = Lease::new("/n.db", TTL, Duration::ZERO).me;
+        let mut d = Lease::new("/n.db", TTL, Duration::ZERO).me.clone();
         d.pid = pid;
         d.started = started;
         d.renewed_us = 1_000_000_000_000;
@@ -480,7 +499,7 @@ mod tests {
     /// dead, so its lease is waited for until it expires.
     #[tokio::test]
     async fn a_holder_in_another_pid_namespace_is_waited_for() {
-        let me = Lease::new("/me.db", TTL, Duration::ZERO).me;
+        let me = Lease::new("/me.db", TTL, Duration::ZERO).me.clone();
         assert_ne!(me.pid_ns, 0, "this test needs /proc/self/ns/pid");
         assert!(!me.boot_id.is_empty(), "this test needs a boot id");
         let mut twin = neighbour(1, 12345);
@@ -530,14 +549,20 @@ mod tests {
 
     #[test]
     fn an_equal_pid_is_the_holder_only_with_its_start_time() {
-        let me = Lease::new("/me.db", TTL, Duration::ZERO).me;
+        let me = Lease::new("/me.db", TTL, Duration::ZERO).me.clone();
         assert_ne!(me.started, 0);
         // Our pid, another start time: a previous process (a restarted
         // container reuses pids) that is gone.
         assert!(holder_is_dead(&neighbour(me.pid, me.started + 1), &me));
-        // Our pid and our start time: this very process (another replica
-        // entry writing the same prefix), alive.
-        assert!(!holder_is_dead(&neighbour(me.pid, me.started), &me));
+        // Our pid and our start time: this very process. Alive while the
+        // replicator holding it lives (another replica entry writing the
+        // same prefix); dead once it is gone (a replicator the daemon, or
+        // a test, dropped and started again).
+        let other = Lease::new("/other.db", TTL, Duration::ZERO);
+        let doc = other.me.clone();
+        assert!(!holder_is_dead(&doc, &me));
+        drop(other);
+        assert!(holder_is_dead(&doc, &me));
         // Start time unknown: cannot tell, so not dead.
         assert!(!holder_is_dead(&neighbour(me.pid, 0), &me));
         // Another pid that exists with another start time: reused, dead.
@@ -590,7 +615,7 @@ mod tests {
     #[tokio::test]
     async fn an_old_lease_is_readable_and_waited_for() {
         let (_tmp, store) = new_store();
-        let me = Lease::new("/me.db", TTL, Duration::ZERO).me;
+        let me = Lease::new("/me.db", TTL, Duration::ZERO).me.clone();
         let old = format!(
             r#"{{"shipper":"0123456789abcdef","host":"{}","pid":{},"started":5,"db":"/old.db","renewed_us":1700000000000000}}"#,
             me.host, 0x7fff_fff0u32
@@ -620,7 +645,7 @@ mod tests {
     /// unreadable is taken over before it has been unchanged for the TTL.
     #[tokio::test]
     async fn hostile_lease_bytes_never_panic_and_wait_for_expiry() {
-        let me = Lease::new("/me.db", TTL, Duration::ZERO).me;
+        let me = Lease::new("/me.db", TTL, Duration::ZERO).me.clone();
         let mut huge = doc_bytes(&neighbour(1, 1));
         huge.truncate(huge.len() - 1);
         huge.extend(b",\"pad\":\"");

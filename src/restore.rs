@@ -256,7 +256,11 @@ async fn plan_proven(
         let s = &plan.snapshot;
         match crate::trusted::envelope(store, &s.key, s.size, trust).await {
             Ok(_) => return Ok(plan),
-            Err(e) if is_refusal(&e) => {
+            // Only what is not this replica's (planted) is planned around;
+            // an object of this replica that fails its signature or hash is
+            // damage, and the restore fails naming it rather than silently
+            // restoring an older state.
+            Err(e) if crate::codec::is_foreign(&e) => {
                 tracing::error!(object = %s.key, error = %format!("{e:#}"), "refusing a snapshot that does not prove out; planning without it");
                 if refused.len() < 3 {
                     refused.push(format!("{e:#}"));
@@ -267,15 +271,16 @@ async fn plan_proven(
                 }
                 catalog.lineages.retain(|_, l| !l.snapshots.is_empty());
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                return Err(e.context(format!(
+                    "snapshot {} failed verification (its signed envelope does not prove out)",
+                    s.key
+                )))
+            }
         }
     }
 }
 
-/// An authenticity refusal (as opposed to a storage error worth reporting as such).
-fn is_refusal(e: &anyhow::Error) -> bool {
-    !e.chain().any(|c| c.is::<crate::storage::StorageError>())
-}
 
 /// Window and per-lineage summary for `offsite list`.
 pub fn describe(catalog: &Catalog) -> serde_json::Value {

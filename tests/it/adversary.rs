@@ -356,7 +356,18 @@ fn crafted_listing_cannot_make_prune_delete_history() {
     for k in &planted {
         assert!(after.contains(k), "prune acted on the planted {k}:\n{out}");
     }
+    // The planted garbage cannot be told from a damaged object of this
+    // replica: "latest" is refused, naming it (never an older state with exit
+    // 0); the real head restores by txid.
     let r = restore(&url, &dir.join("r.db"), &[]);
+    assert!(!r.ok() && r.stderr().contains(l), "{}", r.stderr());
+    let head = list_json(&url)["lineages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|x| x["latest"]["txid"].as_u64())
+        .unwrap();
+    let r = restore(&url, &dir.join("r.db"), &["--txid", &head.to_string()]);
     assert!(r.ok(), "{}", r.stderr());
     assert_eq!(rows(&dir.join("r.db")), rows(&db));
 }

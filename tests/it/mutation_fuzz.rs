@@ -648,6 +648,12 @@ async fn every_mutation_is_detected_file_and_garage() {
         let b = enc.store.get(&o.key).await.unwrap();
         s3.put(&o.key, Body::Bytes(b)).await.unwrap();
     }
+    // The signed replica record (the replica id every object is bound to)
+    // and head record travel with the objects.
+    for k in ["replica.json", "head.json"] {
+        let b = enc.store.get(k).await.unwrap();
+        s3.put(k, Body::Bytes(b)).await.unwrap();
+    }
     let garage = survey("garage-age", s3, Some(ids), dir).await;
     let t1 = Instant::now();
     let mut t = Tally::default();
