@@ -107,6 +107,7 @@ async fn a_pending_sync_during_an_outage_does_not_reset_the_upload_backoff() {
         writes: AtomicU64::new(0),
     });
     let mut o = Options::new(db.clone(), tmp.path().join("spool"));
+    o.signer = Some(Arc::new(crate::sign::Signer::generate()));
     // Nothing ships by itself within the test: only sync requests do.
     o.sync_interval = Duration::from_secs(3600);
     o.snapshot_interval = None;
