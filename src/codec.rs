@@ -430,13 +430,23 @@ impl Write for HashSink<'_> {
     }
 }
 
-/// Bytes written after the envelope, hashed on the way to the sink.
-struct Hashed<W: Write> {
-    inner: W,
-    hasher: blake3::Hasher,
+/// A writer that hashes (BLAKE3) everything on its way to `inner`: the
+/// payload after the envelope here, the body in `segment`.
+pub(crate) struct HashingWriter<W: Write> {
+    pub(crate) inner: W,
+    pub(crate) hasher: blake3::Hasher,
 }
 
-impl<W: Write> Write for Hashed<W> {
+impl<W: Write> HashingWriter<W> {
+    pub(crate) fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hasher: blake3::Hasher::new(),
+        }
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
@@ -448,8 +458,8 @@ impl<W: Write> Write for Hashed<W> {
 }
 
 enum Inner<W: Write> {
-    Plain(zstd::Encoder<'static, Hashed<W>>),
-    Age(zstd::Encoder<'static, age::stream::StreamWriter<Hashed<W>>>),
+    Plain(zstd::Encoder<'static, HashingWriter<W>>),
+    Age(zstd::Encoder<'static, age::stream::StreamWriter<HashingWriter<W>>>),
 }
 
 /// Writes one object: envelope, then the body through zstd (and age), then
@@ -463,10 +473,7 @@ pub struct ObjectWriter<W: Write> {
 impl<W: Write> ObjectWriter<W> {
     pub fn new(mut sink: W, env: &Envelope, seal: &Seal) -> anyhow::Result<Self> {
         sink.write_all(&env.raw)?;
-        let sink = Hashed {
-            inner: sink,
-            hasher: blake3::Hasher::new(),
-        };
+        let sink = HashingWriter::new(sink);
         let inner = match &seal.enc {
             Encryption::None => {
                 let mut z = zstd::Encoder::new(sink, ZSTD_LEVEL)?;

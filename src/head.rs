@@ -58,20 +58,7 @@ impl HeadRecord {
     }
 
     fn check(&self, trust: &Trust) -> anyhow::Result<()> {
-        let Some(key) = trust.pins(&self.signer) else {
-            bail!(
-                "{HEAD_KEY} is signed by offsite-vk1-{}, which is not a key this reader trusts",
-                self.signer
-            );
-        };
-        let sig: [u8; 64] = hex::decode(&self.sig)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .with_context(|| format!("{HEAD_KEY} has a damaged signature"))?;
-        ensure!(
-            key.verify(&self.message(), &sig),
-            "the signature of {HEAD_KEY} does not verify: it was forged or modified"
-        );
+        crate::sign::check_record(trust, HEAD_KEY, &self.signer, &self.sig, &self.message())?;
         ensure!(
             trust.replica.as_deref() == Some(self.replica.as_str()),
             "{HEAD_KEY} belongs to replica {}, not this one (copied from another replica?)",

@@ -155,9 +155,16 @@ pub fn identity_file_text(id: &age::x25519::Identity, pins: &[crate::sign::Publi
 
 /// Write a new identity to `path` (mode 0600, refusing to overwrite) and return its recipient.
 pub fn keygen_to_file(path: &Path, pins: &[crate::sign::PublicKey]) -> anyhow::Result<String> {
+    let (id, r) = generate();
+    write_secret_file(path, "identity", &identity_file_text(&id, pins))?;
+    Ok(r)
+}
+
+/// Create `path` with `text`, mode 0600, synced; never overwrites (a key
+/// file that exists is refused, naming `what`).
+pub fn write_secret_file(path: &Path, what: &str, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let (id, r) = generate();
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -165,13 +172,13 @@ pub fn keygen_to_file(path: &Path, pins: &[crate::sign::PublicKey]) -> anyhow::R
         .open(path)
         .with_context(|| {
             format!(
-                "cannot create identity file {} (it must not exist yet; offsite never overwrites a key)",
+                "cannot create {what} file {} (it must not exist yet; offsite never overwrites a key)",
                 path.display()
             )
         })?;
-    f.write_all(identity_file_text(&id, pins).as_bytes())?;
+    f.write_all(text.as_bytes())?;
     f.sync_all()?;
-    Ok(r)
+    Ok(())
 }
 
 /// Never prints key material: only how many identities there are.

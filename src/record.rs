@@ -78,22 +78,7 @@ impl ReplicaRecord {
             "{RECORD_KEY} has an invalid replica id {:?}",
             self.replica
         );
-        let Some(key) = trust.pins(&self.signer) else {
-            bail!(
-                "{RECORD_KEY} is signed by offsite-vk1-{}, which is not a key this reader trusts ({})",
-                self.signer,
-                trust.describe_keys()
-            );
-        };
-        let sig: [u8; 64] = hex::decode(&self.sig)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .with_context(|| format!("{RECORD_KEY} has a damaged signature"))?;
-        ensure!(
-            key.verify(&self.message(), &sig),
-            "the signature of {RECORD_KEY} does not verify: it was forged or modified"
-        );
-        Ok(*key)
+        crate::sign::check_record(trust, RECORD_KEY, &self.signer, &self.sig, &self.message())
     }
 }
 

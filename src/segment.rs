@@ -17,7 +17,7 @@ use std::io::{self, Read, Write};
 use anyhow::{bail, ensure, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{Envelope, ObjectKind};
+use crate::codec::{Envelope, HashingWriter, ObjectKind};
 
 const MAX_HEADER: u32 = 1 << 20;
 
@@ -158,34 +158,11 @@ impl CommitHead {
     }
 }
 
-struct HashingWriter<W: Write> {
-    inner: W,
-    hasher: blake3::Hasher,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl<W: Write> HashingWriter<W> {
-    fn new(inner: W) -> Self {
-        HashingWriter {
-            inner,
-            hasher: blake3::Hasher::new(),
-        }
-    }
-    fn finish(mut self) -> io::Result<W> {
-        let digest = self.hasher.finalize();
-        self.inner.write_all(digest.as_bytes())?;
-        Ok(self.inner)
-    }
+/// The body's trailing hash: what the writer hashed, appended.
+fn finish_hashed<W: Write>(mut w: HashingWriter<W>) -> io::Result<W> {
+    let digest = w.hasher.finalize();
+    w.inner.write_all(digest.as_bytes())?;
+    Ok(w.inner)
 }
 
 fn write_header<W: Write, T: Serialize>(w: &mut W, h: &T) -> io::Result<()> {
@@ -213,7 +190,7 @@ impl<W: Write> SnapshotWriter<W> {
 
     pub fn finish(mut self, digest: &Digest) -> io::Result<W> {
         self.w.write_all(digest)?;
-        self.w.finish()
+        finish_hashed(self.w)
     }
 }
 
@@ -261,7 +238,7 @@ impl<W: Write> SegmentWriter<W> {
 
     pub fn finish(self) -> io::Result<W> {
         assert!(self.open.is_none() && self.commits_left == 0);
-        self.w.finish()
+        finish_hashed(self.w)
     }
 }
 

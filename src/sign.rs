@@ -230,23 +230,35 @@ pub struct Binding {
 /// Write a new signing key to `path` (mode 0600, refusing to overwrite)
 /// and return its verifying key.
 pub fn keygen_to_file(path: &Path) -> anyhow::Result<PublicKey> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let s = Signer::generate();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| {
-            format!(
-                "cannot create signing key file {} (it must not exist yet; offsite never overwrites a key)",
-                path.display()
-            )
-        })?;
-    f.write_all(s.file_text().as_bytes())?;
-    f.sync_all()?;
+    crate::keys::write_secret_file(path, "signing key", &s.file_text())?;
     Ok(s.public())
+}
+
+/// Check a record's hex signature (`sig_hex`) over `msg` by the pinned key
+/// named `signer_hex`; `what` names the record in every refusal.
+pub fn check_record(
+    trust: &Trust,
+    what: &str,
+    signer_hex: &str,
+    sig_hex: &str,
+    msg: &[u8],
+) -> anyhow::Result<PublicKey> {
+    let Some(key) = trust.pins(signer_hex) else {
+        bail!(
+            "{what} is signed by {VERIFY_PREFIX}{signer_hex}, which is not a key this reader trusts ({})",
+            trust.describe_keys()
+        );
+    };
+    let sig: [u8; 64] = hex::decode(sig_hex)
+        .ok()
+        .and_then(|v| v.try_into().ok())
+        .with_context(|| format!("{what} has a damaged signature"))?;
+    anyhow::ensure!(
+        key.verify(msg, &sig),
+        "the signature of {what} does not verify: it was forged or modified"
+    );
+    Ok(*key)
 }
 
 #[cfg(test)]
