@@ -304,6 +304,7 @@ impl Envelope {
                 ))
                 .into())
             }
+            None if trust.adopt_replica => {}
             None => bail!(
                 "cannot tell which replica this object belongs to: replica.json is missing or unsigned (pass --replica-id {} if this is the right replica)",
                 self.meta.replica

@@ -82,6 +82,31 @@ impl ReplicaRecord {
     }
 }
 
+/// The replica id of the newest snapshot (of the newest lineages, at most a
+/// few looked at) that a key in `trust` signed for `database`.
+async fn adopt(store: &dyn Storage, trust: &Trust, database: &str) -> Option<String> {
+    let catalog = crate::layout::Catalog::load(store).await.ok()?;
+    let probe = Trust {
+        adopt_replica: true,
+        replica: None,
+        database: None,
+        ..trust.clone()
+    };
+    let mut snaps: Vec<&crate::layout::SnapshotEntry> =
+        catalog.lineages.values().flat_map(|l| l.snapshots.iter()).collect();
+    snaps.sort_by_key(|s| std::cmp::Reverse(s.txid));
+    for s in snaps.into_iter().take(3) {
+        if let Ok((env, crate::codec::Authenticity::Signed(_))) =
+            crate::trusted::envelope(store, &s.key, s.size, &probe).await
+        {
+            if !env.meta.replica.is_empty() && env.meta.database == database {
+                return Some(env.meta.replica);
+            }
+        }
+    }
+    None
+}
+
 /// A new random replica id.
 pub fn new_replica_id() -> String {
     hex::encode(rand::random::<[u8; 16]>())
@@ -157,6 +182,8 @@ pub async fn open(store: &dyn Storage, trust: &mut Trust) -> anyhow::Result<Engi
             r.database
         );
     }
+    // Every object of the replica names the record's database.
+    trust.database = Some(r.database);
     trust.replica = Some(r.replica);
     Ok(engine)
 }
@@ -199,7 +226,16 @@ pub async fn claim(
             }
             r.replica.clone()
         }
-        _ => new_replica_id(),
+        // No signed record: the replica id of this shipper's own newest
+        // signed object, if there is one (a deleted record must not cut the
+        // history off under a new id), else a new one.
+        _ => match adopt(store, trust, &database).await {
+            Some(id) => {
+                tracing::warn!(replica = %store.describe(), id = %id, "{RECORD_KEY} is missing or unsigned but the replica holds objects this shipper signed: keeping their replica id");
+                id
+            }
+            None => new_replica_id(),
+        },
     };
     let rec = ReplicaRecord::new(engine, replica.clone(), &database, signer);
     let body = serde_json::to_vec(&rec).expect("record serializes");

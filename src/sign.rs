@@ -187,6 +187,10 @@ pub struct Trust {
     /// The replica id every object must carry: from the verified
     /// `replica.json`, or `--replica-id`. None refuses format-3 objects.
     pub replica: Option<String>,
+    /// Only for a shipper whose replica lost its `replica.json`: accept a
+    /// pinned signature without knowing the replica id, to adopt the id of
+    /// the replica's own newest object instead of minting a new one.
+    pub adopt_replica: bool,
 }
 
 impl Trust {

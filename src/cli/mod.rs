@@ -480,14 +480,35 @@ async fn pick_replica(
 
 /// Whether any of `replicas` holds a lineage. A replica that cannot be
 /// listed is an error: "no backup" must not be confused with "unreachable".
-async fn any_backup(replicas: &[crate::config::ReplicaConfig]) -> anyhow::Result<bool> {
+///
+/// Names anyone with write access could have added do not count: a lineage
+/// whose every snapshot is proven foreign (another key's, another
+/// replica's) is not a backup. A damaged snapshot of this replica does
+/// count (the restore then fails naming it): "no backup" must never be
+/// concluded from damage, or the app would start on an empty database.
+async fn any_backup(
+    replicas: &[crate::config::ReplicaConfig],
+    trust: &crate::sign::Trust,
+) -> anyhow::Result<bool> {
     for r in replicas {
         let store = storage::open(&r.url).await?;
         let catalog = Catalog::load(store.as_ref())
             .await
             .with_context(|| format!("checking whether replica {} holds a backup", r.name))?;
-        if catalog.newest_lineage().is_some() {
-            return Ok(true);
+        let mut t = trust.clone();
+        crate::record::open(store.as_ref(), &mut t).await?;
+        for l in catalog.lineages.values() {
+            if l.snapshots.is_empty() {
+                return Ok(true);
+            }
+            for s in &l.snapshots {
+                match crate::trusted::envelope(store.as_ref(), &s.key, s.size, &t).await {
+                    Err(e) if crate::codec::is_foreign(&e) => {
+                        tracing::error!(object = %s.key, error = %format!("{e:#}"), "not a backup of this replica (planted?); ignored");
+                    }
+                    _ => return Ok(true),
+                }
+            }
         }
     }
     Ok(false)
@@ -503,7 +524,10 @@ async fn restore_cmd(a: RestoreArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    if a.if_replica_exists && !any_backup(&replicas).await? {
+    let cfg = config_of(&a.config)?;
+    let reader = with_database(a.reader.clone(), &a.config, &a.source);
+    let trust = trust::trust(&a.keys, Some(&reader), &id_files, cfg.as_ref())?;
+    if a.if_replica_exists && !any_backup(&replicas, &trust).await? {
         eprintln!("the replica holds no backup yet; nothing restored (--if-replica-exists)");
         return Ok(());
     }
@@ -518,9 +542,6 @@ async fn restore_cmd(a: RestoreArgs) -> anyhow::Result<()> {
     } else {
         Some(Identities::read_files(&id_files)?)
     };
-    let cfg = config_of(&a.config)?;
-    let reader = with_database(a.reader.clone(), &a.config, &a.source);
-    let trust = trust::trust(&a.keys, Some(&reader), &id_files, cfg.as_ref())?;
     let (_, store) = pick_replica(&replicas, target).await?;
     let started = std::time::Instant::now();
     let rep = restore::restore(

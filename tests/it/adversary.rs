@@ -109,9 +109,15 @@ fn ship_evil(dir: &Path, name: &str, url: &str, args: &[&str], n: &str) {
     workload(&db, &["--count", n]);
     let s = Shipper::start(&db, url, args);
     // Its replica is not readable with the test's pins: watch its log.
-    wait_for("the attacker's snapshot", Duration::from_secs(60), || {
-        s.log_text().contains("snapshot uploaded")
-    });
+    let t = std::time::Instant::now();
+    while !s.log_text().contains("snapshot uploaded") {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the attacker's shipper uploaded no snapshot:\n{}",
+            s.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (st, log) = s.stop();
     assert!(st.success(), "{log}");
 }
@@ -145,7 +151,8 @@ fn three_attacks(dir: &Path, url: &str, attacker_url: impl Fn(&str) -> String) {
         (
             "a plaintext lineage made with --no-encryption",
             "app.db".into(),
-            vec!["--no-encryption", "--signing-key-file", evil],
+            // (An attacker's shipper trusts its own key only.)
+            vec!["--no-encryption", "--signing-key-file", evil, "--verify-key", ""],
         ),
         (
             "a validly encrypted lineage of another database of the same shipper",
@@ -155,7 +162,7 @@ fn three_attacks(dir: &Path, url: &str, attacker_url: impl Fn(&str) -> String) {
         (
             "a lineage written by a second offsite that knows only the public recipient",
             "app.db".into(),
-            vec!["--age-recipient", &rcpt, "--signing-key-file", evil],
+            vec!["--age-recipient", &rcpt, "--signing-key-file", evil, "--verify-key", ""],
         ),
     ];
     for (i, (what, name, args)) in attacks.iter().enumerate() {
@@ -449,4 +456,36 @@ fn pins_and_database_binding() {
     assert_eq!(rows(&out), rows(&db));
     let r = restore(&url, &dir.join("x.db"), &["--age-identity", id.to_str().unwrap(), "--database", "other.db"]);
     assert!(!r.ok() && r.stderr().contains("other.db"), "{}", r.stderr());
+}
+
+/// A deleted `replica.json` does not cut the history off: the next shipper
+/// keeps the replica id of its own newest signed object, so every earlier
+/// point still restores; a restore before that shipper runs names the
+/// missing record and the id to pass.
+#[test]
+fn a_deleted_replica_record_keeps_the_replica_id() {
+    let _g = support::gate::shared();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let url = format!("file://{}", dir.join("replica").display());
+    let db = dir.join("app.db");
+    ship_in_rounds(&db, &url, &["--no-encryption"]);
+    let b = Bucket::open(&url);
+    let record: serde_json::Value = serde_json::from_slice(&b.get("replica.json")).unwrap();
+    let id = record["replica"].as_str().unwrap().to_string();
+    b.delete("replica.json");
+    let out = dir.join("r.db");
+    let r = restore(&url, &out, &[]);
+    assert!(!r.ok() && r.stderr().contains(&id), "{}", r.stderr());
+    let r = restore(&url, &out, &["--replica-id", &id]);
+    assert!(r.ok(), "{}", r.stderr());
+    std::fs::remove_file(&out).unwrap();
+    ship_in_rounds(&db, &url, &["--no-encryption"]);
+    let record: serde_json::Value = serde_json::from_slice(&b.get("replica.json")).unwrap();
+    assert_eq!(record["replica"].as_str(), Some(id.as_str()));
+    let r = restore(&url, &out, &["--txid", "1"]);
+    assert!(r.ok(), "{}", r.stderr());
+    let r = restore(&url, &out, &["--force"]);
+    assert!(r.ok(), "{}", r.stderr());
+    assert_eq!(rows(&out), rows(&db));
 }
