@@ -7,7 +7,7 @@
 //! `open_object` (codec), the body reader driven the way `replay` drives it
 //! (snapshot and segment bodies, format 3 and format-1 legacy bodies), the
 //! SQLite page replay (hostile page sizes, database sizes, record counts and
-//! page numbers), `replica.json`, `head.json` and object names
+//! page numbers), `replica.json`, `head.json`, `lease.json` and object names
 //! (`layout::parse_key`) — and check that each one
 //! 1. never panics,
 //! 2. never allocates more than a bound related to its input: a counting
@@ -1668,7 +1668,7 @@ fn every_single_byte_change_to_a_signed_object_is_refused() {
 }
 
 // ---------------------------------------------------------------------------
-// replica.json, head.json
+// replica.json, head.json, lease.json
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -1770,6 +1770,45 @@ fn head_records_are_refused_or_verified_as_signed() {
     });
 }
 
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+#[test]
+fn hostile_leases_never_panic_the_shipper() {
+    let valid = serde_json::to_vec(&json!({
+        "shipper": "0123456789abcdef",
+        "host": hostname(),
+        "pid": 1,
+        "started": 1,
+        "db": "/other.db",
+        "renewed_us": 1_000_000_000_000i64,
+    }))
+    .unwrap();
+    const FIELDS: &[&str] = &["shipper", "host", "pid", "started", "db", "renewed_us"];
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStorage::new(dir.path().to_path_buf()).unwrap();
+    // The clock is ours (any time from 1970 to 2262); the lease is not.
+    let strategy = (record_bytes(valid, FIELDS).prop_map(Hostile), 0..i64::MAX / 1000);
+    run("lease.json", 256, strategy, |(Hostile(bytes), now_us)| {
+        rt.block_on(store.put(crate::lease::LEASE_KEY, Body::Bytes(bytes.clone().into())))
+            .unwrap();
+        let mut lease = crate::lease::Lease::new(
+            "/x.db",
+            std::time::Duration::from_secs(300),
+            std::time::Duration::ZERO,
+        );
+        let r = bounded(bytes.len(), || rt.block_on(lease.ensure(&store, now_us)))?;
+        if r.is_ok() {
+            accepted();
+        }
+        prop_assert_eq!(r.is_ok(), lease.held());
+        Ok(())
+    });
+}
 
 // ---------------------------------------------------------------------------
 // Object names
@@ -1837,4 +1876,27 @@ fn object_names_parse_back_to_themselves_or_not_at_all() {
         }
         Ok(())
     });
+}
+
+// ---------------------------------------------------------------------------
+// Regressions: inputs the properties above found
+
+/// `hostile_leases_never_panic_the_shipper`: a lease renewed "at" i64::MIN
+/// made its age overflow (a panic in debug builds). Such a lease is
+/// ancient: stale, taken over.
+#[test]
+fn regression_lease_renewed_at_i64_min_is_stale_not_a_panic() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let store = FileStorage::new(dir.path().to_path_buf()).unwrap();
+    let body = br#"{"shipper":"0123456789abcdef","host":"elsewhere","pid":1,"db":"/o.db","renewed_us":-9223372036854775808}"#;
+    rt.block_on(store.put(crate::lease::LEASE_KEY, Body::Bytes(body[..].into())))
+        .unwrap();
+    let mut lease = crate::lease::Lease::new(
+        "/x.db",
+        std::time::Duration::from_secs(300),
+        std::time::Duration::ZERO,
+    );
+    rt.block_on(lease.ensure(&store, 1_700_000_000_000_000)).unwrap();
+    assert!(lease.held());
 }

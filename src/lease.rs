@@ -146,7 +146,8 @@ impl Lease {
                 match doc {
                     Some(d) if d.shipper == self.me.shipper => Some(tag.clone()),
                     Some(d) => {
-                        let age = (now_us - d.renewed_us) as f64 / 1e6;
+                        // Saturating: `renewed_us` comes from the bucket.
+                        let age = now_us.saturating_sub(d.renewed_us) as f64 / 1e6;
                         let lost = self.confirmed.take().is_some();
                         let dead = !lost && holder_is_dead(&d, &self.me);
                         if dead {
