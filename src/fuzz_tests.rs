@@ -1900,3 +1900,33 @@ fn regression_lease_renewed_at_i64_min_is_stale_not_a_panic() {
     rt.block_on(lease.ensure(&store, 1_700_000_000_000_000)).unwrap();
     assert!(lease.held());
 }
+
+/// A format-1 segment whose header declares a page size of u32::MAX and
+/// whose commit declares u32::MAX records: the commit's payload length,
+/// `8 + records × (4 + page_size)`, overflowed u64 in `read_commit_head` (a
+/// panic in debug builds, a wrapped length in release ones).
+#[test]
+fn regression_legacy_commit_length_overflow_is_an_error() {
+    let env = legacy_envelope(ObjectKind::Segment, 2, 2);
+    let header = json!({
+        "kind": "segment",
+        "payload": "sqlite-pages",
+        "lineage": LINEAGE,
+        "page_size": u32::MAX,
+        "envelope_blake3": env.blake3_hex(),
+        "first_txid": 2,
+        "last_txid": 2,
+        "commit_count": 1,
+        "prev_checksum": "00".repeat(16),
+        "level": 0,
+    });
+    let mut body = framed(&header, &(JsonTweak::None, false));
+    body.extend_from_slice(&2u64.to_le_bytes());
+    body.extend_from_slice(&101i64.to_le_bytes());
+    body.extend_from_slice(&u32::MAX.to_le_bytes());
+    body.extend_from_slice(&u32::MAX.to_le_bytes());
+    let (mut br, _) = BodyReader::open(&body[..], &env).unwrap();
+    let e = format!("{:#}", br.read_commit_head().unwrap_err());
+    assert!(e.contains("payload length"), "{e}");
+    assert!(drive_body(&env, &body, false).is_err());
+}
