@@ -36,5 +36,9 @@ pub(crate) mod segment;
 pub(crate) mod status;
 pub(crate) mod trusted;
 
+/// Hostile-input property tests of every parser of bucket data (issue 11).
+#[cfg(test)]
+mod fuzz_tests;
+
 /// `replicate --exec`: the application's exit status, for `main` to exit with.
 pub use daemon::ExitStatus;

@@ -372,8 +372,13 @@ impl<R: Read> BodyReader<R> {
                 // Format 1: db_pages and the record count; the payload is
                 // those 8 bytes and the records.
                 let records = u32::from_le_bytes(tail[4..8].try_into().unwrap()) as u64;
+                // Checked: the header's page size is not validated here.
+                let len = records
+                    .checked_mul(4 + l.page_size as u64)
+                    .and_then(|n| n.checked_add(8))
+                    .context("commit payload length overflows (damaged or hostile commit head)")?;
                 self.prefix = tail.to_vec();
-                8 + records * (4 + l.page_size as u64)
+                len
             }
             None => u64::from_le_bytes(tail),
         };

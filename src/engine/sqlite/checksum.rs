@@ -96,13 +96,18 @@ impl PageState {
 
     /// Set page `pgno` (1-based) to `page`, growing the store with zero pages if needed.
     pub fn set_page(&mut self, pgno: u32, page: &[u8]) {
-        assert!(pgno >= 1, "page numbers start at 1");
         debug_assert_eq!(page.len(), self.page_size);
+        self.set_term(pgno, page_term(pgno, page));
+    }
+
+    /// [`set_page`](Self::set_page) with the page's term computed already
+    /// (`page_term(pgno, page)`).
+    pub fn set_term(&mut self, pgno: u32, new: u128) {
+        assert!(pgno >= 1, "page numbers start at 1");
         if pgno as usize > self.terms.len() {
             self.resize(pgno);
         }
         let idx = pgno as usize - 1;
-        let new = page_term(pgno, page);
         if let Some(j) = &mut self.journal {
             j.push(Undo::Set(idx, self.terms[idx]));
         }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context};
 
-use super::checksum::PageState;
+use super::checksum::{page_term, PageState};
 use super::pages::{SegmentFields, SnapshotFields};
 use crate::engine::{ExactRead, Replay};
 use crate::segment::Digest;
@@ -163,6 +163,11 @@ impl Replay for PageReplay {
             self.check_capacity(db_pages, ps)?;
         }
         let mut buf = std::mem::take(&mut self.buf);
+        // The state grows only once every record was read: `records` is
+        // declared, so growth bounded by it is not bounded by the input
+        // until the records are there. Until then, the terms of pages past
+        // the current end wait here (bounded by the records read).
+        let mut past_end: Vec<(u32, u128)> = Vec::new();
         let r = (|| {
             if let Some(t) = seg.truncate_to {
                 ensure!(
@@ -172,20 +177,33 @@ impl Replay for PageReplay {
                 if let Some(f) = self.out.as_ref() {
                     f.set_len(t as u64 * ps as u64)?;
                 }
-                self.state()?.resize(t);
+                // Shrink now; growing to `t` (zero pages) is part of growing
+                // to `db_pages >= t` below, with the same result.
+                let st = self.state()?;
+                st.resize(t.min(st.pages()));
             }
             for _ in 0..records {
                 let pgno = read_record(payload, &mut buf, db_pages)?;
                 if let Some(f) = self.out.as_ref() {
                     f.write_all_at(&buf, (pgno as u64 - 1) * ps as u64)?;
                 }
-                self.state()?.set_page(pgno, &buf);
+                let st = self.state()?;
+                if pgno > st.pages() {
+                    past_end.push((pgno, page_term(pgno, &buf)));
+                } else {
+                    st.set_page(pgno, &buf);
+                }
             }
             if let Some(f) = self.out.as_ref() {
                 f.set_len(db_pages as u64 * ps as u64)?;
             }
             let st = self.state()?;
             st.resize(db_pages);
+            // In record order, as if applied as read (a page number occurs
+            // at most once per commit anyway).
+            for (pgno, term) in past_end {
+                st.set_term(pgno, term);
+            }
             Ok(st.checksum().0)
         })();
         self.buf = buf;
