@@ -1433,13 +1433,17 @@ impl ExactRead for Declared<'_> {
     }
 }
 
+/// A commit for the page replay: database size, declared record count,
+/// declared payload length, records (page number, fill), and a large size
+/// that overrides the first three (see `replay_plan`).
+type CommitSpec = (u32, Option<u32>, Option<u64>, Vec<(u32, u8)>, Option<u32>);
+
 #[derive(Debug, Clone)]
 struct ReplayPlan {
     snapshot: (u32, u32, Vec<u8>),
     segment_page_size: u32,
     truncate_to: Option<u32>,
-    /// (db_pages, declared records, declared payload length, records, big)
-    commits: Vec<(u32, Option<u32>, Option<u64>, Vec<(u32, u8)>, Option<u32>)>,
+    commits: Vec<CommitSpec>,
     check_only: bool,
 }
 
