@@ -559,11 +559,24 @@ pub fn open_object<'a, R: Read + 'a>(
             ),
             other => anyhow::anyhow!("cannot decrypt object: {other}"),
         })?;
-        Box::new(zstd::Decoder::new(reader)?)
+        Box::new(decoder(reader)?)
     } else {
-        Box::new(zstd::Decoder::new(r)?)
+        Box::new(decoder(r)?)
     };
     Ok((env, body))
+}
+
+/// The largest zstd window a reader accepts (2^24 = 16 MiB). offsite's
+/// writer (level 3, streaming) uses 2^21; the decoder's default would let a
+/// hostile frame make it allocate 128 MiB.
+const MAX_WINDOW_LOG: u32 = 24;
+
+fn decoder<'a, R: Read + 'a>(
+    r: R,
+) -> anyhow::Result<zstd::Decoder<'static, std::io::BufReader<R>>> {
+    let mut d = zstd::Decoder::new(r)?;
+    d.window_log_max(MAX_WINDOW_LOG)?;
+    Ok(d)
 }
 
 #[cfg(test)]
