@@ -260,7 +260,11 @@ impl Envelope {
     /// signature (by a pinned key), the replica and the database it is bound
     /// to. The payload hash in the footer is checked by [`authenticate`]
     /// (here only the envelope is proven, e.g. from two ranged reads).
-    pub fn check(&self, footer: Option<&[u8; FOOTER_LEN]>, trust: &Trust) -> anyhow::Result<Authenticity> {
+    pub fn check(
+        &self,
+        footer: Option<&[u8; FOOTER_LEN]>,
+        trust: &Trust,
+    ) -> anyhow::Result<Authenticity> {
         let unsigned = |why: &str| -> anyhow::Result<Authenticity> {
             if trust.allow_unsigned {
                 Ok(Authenticity::Unsigned)
@@ -345,7 +349,10 @@ impl Envelope {
             bail!("unknown compression {}", fixed[12]);
         }
         let meta_len = u16::from_le_bytes([fixed[14], fixed[15]]) as usize;
-        ensure!(meta_len <= MAX_META, "envelope metadata is implausibly large ({meta_len} bytes)");
+        ensure!(
+            meta_len <= MAX_META,
+            "envelope metadata is implausibly large ({meta_len} bytes)"
+        );
         let mut json = vec![0u8; meta_len];
         r.read_exact(&mut json)
             .context("object is truncated inside its envelope")?;
@@ -358,7 +365,11 @@ impl Envelope {
         };
         if version < FORMAT_VERSION {
             ensure!(
-                meta.replica.is_empty() && meta.database.is_empty() && meta.signer.is_empty() && meta.time_us == 0 && meta.level == 0,
+                meta.replica.is_empty()
+                    && meta.database.is_empty()
+                    && meta.signer.is_empty()
+                    && meta.time_us == 0
+                    && meta.level == 0,
                 "envelope metadata is not valid for format {version}"
             );
         }
@@ -402,7 +413,8 @@ pub fn authenticate<R: Read>(
         .context("cannot read the object")?;
     ensure!(copied == payload_len, "object is truncated");
     let mut footer = [0u8; FOOTER_LEN];
-    r.read_exact(&mut footer).context("object is truncated (footer)")?;
+    r.read_exact(&mut footer)
+        .context("object is truncated (footer)")?;
     let mut extra = [0u8; 1];
     ensure!(
         r.read(&mut extra).context("cannot read the object")? == 0,
@@ -641,7 +653,8 @@ mod tests {
                 .flat_map(|i| (i % 7).to_le_bytes())
                 .collect();
             let (env, obj) = write(&seal, &data);
-            let (e1, a, _) = authenticate(&obj[..], obj.len() as u64, &trust(&signer, "r1")).unwrap();
+            let (e1, a, _) =
+                authenticate(&obj[..], obj.len() as u64, &trust(&signer, "r1")).unwrap();
             assert_eq!(a, Authenticity::Signed(signer.public()));
             assert_eq!(e1.meta.replica, "r1");
             let (e2, mut body) = open_object(&obj[..], obj.len() as u64, Some(&ids)).unwrap();
@@ -658,7 +671,9 @@ mod tests {
                 // Wrong identity → clear error.
                 let (other, _) = keys::generate();
                 let wrong = keys::Identities::from_x25519(vec![other]);
-                let err = open_object(&obj[..], obj.len() as u64, Some(&wrong)).err().unwrap();
+                let err = open_object(&obj[..], obj.len() as u64, Some(&wrong))
+                    .err()
+                    .unwrap();
                 assert!(
                     err.to_string().contains("none of the given age identities"),
                     "{err}"
@@ -685,10 +700,14 @@ mod tests {
         // Another shipper (a key that is not pinned).
         let other = Arc::new(Signer::generate());
         let (_, forged) = write(&seal(Encryption::None, &other, "r1"), b"evil");
-        assert!(check(&forged, &t).unwrap_err().contains("not a key this reader trusts"));
+        assert!(check(&forged, &t)
+            .unwrap_err()
+            .contains("not a key this reader trusts"));
         // Another replica of the same shipper.
         let (_, moved) = write(&seal(Encryption::None, &signer, "r2"), b"data");
-        assert!(check(&moved, &t).unwrap_err().contains("belongs to replica r2"));
+        assert!(check(&moved, &t)
+            .unwrap_err()
+            .contains("belongs to replica r2"));
         // Unsigned: refused unless explicitly allowed.
         let (_, unsigned) = write(&Seal::unsigned(Encryption::None), b"data");
         assert!(check(&unsigned, &t).unwrap_err().contains("no signature"));
@@ -698,11 +717,15 @@ mod tests {
         // A modified envelope byte (the encryption mode) or payload byte.
         let mut flipped = good.clone();
         flipped[11] = 1;
-        assert!(check(&flipped, &t).unwrap_err().contains("signature does not verify"));
+        assert!(check(&flipped, &t)
+            .unwrap_err()
+            .contains("signature does not verify"));
         let mut body = good.clone();
         let n = body.len() - FOOTER_LEN - 1;
         body[n] ^= 1;
-        assert!(check(&body, &t).unwrap_err().contains("does not match its signed hash"));
+        assert!(check(&body, &t)
+            .unwrap_err()
+            .contains("does not match its signed hash"));
         // Truncated or extended.
         assert!(check(&good[..good.len() - 1], &t).is_err());
         let mut longer = good.clone();

@@ -163,10 +163,7 @@ async fn restore_if_missing(
                 t.keys.extend(crate::sign::PublicKey::pins_in(&text)?);
             }
         }
-        t.database = d
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned());
+        t.database = d.path.file_name().map(|n| n.to_string_lossy().into_owned());
         o.trust = t;
         let rep = crate::restore::restore(store.as_ref(), o)
             .await

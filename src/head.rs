@@ -33,7 +33,13 @@ pub struct HeadRecord {
 }
 
 impl HeadRecord {
-    pub fn new(replica: &str, lineage: &str, txid: u64, time_us: i64, signer: &Signer) -> HeadRecord {
+    pub fn new(
+        replica: &str,
+        lineage: &str,
+        txid: u64,
+        time_us: i64,
+        signer: &Signer,
+    ) -> HeadRecord {
         let mut h = HeadRecord {
             replica: replica.into(),
             lineage: lineage.into(),
@@ -93,8 +99,12 @@ pub async fn read(store: &dyn Storage, trust: &Trust) -> anyhow::Result<Option<H
         "{HEAD_KEY} of {} is larger than any head record",
         store.describe()
     );
-    let rec: HeadRecord = serde_json::from_slice(&bytes)
-        .with_context(|| format!("{HEAD_KEY} of {} is not a valid head record", store.describe()))?;
+    let rec: HeadRecord = serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{HEAD_KEY} of {} is not a valid head record",
+            store.describe()
+        )
+    })?;
     rec.check(trust)
         .with_context(|| format!("replica {}", store.describe()))?;
     Ok(Some(rec))

@@ -92,8 +92,11 @@ async fn adopt(store: &dyn Storage, trust: &Trust, database: &str) -> Option<Str
         database: None,
         ..trust.clone()
     };
-    let mut snaps: Vec<&crate::layout::SnapshotEntry> =
-        catalog.lineages.values().flat_map(|l| l.snapshots.iter()).collect();
+    let mut snaps: Vec<&crate::layout::SnapshotEntry> = catalog
+        .lineages
+        .values()
+        .flat_map(|l| l.snapshots.iter())
+        .collect();
     snaps.sort_by_key(|s| std::cmp::Reverse(s.txid));
     for s in snaps.into_iter().take(3) {
         if let Ok((env, crate::codec::Authenticity::Signed(_))) =
@@ -265,13 +268,21 @@ mod tests {
         // No record: a format-1 (or empty) replica, which is SQLite.
         assert_eq!(read(&store).await.unwrap(), None);
         assert_eq!(engine(&store).await.unwrap(), Engine::Sqlite);
-        let (id, db) = claim(&store, Engine::Sqlite, "app.db", &signer, &trust).await.unwrap();
+        let (id, db) = claim(&store, Engine::Sqlite, "app.db", &signer, &trust)
+            .await
+            .unwrap();
         assert_eq!(db, "app.db");
         let rec = read(&store).await.unwrap().unwrap();
         assert_eq!(rec.replica, id);
         assert_eq!(rec.check(&trust).unwrap(), signer.public());
         // Claimed again: the same id.
-        assert_eq!(claim(&store, Engine::Sqlite, "app.db", &signer, &trust).await.unwrap().0, id);
+        assert_eq!(
+            claim(&store, Engine::Sqlite, "app.db", &signer, &trust)
+                .await
+                .unwrap()
+                .0,
+            id
+        );
         // A reader learns the id from the verified record.
         let mut t = trust.clone();
         open(&store, &mut t).await.unwrap();
@@ -279,22 +290,47 @@ mod tests {
         // A restored copy under another file name continues the replica
         // (and its database name).
         assert_eq!(
-            claim(&store, Engine::Sqlite, "restored.db", &signer, &trust).await.unwrap(),
+            claim(&store, Engine::Sqlite, "restored.db", &signer, &trust)
+                .await
+                .unwrap(),
             (id.clone(), "app.db".to_string())
         );
         // Rotation: a new key that trusts the old one keeps the id and re-signs.
         let new = Signer::generate();
         let both = Trust::with_keys(vec![new.public(), signer.public()]);
-        assert_eq!(claim(&store, Engine::Sqlite, "app.db", &new, &both).await.unwrap().0, id);
-        assert_eq!(read(&store).await.unwrap().unwrap().signer, new.public().hex());
+        assert_eq!(
+            claim(&store, Engine::Sqlite, "app.db", &new, &both)
+                .await
+                .unwrap()
+                .0,
+            id
+        );
+        assert_eq!(
+            read(&store).await.unwrap().unwrap().signer,
+            new.public().hex()
+        );
         // A shipper that does not trust the record's key refuses.
         let stranger = Signer::generate();
-        let e = format!("{:#}", claim(&store, Engine::Sqlite, "app.db", &stranger, &Trust::with_keys(vec![stranger.public()])).await.unwrap_err());
+        let e = format!(
+            "{:#}",
+            claim(
+                &store,
+                Engine::Sqlite,
+                "app.db",
+                &stranger,
+                &Trust::with_keys(vec![stranger.public()])
+            )
+            .await
+            .unwrap_err()
+        );
         assert!(e.contains("not a key this reader trusts"), "{e}");
         // A forged record (another key's signature over this id) is refused by readers.
         let forged = ReplicaRecord::new(Engine::Sqlite, id.clone(), "app.db", &stranger);
         store
-            .put(RECORD_KEY, Body::Bytes(serde_json::to_vec(&forged).unwrap().into()))
+            .put(
+                RECORD_KEY,
+                Body::Bytes(serde_json::to_vec(&forged).unwrap().into()),
+            )
             .await
             .unwrap();
         let mut t = both.clone();
@@ -304,7 +340,10 @@ mod tests {
         let mut edited = ReplicaRecord::new(Engine::Sqlite, id.clone(), "app.db", &new);
         edited.database = "b.db".into();
         store
-            .put(RECORD_KEY, Body::Bytes(serde_json::to_vec(&edited).unwrap().into()))
+            .put(
+                RECORD_KEY,
+                Body::Bytes(serde_json::to_vec(&edited).unwrap().into()),
+            )
             .await
             .unwrap();
         let e = format!("{:#}", open(&store, &mut both.clone()).await.unwrap_err());
@@ -315,7 +354,12 @@ mod tests {
             .put(RECORD_KEY, Body::Bytes(other[..].into()))
             .await
             .unwrap();
-        let e = format!("{:#}", claim(&store, Engine::Sqlite, "app.db", &new, &both).await.unwrap_err());
+        let e = format!(
+            "{:#}",
+            claim(&store, Engine::Sqlite, "app.db", &new, &both)
+                .await
+                .unwrap_err()
+        );
         assert!(e.contains("postgres") && e.contains("refusing"), "{e}");
         let e = format!("{:#}", engine(&store).await.unwrap_err());
         assert!(e.contains("postgres") && e.contains(RECORD_KEY), "{e}");

@@ -281,7 +281,6 @@ async fn plan_proven(
     }
 }
 
-
 /// Window and per-lineage summary for `offsite list`.
 pub fn describe(catalog: &Catalog) -> serde_json::Value {
     let t = |tx: u64, us: i64| serde_json::json!({"txid": tx, "time": layout::fmt_time_us(us)});

@@ -284,7 +284,10 @@ mod tests {
         // Mix-ups name what was given.
         let e = format!("{:#}", Signer::parse(&vk).unwrap_err());
         assert!(e.contains("verifying key"), "{e}");
-        let e = format!("{:#}", PublicKey::parse(text.lines().last().unwrap()).unwrap_err());
+        let e = format!(
+            "{:#}",
+            PublicKey::parse(text.lines().last().unwrap()).unwrap_err()
+        );
         assert!(e.contains("secret signing key"), "{e}");
         assert!(PublicKey::parse("offsite-vk1-zz").is_err());
         assert!(Signer::parse("OFFSITE-SIGNING-KEY-1-00").is_err());

@@ -40,12 +40,17 @@ pub async fn envelope(
     }
     let env = env.with_context(|| format!("object {key}"))?;
     if !env.has_footer() {
-        let a = env.check(None, trust).with_context(|| format!("object {key}"))?;
+        let a = env
+            .check(None, trust)
+            .with_context(|| format!("object {key}"))?;
         matches_name(&env, key)?;
         return Ok((env, a));
     }
     let min = env.raw.len() as u64 + FOOTER_LEN as u64;
-    anyhow::ensure!(size >= min, "object {key} is truncated (shorter than its envelope and footer)");
+    anyhow::ensure!(
+        size >= min,
+        "object {key} is truncated (shorter than its envelope and footer)"
+    );
     let tail = store
         .get_range(key, size - FOOTER_LEN as u64, FOOTER_LEN as u64)
         .await

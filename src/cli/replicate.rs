@@ -7,8 +7,9 @@ use super::*;
 pub(super) async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
     let clock = crate::clock::Clock::from_env()?;
     let plan = replicate_plan(&a)?;
-    let signer = super::trust::signer(&Default::default(), plan.config.signing_key_file.as_deref())?
-        .context(crate::sign::NO_SIGNER)?;
+    let signer =
+        super::trust::signer(&Default::default(), plan.config.signing_key_file.as_deref())?
+            .context(crate::sign::NO_SIGNER)?;
     let verify_keys = plan.config.verify_keys.clone();
     crate::daemon::Daemon {
         signer: Some(signer),
@@ -167,8 +168,13 @@ pub(crate) fn replicate_plan(a: &ReplicateArgs) -> anyhow::Result<ReplicatePlan>
             if let Some(v) = utf8(&a.keys.signing_key_file, "--signing-key-file")? {
                 raw.signing_key_file = Some(lit(&v));
             }
-            raw.verify_keys
-                .extend(a.keys.verify_key.iter().filter(|k| !k.trim().is_empty()).map(|k| lit(k)));
+            raw.verify_keys.extend(
+                a.keys
+                    .verify_key
+                    .iter()
+                    .filter(|k| !k.trim().is_empty())
+                    .map(|k| lit(k)),
+            );
             Config::from_raw(&raw, &Origin::File(f.to_string()))?
         }
         None => {
@@ -457,12 +463,19 @@ encryption = "none"
             Case {
                 id: "signing_key_file",
                 args: s(&["--signing-key-file", "/s.key"]),
-                without_config: Applied(|p| p.config.signing_key_file.as_deref() == Some(Path::new("/s.key"))),
-                with_config: Applied(|p| p.config.signing_key_file.as_deref() == Some(Path::new("/s.key"))),
+                without_config: Applied(|p| {
+                    p.config.signing_key_file.as_deref() == Some(Path::new("/s.key"))
+                }),
+                with_config: Applied(|p| {
+                    p.config.signing_key_file.as_deref() == Some(Path::new("/s.key"))
+                }),
             },
             Case {
                 id: "verify_key",
-                args: s(&["--verify-key", "offsite-vk1-be017f807e29b24ee8abeec3c41a7dfc3a97ce63f68ce7321c56a6556e61f42c"]),
+                args: s(&[
+                    "--verify-key",
+                    "offsite-vk1-be017f807e29b24ee8abeec3c41a7dfc3a97ce63f68ce7321c56a6556e61f42c",
+                ]),
                 without_config: Applied(|p| p.config.verify_keys.len() == 1),
                 with_config: Applied(|p| p.config.verify_keys.len() == 1),
             },

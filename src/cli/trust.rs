@@ -57,9 +57,9 @@ pub fn signer(keys: &KeyArgs, config_file: Option<&Path>) -> anyhow::Result<Opti
         return Ok(Some(Arc::new(Signer::read_file(p)?)));
     }
     match std::env::var(SIGNING_KEY_ENV) {
-        Ok(v) if !v.trim().is_empty() => Ok(Some(Arc::new(
-            Signer::parse(&v).with_context(|| format!("{SIGNING_KEY_ENV}"))?,
-        ))),
+        Ok(v) if !v.trim().is_empty() => {
+            Ok(Some(Arc::new(Signer::parse(&v).context(SIGNING_KEY_ENV)?)))
+        }
         _ => Ok(None),
     }
 }
@@ -88,7 +88,8 @@ pub fn trust(
     for f in identity_files {
         if let Ok(text) = std::fs::read_to_string(f) {
             t.keys.extend(
-                PublicKey::pins_in(&text).with_context(|| format!("identity file {}", f.display()))?,
+                PublicKey::pins_in(&text)
+                    .with_context(|| format!("identity file {}", f.display()))?,
             );
         }
     }

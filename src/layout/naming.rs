@@ -61,7 +61,11 @@ pub enum Entry {
 }
 
 fn hex_u64(s: &str) -> Option<u64> {
-    if s.len() != 16 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if s.len() != 16
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     u64::from_str_radix(s, 16).ok()
@@ -79,7 +83,8 @@ fn valid_lineage(s: &str) -> bool {
     let mut parts = s.split('-');
     let random = |r: &str| {
         r.len() == 8
-            && r.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            && r.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     };
     matches!(
         (
@@ -141,7 +146,8 @@ pub fn parse_key(key: &str, size: u64) -> Option<Entry> {
 
 /// A decimal level as written (`0`..`255`, no sign, no leading zeros).
 fn parse_level(s: &str) -> Option<u8> {
-    if s.is_empty() || (s.len() > 1 && s.starts_with('0')) || !s.bytes().all(|b| b.is_ascii_digit()) {
+    if s.is_empty() || (s.len() > 1 && s.starts_with('0')) || !s.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     s.parse().ok()

@@ -53,7 +53,14 @@ impl Replicator {
         let status = self.opts.status.clone();
         self.drill_task = Some(tokio::spawn(tracing::Instrument::in_current_span(
             async move {
-                let r = crate::verify::drill(store.as_ref(), keys.ids.as_ref(), &keys.trust, 1, rand::random()).await;
+                let r = crate::verify::drill(
+                    store.as_ref(),
+                    keys.ids.as_ref(),
+                    &keys.trust,
+                    1,
+                    rand::random(),
+                )
+                .await;
                 let rec = match r {
                     Ok(d) => DrillRecord {
                         ran_at_us: now,
@@ -262,10 +269,22 @@ impl Replicator {
             async move {
                 // Snapshots proven by an earlier prune are not read again.
                 let mut cache = std::mem::take(&mut *proven.lock().unwrap());
-                let r = crate::retention::prune(store.as_ref(), &policy, now, false, &trust, &mut cache).await;
+                let r = crate::retention::prune(
+                    store.as_ref(),
+                    &policy,
+                    now,
+                    false,
+                    &trust,
+                    &mut cache,
+                )
+                .await;
                 *proven.lock().unwrap() = cache;
                 if let Ok(r) = &r {
-                    let refused = r.warnings.iter().filter(|w| w.starts_with("refused")).count();
+                    let refused = r
+                        .warnings
+                        .iter()
+                        .filter(|w| w.starts_with("refused"))
+                        .count();
                     if refused > 0 {
                         status.add(&status.refused_objects, refused as u64);
                         tracing::error!(%db, %replica, refused, warnings = ?r.warnings, "objects in the replica do not prove out; they are left untouched and not planned with");

@@ -25,10 +25,10 @@ use anyhow::{bail, Context};
 use tokio::sync::watch;
 
 use crate::codec::{Encryption, Envelope, Seal};
-use crate::sign::{Binding, Trust};
 use crate::engine::{Break, Compacted, Engine, Source};
 use crate::layout::{self, Catalog, HeadObject};
 use crate::segment::Link;
+use crate::sign::{Binding, Trust};
 use crate::status::ReplicaState;
 use crate::storage::{DynStorage, ObjectLock};
 
@@ -490,7 +490,9 @@ impl Replicator {
         // Only a head this shipper signed for this replica is continued; any
         // other (planted, damaged, written before format 3) starts a new
         // lineage, loudly, instead of stopping the shipper.
-        let env = match crate::trusted::envelope(self.store.as_ref(), head.key(), size, &self.trust).await {
+        let env = match crate::trusted::envelope(self.store.as_ref(), head.key(), size, &self.trust)
+            .await
+        {
             Ok((env, _)) => env,
             Err(e) if e.chain().any(|c| c.is::<crate::storage::StorageError>()) => {
                 return Err(e).context("read the replica's newest object");
@@ -499,7 +501,13 @@ impl Replicator {
                 tracing::error!(db = %self.db(), replica = %self.opts.replica_name, object = %head.key(), error = %format!("{e:#}"), "the replica's newest object does not prove out; starting a new lineage");
                 self.opts.status.add(&self.opts.status.refused_objects, 1);
                 return self
-                    .new_lineage(Some(src), &format!("the replica's newest object {} does not prove out", head.key()))
+                    .new_lineage(
+                        Some(src),
+                        &format!(
+                            "the replica's newest object {} does not prove out",
+                            head.key()
+                        ),
+                    )
                     .await;
             }
         };

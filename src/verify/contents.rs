@@ -29,7 +29,11 @@ pub(super) struct ContentsOutcome {
 
 /// Authenticate the object (signature, payload hash, replica binding) and
 /// check its envelope against the object's name.
-fn check_envelope(e: &Entry, obj: &Downloaded, keys: &Keys) -> anyhow::Result<(Envelope, Authenticity)> {
+fn check_envelope(
+    e: &Entry,
+    obj: &Downloaded,
+    keys: &Keys,
+) -> anyhow::Result<(Envelope, Authenticity)> {
     let (env, auth, _) = authenticate(obj.reader()?, obj.len()?, &keys.trust)?;
     let (kind, lineage, first, last) = match e {
         Entry::Snapshot(s) => (ObjectKind::Snapshot, &s.lineage, s.txid, s.txid),
@@ -323,7 +327,12 @@ mod tests {
 
         /// Unsigned objects (this tests the replay, not the signatures):
         /// verified with `--allow-unsigned`.
-        fn env(kind: ObjectKind, (first, last): (u64, u64), (t, level): (i64, u8), link: Link) -> Envelope {
+        fn env(
+            kind: ObjectKind,
+            (first, last): (u64, u64),
+            (t, level): (i64, u8),
+            link: Link,
+        ) -> Envelope {
             Envelope::new(
                 kind,
                 &Seal::unsigned(Encryption::None),

@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use super::{err_text, DeepSample, Problem, VerifyReport};
-use crate::replay::Keys;
 use crate::layout::{self, Target};
+use crate::replay::Keys;
 use crate::restore;
 use crate::storage::Storage;
 

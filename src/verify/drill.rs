@@ -5,8 +5,8 @@ use serde::Serialize;
 
 use super::deep::{sample, Rng};
 use super::DeepSample;
-use crate::replay::Keys;
 use crate::layout::{Catalog, Target};
+use crate::replay::Keys;
 use crate::storage::Storage;
 
 /// Result of a restore drill (see [`drill`]).

@@ -97,7 +97,11 @@ fn attacker_key(dir: &Path) -> PathBuf {
         .arg(&p)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     p
 }
 
@@ -152,7 +156,13 @@ fn three_attacks(dir: &Path, url: &str, attacker_url: impl Fn(&str) -> String) {
             "a plaintext lineage made with --no-encryption",
             "app.db".into(),
             // (An attacker's shipper trusts its own key only.)
-            vec!["--no-encryption", "--signing-key-file", evil, "--verify-key", ""],
+            vec![
+                "--no-encryption",
+                "--signing-key-file",
+                evil,
+                "--verify-key",
+                "",
+            ],
         ),
         (
             "a validly encrypted lineage of another database of the same shipper",
@@ -162,7 +172,14 @@ fn three_attacks(dir: &Path, url: &str, attacker_url: impl Fn(&str) -> String) {
         (
             "a lineage written by a second offsite that knows only the public recipient",
             "app.db".into(),
-            vec!["--age-recipient", &rcpt, "--signing-key-file", evil, "--verify-key", ""],
+            vec![
+                "--age-recipient",
+                &rcpt,
+                "--signing-key-file",
+                evil,
+                "--verify-key",
+                "",
+            ],
         ),
     ];
     for (i, (what, name, args)) in attacks.iter().enumerate() {
@@ -190,11 +207,17 @@ fn three_attacks(dir: &Path, url: &str, attacker_url: impl Fn(&str) -> String) {
 
         let (ok, v) = verify_out(url, &["--age-identity", idarg]);
         assert!(!ok, "{what}: verify passed:\n{v}");
-        assert!(v.contains(&snap), "{what}: verify does not name {snap}:\n{v}");
+        assert!(
+            v.contains(&snap),
+            "{what}: verify does not name {snap}:\n{v}"
+        );
 
         let l = offsite().args(["list", url]).output().unwrap();
         let l = String::from_utf8_lossy(&l.stdout).into_owned();
-        assert!(l.contains("refused") && l.contains(&snap), "{what}: list:\n{l}");
+        assert!(
+            l.contains("refused") && l.contains(&snap),
+            "{what}: list:\n{l}"
+        );
 
         for k in planted {
             victim.delete(&k);
@@ -249,7 +272,8 @@ fn mixed_replica_is_refused_and_reported() {
     let plain = Bucket::open(&aurl);
     plain.put("replica.json", victim.get("replica.json"));
     // A name above the victim's txids makes this lineage the newest one.
-    let marker = "lineages/00000000000000ff-aaaaaaaa/snapshots/00000000000000ff-0000000000000001.snap";
+    let marker =
+        "lineages/00000000000000ff-aaaaaaaa/snapshots/00000000000000ff-0000000000000001.snap";
     plain.put(marker, Vec::new());
     ship_evil(dir, "app.db", &aurl, &["--no-encryption"], "30");
     plain.delete(marker);
@@ -259,7 +283,11 @@ fn mixed_replica_is_refused_and_reported() {
     let idarg = id.to_str().unwrap();
     let out = dir.join("restored.db");
     let r = restore(&url, &out, &["--age-identity", idarg]);
-    assert!(!r.ok(), "a plaintext object was restored with an identity: {}", r.stderr());
+    assert!(
+        !r.ok(),
+        "a plaintext object was restored with an identity: {}",
+        r.stderr()
+    );
     assert!(
         r.stderr().contains("--allow-plaintext") && r.stderr().contains(snap.as_str()),
         "{}",
@@ -295,7 +323,9 @@ fn bad_head_and_huge_txid_do_not_stop_the_shipper() {
     let newest = segs.last().unwrap().clone();
     b.put(&newest, b.get(&segs[0]));
     let lineage = newest.split('/').nth(1).unwrap().to_string();
-    let huge = format!("lineages/{lineage}/segments/0/ffffffffffffffff-ffffffffffffffff-0000000000000001.seg");
+    let huge = format!(
+        "lineages/{lineage}/segments/0/ffffffffffffffff-ffffffffffffffff-0000000000000001.seg"
+    );
     b.put(&huge, Vec::new());
 
     let out = dir.join("r.db");
@@ -316,7 +346,9 @@ fn bad_head_and_huge_txid_do_not_stop_the_shipper() {
     assert_eq!(rows(&out), rows(&db));
     let l = list_json(&url);
     assert!(
-        l["ignored_objects"].to_string().contains("ffffffffffffffff"),
+        l["ignored_objects"]
+            .to_string()
+            .contains("ffffffffffffffff"),
         "{l}"
     );
 }
@@ -337,7 +369,9 @@ fn crafted_listing_cannot_make_prune_delete_history() {
     let b = Bucket::open(&url);
     let real = b.keys("lineages/");
     let l = "3000000000000000-deadbeef";
-    let mut planted = vec![format!("lineages/{l}/snapshots/3000000000000000-0000000000000001.snap")];
+    let mut planted = vec![format!(
+        "lineages/{l}/snapshots/3000000000000000-0000000000000001.snap"
+    )];
     for i in 1..=4u64 {
         planted.push(format!(
             "lineages/{l}/snapshots/{:016x}-{:016x}.snap",
@@ -350,12 +384,26 @@ fn crafted_listing_cannot_make_prune_delete_history() {
     }
     std::thread::sleep(Duration::from_millis(1100));
     let o = offsite()
-        .args(["prune", &url, "--retention", "1s", "--snapshot-retention", "1"])
+        .args([
+            "prune",
+            &url,
+            "--retention",
+            "1s",
+            "--snapshot-retention",
+            "1",
+        ])
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
-    assert!(out.contains("refused") && out.contains(&planted[0]), "{out}");
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains("refused") && out.contains(&planted[0]),
+        "{out}"
+    );
     let after = b.keys("lineages/");
     for k in &real {
         assert!(after.contains(k), "prune deleted {k}:\n{out}");
@@ -402,12 +450,23 @@ fn deleting_the_newest_objects_is_detected() {
     b.delete(&newest);
     let out = dir.join("r.db");
     let r = restore(&url, &out, &[]);
-    assert!(!r.ok(), "a rolled-back replica restored as the newest state");
-    assert!(r.stderr().contains("head.json") && r.stderr().contains("--txid"), "{}", r.stderr());
+    assert!(
+        !r.ok(),
+        "a rolled-back replica restored as the newest state"
+    );
+    assert!(
+        r.stderr().contains("head.json") && r.stderr().contains("--txid"),
+        "{}",
+        r.stderr()
+    );
     let (ok, v) = verify_out(&url, &[]);
     assert!(!ok && v.contains("head.json"), "{v}");
     let prev = segs.last().unwrap();
-    let last: u64 = u64::from_str_radix(prev.rsplit('/').next().unwrap().split('-').nth(1).unwrap(), 16).unwrap();
+    let last: u64 = u64::from_str_radix(
+        prev.rsplit('/').next().unwrap().split('-').nth(1).unwrap(),
+        16,
+    )
+    .unwrap();
     let r = restore(&url, &out, &["--txid", &last.to_string()]);
     assert!(r.ok(), "{}", r.stderr());
 }
@@ -441,7 +500,10 @@ fn pins_and_database_binding() {
         .output()
         .unwrap();
     let e = String::from_utf8_lossy(&unpinned.stderr);
-    assert!(!unpinned.status.success() && e.contains("--verify-key"), "{e}");
+    assert!(
+        !unpinned.status.success() && e.contains("--verify-key"),
+        "{e}"
+    );
     assert!(!out.exists());
     let pinned = offsite()
         .env_remove("OFFSITE_VERIFY_KEY")
@@ -452,9 +514,22 @@ fn pins_and_database_binding() {
         .arg(&id)
         .output()
         .unwrap();
-    assert!(pinned.status.success(), "{}", String::from_utf8_lossy(&pinned.stderr));
+    assert!(
+        pinned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pinned.stderr)
+    );
     assert_eq!(rows(&out), rows(&db));
-    let r = restore(&url, &dir.join("x.db"), &["--age-identity", id.to_str().unwrap(), "--database", "other.db"]);
+    let r = restore(
+        &url,
+        &dir.join("x.db"),
+        &[
+            "--age-identity",
+            id.to_str().unwrap(),
+            "--database",
+            "other.db",
+        ],
+    );
     assert!(!r.ok() && r.stderr().contains("other.db"), "{}", r.stderr());
 }
 

@@ -153,7 +153,11 @@ fn pinned_keygen(dir: &Path) -> (PathBuf, String) {
         .args(["--pin", harness::TEST_VERIFY_KEY])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (p, String::from_utf8(out.stdout).unwrap().trim().to_string())
 }
 
@@ -327,7 +331,10 @@ fn compose_file_has_the_services_volumes_and_wiring() {
         );
     }
     assert_eq!(keys(&c["volumes"]), ["minio-data", "app-data", "restored"]);
-    assert_eq!(keys(&c["secrets"]), ["offsite-identity", "offsite-signing-key"]);
+    assert_eq!(
+        keys(&c["secrets"]),
+        ["offsite-identity", "offsite-signing-key"]
+    );
 
     // MinIO, with a health check the bucket job waits for.
     let minio = service(&c, "minio");

@@ -74,11 +74,19 @@ fn every_txid_of_a_format1_replica_restores_exactly() {
     // Format 1 carries no signatures: restoring it is an explicit opt-in.
     let out = tmp.path().join("refused.db");
     let r = restore(&url, &out, &["--age-identity", &id]);
-    assert!(!r.ok() && r.stderr().contains("--allow-unsigned"), "{}", r.stderr());
+    assert!(
+        !r.ok() && r.stderr().contains("--allow-unsigned"),
+        "{}",
+        r.stderr()
+    );
     assert!(!out.exists());
     for (txid, want) in txids {
         let out = tmp.path().join(format!("r-{txid}.db"));
-        let r = restore(&url, &out, &["--txid", txid, "--age-identity", &id, "--allow-unsigned"]);
+        let r = restore(
+            &url,
+            &out,
+            &["--txid", txid, "--age-identity", &id, "--allow-unsigned"],
+        );
         assert!(r.ok(), "txid {txid}: {}", r.stderr());
         assert_eq!(
             sha256(&out),
@@ -162,7 +170,11 @@ fn a_shipper_starts_a_format2_lineage_beside_format1() {
         .unwrap()
         .clone();
     let out = tmp.path().join("old.db");
-    let r = restore(&url, &out, &["--txid", &first, "--age-identity", &id, "--allow-unsigned"]);
+    let r = restore(
+        &url,
+        &out,
+        &["--txid", &first, "--age-identity", &id, "--allow-unsigned"],
+    );
     assert!(r.ok(), "{}", r.stderr());
     assert_eq!(
         sha256(&out),

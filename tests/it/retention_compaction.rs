@@ -56,8 +56,8 @@ async fn restore_to(
     let mut o = RestoreOptions::new(target, out.to_path_buf());
     o.trust = crate::support::harness::test_trust();
     restore(store.as_ref(), o)
-    .await
-    .unwrap_or_else(|e| panic!("restore {target:?}: {e:#}"))
+        .await
+        .unwrap_or_else(|e| panic!("restore {target:?}: {e:#}"))
 }
 
 /// Compacted and uncompacted replicas of the same database restore to

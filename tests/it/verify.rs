@@ -151,7 +151,13 @@ fn verify_file_replica_intact_and_damaged() {
         .unwrap();
     let ids = offsite::keys::Identities::read_files(std::slice::from_ref(&key)).unwrap();
     let d = rt
-        .block_on(offsite::verify::drill(store.as_ref(), Some(&ids), &test_trust(), 1, 42))
+        .block_on(offsite::verify::drill(
+            store.as_ref(),
+            Some(&ids),
+            &test_trust(),
+            1,
+            42,
+        ))
         .unwrap();
     assert!(d.ok, "{d:?}");
     assert_eq!(d.newest_verified_txid, Some(latest));
@@ -189,7 +195,13 @@ fn verify_file_replica_intact_and_damaged() {
     n_bad[at] ^= 1;
     std::fs::write(newest, &n_bad).unwrap();
     let d = rt
-        .block_on(offsite::verify::drill(store.as_ref(), Some(&ids), &test_trust(), 1, 7))
+        .block_on(offsite::verify::drill(
+            store.as_ref(),
+            Some(&ids),
+            &test_trust(),
+            1,
+            7,
+        ))
         .unwrap();
     assert!(!d.ok, "{d:?}");
     let e = d.samples[0].error.clone().unwrap_or_default();

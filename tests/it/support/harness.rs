@@ -27,7 +27,9 @@ pub fn test_signer() -> std::sync::Arc<offsite::sign::Signer> {
 
 /// A reader's trust in the test key (for tests that call the library).
 pub fn test_trust() -> offsite::sign::Trust {
-    offsite::sign::Trust::with_keys(vec![offsite::sign::PublicKey::parse(TEST_VERIFY_KEY).unwrap()])
+    offsite::sign::Trust::with_keys(vec![
+        offsite::sign::PublicKey::parse(TEST_VERIFY_KEY).unwrap()
+    ])
 }
 
 pub fn workload_cmd(db: &Path) -> Command {
