@@ -161,6 +161,11 @@ fn ensure_dir(root: &Path, dir: &Path, mode: u32) -> std::result::Result<(), (Pa
             Ok(()) => fs::set_permissions(d, fs::Permissions::from_mode(mode))
                 .map_err(|e| (d.clone(), e))?,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => continue,
+            // It existed and is gone again: a concurrent delete pruned the
+            // emptied directory. NotFound makes the caller try again.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && !d.exists() => {
+                return Err((d.clone(), io::Error::new(io::ErrorKind::NotFound, e)))
+            }
             Err(e) => return Err((d.clone(), e)),
         }
         if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
