@@ -490,9 +490,25 @@ impl Replicator {
         // Only a head this shipper signed for this replica is continued; any
         // other (planted, damaged, written before format 3) starts a new
         // lineage, loudly, instead of stopping the shipper.
-        let env = match crate::trusted::envelope(self.store.as_ref(), head.key(), size, &self.trust)
-            .await
-        {
+        // (An unreachable store is retried, like every startup read.)
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let proven = loop {
+            let r =
+                crate::trusted::envelope(self.store.as_ref(), head.key(), size, &self.trust).await;
+            let transient = r.as_ref().err().is_some_and(|e| {
+                e.chain().any(|c| {
+                    matches!(
+                        c.downcast_ref::<crate::storage::StorageError>(),
+                        Some(crate::storage::StorageError::Unavailable(_))
+                    )
+                })
+            });
+            if !transient || Instant::now() >= deadline {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let env = match proven {
             Ok((env, _)) => env,
             Err(e) if e.chain().any(|c| c.is::<crate::storage::StorageError>()) => {
                 return Err(e).context("read the replica's newest object");
