@@ -91,18 +91,7 @@ impl Bucket {
 
 /// A signing key that is not the shipper's.
 fn attacker_key(dir: &Path) -> PathBuf {
-    let p = dir.join(format!("evil-{:08x}.key", rand::random::<u32>()));
-    let out = offsite()
-        .args(["keygen", "--signing", "-o"])
-        .arg(&p)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    p
+    keygen_with(dir, &["--signing"]).0
 }
 
 /// The attacker's own shipper: `rows` commits of its database into `url`.

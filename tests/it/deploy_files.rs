@@ -146,19 +146,7 @@ fn compose(vars: &[(&str, &str)]) -> Result<Yaml, String> {
 /// An age identity that pins the test shipper's verifying key (restores in
 /// these tests run with a cleared environment: the pin is all they trust).
 fn pinned_keygen(dir: &Path) -> (PathBuf, String) {
-    let p = dir.join(format!("key-{:08x}.txt", rand::random::<u32>()));
-    let out = harness::offsite()
-        .args(["keygen", "-o"])
-        .arg(&p)
-        .args(["--pin", harness::TEST_VERIFY_KEY])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (p, String::from_utf8(out.stdout).unwrap().trim().to_string())
+    harness::keygen_with(dir, &["--pin", harness::TEST_VERIFY_KEY])
 }
 
 /// The test shipper's signing key as a file (the compose secret).

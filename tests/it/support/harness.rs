@@ -100,16 +100,28 @@ pub fn file_fixture() -> (
 
 /// A new identity; returns (identity file, recipient).
 pub fn keygen(dir: &Path) -> (PathBuf, String) {
+    let (p, r) = keygen_with(dir, &[]);
+    assert!(r.starts_with("age1"), "recipient {r}");
+    (p, r)
+}
+
+/// `offsite keygen -o DIR/key-….txt EXTRA…` (`--signing`, `--pin KEY`);
+/// returns (key file, what it printed: the recipient or verifying key).
+pub fn keygen_with(dir: &Path, extra: &[&str]) -> (PathBuf, String) {
     let p = dir.join(format!("key-{:08x}.txt", rand::random::<u32>()));
-    let out = offsite().arg("keygen").arg("-o").arg(&p).output().unwrap();
+    let out = offsite()
+        .arg("keygen")
+        .arg("-o")
+        .arg(&p)
+        .args(extra)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(r.starts_with("age1"), "recipient {r}");
-    (p, r)
+    (p, String::from_utf8(out.stdout).unwrap().trim().to_string())
 }
 
 pub struct Shipper {
