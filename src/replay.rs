@@ -213,7 +213,7 @@ pub(crate) fn apply_snapshot(
         h.txid,
         h.time_us
     );
-    let mut replay = engine.replay(output);
+    let mut replay = engine.replay(output)?;
     let computed = replay.snapshot(&h.payload, &mut br)?;
     let stored = br.read_digest()?;
     ensure!(
@@ -404,7 +404,7 @@ pub(crate) fn check_lone_segment(
     );
     // An engine state that holds nothing: only the payloads' shapes are
     // checked.
-    let mut replay = engine.replay(None);
+    let mut replay = engine.replay(None)?;
     replay.begin_segment(&h.payload)?;
     for i in 0..h.commit_count {
         let head = br.read_commit_head()?;

@@ -25,6 +25,20 @@ pub async fn envelope(
     size: u64,
     trust: &Trust,
 ) -> anyhow::Result<(Envelope, Authenticity)> {
+    let (env, a) = prove_envelope(store, key, size, trust).await?;
+    matches_name(&env, key)?;
+    Ok((env, a))
+}
+
+/// Read and prove an object's envelope (signature, replica and database
+/// binding) from two ranged reads; the caller checks that it names what
+/// its key names (engines with their own key layout use this directly).
+pub async fn prove_envelope(
+    store: &dyn Storage,
+    key: &str,
+    size: u64,
+    trust: &Trust,
+) -> anyhow::Result<(Envelope, Authenticity)> {
     let head = store
         .get_range(key, 0, ENVELOPE_READ.min(size))
         .await
@@ -43,7 +57,6 @@ pub async fn envelope(
         let a = env
             .check(None, trust)
             .with_context(|| format!("object {key}"))?;
-        matches_name(&env, key)?;
         return Ok((env, a));
     }
     let min = env.raw.len() as u64 + FOOTER_LEN as u64;
@@ -61,7 +74,6 @@ pub async fn envelope(
     let a = env
         .check(Some(&footer), trust)
         .with_context(|| format!("object {key}"))?;
-    matches_name(&env, key)?;
     Ok((env, a))
 }
 

@@ -1,6 +1,7 @@
 //! Command-line interface: parses arguments and calls into the library.
 //! `replicate`'s flags become the config file's structure in `replicate`.
 
+mod pg;
 mod replicate;
 mod trust;
 
@@ -56,6 +57,9 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Ask the running daemon to ship a database now; with --wait, return once it is durable.
     Sync(SyncArgs),
+    /// PostgreSQL: archive_command, restore_command, base backups (docs/POSTGRES.md).
+    #[command(subcommand)]
+    Pg(pg::PgCommand),
 }
 
 #[derive(Args, Debug)]
@@ -324,6 +328,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Prune(a) => prune_cmd(a).await,
         Command::Verify(a) => verify_cmd(a).await,
         Command::Sync(a) => sync_cmd(a).await,
+        Command::Pg(c) => pg::run(c).await,
     }
 }
 

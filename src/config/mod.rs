@@ -264,6 +264,30 @@ impl ReplicaConfig {
     }
 }
 
+/// A replica from command-line flags alone (`offsite pg archive-push` and
+/// the other PostgreSQL commands): the URL and the encryption flags, checked
+/// exactly as `replicate`'s are.
+pub(crate) fn replica_from_flags(
+    url: &str,
+    age_recipients: &[String],
+    age_recipients_file: Option<&Path>,
+    no_encryption: bool,
+) -> anyhow::Result<ReplicaConfig> {
+    let raw = RawReplica {
+        url: url.to_string(),
+        encryption: no_encryption.then(|| "none".to_string()),
+        age_recipients: age_recipients.to_vec(),
+        age_recipients_file: age_recipients_file.map(|p| p.display().to_string()),
+        ..Default::default()
+    };
+    replica_config(
+        &raw,
+        defaults::replica_name(0),
+        "replica",
+        &Origin::CommandLine,
+    )
+}
+
 impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         let raw = RawConfig::load(path)?;

@@ -14,6 +14,7 @@
 //!   payloads to an output, and returns its own digest after each, which the
 //!   pipeline compares with the stored one.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::io::Write;
@@ -30,18 +31,23 @@ use crate::segment::{Digest, Link};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
     Sqlite,
+    /// PostgreSQL: its own archive layout (docs/FORMAT.md, "PostgreSQL
+    /// archive"), shipped by `engine::postgres`, not by the commit pipeline.
+    Postgres,
 }
 
 impl Engine {
     pub fn name(self) -> &'static str {
         match self {
             Engine::Sqlite => "sqlite",
+            Engine::Postgres => "postgres",
         }
     }
 
     pub fn parse(s: &str) -> anyhow::Result<Engine> {
         match s {
             "sqlite" => Ok(Engine::Sqlite),
+            "postgres" => Ok(Engine::Postgres),
             other => bail!(
                 "unknown database engine {other:?}: the replica was written by another engine or a newer offsite (upgrade offsite, or check the URL)"
             ),
@@ -58,6 +64,7 @@ impl Engine {
     ) -> anyhow::Result<Box<dyn Source>> {
         match self {
             Engine::Sqlite => Ok(Box::new(sqlite::Shipper::open(db, levels, spool_dir)?)),
+            Engine::Postgres => bail!(postgres::NOT_A_COMMIT_PIPELINE),
         }
     }
 
@@ -66,6 +73,7 @@ impl Engine {
     pub fn log_bytes(self, db: &Path) -> u64 {
         match self {
             Engine::Sqlite => sqlite::Shipper::log_bytes(db),
+            Engine::Postgres => 0,
         }
     }
 
@@ -74,14 +82,16 @@ impl Engine {
     pub fn release_log(self, db: &Path) -> anyhow::Result<bool> {
         match self {
             Engine::Sqlite => sqlite::source::checkpoint_truncate(db),
+            Engine::Postgres => bail!(postgres::NOT_A_COMMIT_PIPELINE),
         }
     }
 
     /// A replay of this engine's objects, writing to `output` if given
     /// (restore) or only checking (verify).
-    pub fn replay(self, output: Option<std::fs::File>) -> Box<dyn Replay> {
+    pub fn replay(self, output: Option<std::fs::File>) -> anyhow::Result<Box<dyn Replay>> {
         match self {
-            Engine::Sqlite => Box::new(sqlite::PageReplay::new(output)),
+            Engine::Sqlite => Ok(Box::new(sqlite::PageReplay::new(output))),
+            Engine::Postgres => bail!(postgres::NOT_A_COMMIT_PIPELINE),
         }
     }
 }
