@@ -185,7 +185,8 @@ pub struct RestoreArgs {
     /// Restore the state after the last commit observed at or before this instant (RFC 3339).
     #[arg(long, value_name = "RFC3339", conflicts_with = "txid")]
     pub timestamp: Option<String>,
-    /// Restore the state right after transaction N.
+    /// Restore the state right after offsite's commit number N (SQLite;
+    /// for a PostgreSQL transaction id use --xid).
     #[arg(long, value_name = "N")]
     pub txid: Option<u64>,
     /// age identity file; repeatable.
@@ -223,6 +224,8 @@ pub struct RestoreArgs {
     /// application of the same group); never anything for other users.
     #[arg(long, value_name = "OCTAL", default_value = "0600", value_parser = parse_mode_arg)]
     pub mode: u32,
+    #[command(flatten)]
+    pub pg: pg::PgRestoreArgs,
 }
 
 fn parse_mode_arg(s: &str) -> Result<u32, String> {
@@ -520,6 +523,15 @@ async fn any_backup(
 }
 
 async fn restore_cmd(a: RestoreArgs) -> anyhow::Result<()> {
+    if a.config.is_none() {
+        if let Ok(url) = a.source.parse::<ReplicaUrl>() {
+            let store = storage::open(&url).await?;
+            if crate::record::engine(store.as_ref()).await? == crate::engine::Engine::Postgres {
+                return pg::restore(a, url).await;
+            }
+        }
+    }
+    pg::refuse_pg_flags(&a.pg)?;
     let (replicas, id_files) =
         resolve_replicas(&a.source, &a.config, &a.age_identity, a.replica.as_deref())?;
     if a.if_db_not_exists && std::fs::symlink_metadata(&a.output).is_ok() {

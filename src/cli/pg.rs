@@ -186,3 +186,256 @@ async fn wal_fetch_inner(a: &WalFetchArgs) -> anyhow::Result<Fetched> {
     )
     .await
 }
+
+/// `offsite restore` flags that only a PostgreSQL archive takes.
+#[derive(Args, Debug, Default, Clone)]
+pub struct PgRestoreArgs {
+    /// PostgreSQL: recover up to this LSN (recovery_target_lsn, e.g. 0/3000060).
+    #[arg(long, value_name = "LSN", help_heading = "PostgreSQL")]
+    pub lsn: Option<String>,
+    /// PostgreSQL: recover up to this transaction id (recovery_target_xid;
+    /// not offsite's --txid).
+    #[arg(long, value_name = "XID", help_heading = "PostgreSQL")]
+    pub xid: Option<String>,
+    /// PostgreSQL: recover up to this restore point (pg_create_restore_point).
+    #[arg(long = "name", value_name = "RESTORE_POINT", help_heading = "PostgreSQL")]
+    pub restore_point: Option<String>,
+    /// PostgreSQL: stop at the earliest consistent point (the end of the base backup).
+    #[arg(long, help_heading = "PostgreSQL")]
+    pub immediate: bool,
+    /// PostgreSQL: stop just before the target instead of just after it.
+    #[arg(long, help_heading = "PostgreSQL")]
+    pub exclusive: bool,
+    /// PostgreSQL: what the server does at the target: promote, pause or shutdown.
+    #[arg(long, value_name = "ACTION", default_value = "promote", value_parser = ["promote", "pause", "shutdown"], help_heading = "PostgreSQL")]
+    pub target_action: String,
+    /// PostgreSQL: restore this base backup (default: the newest that ends before the target).
+    #[arg(long, value_name = "ID", help_heading = "PostgreSQL")]
+    pub backup: Option<String>,
+    /// PostgreSQL: move a tablespace (original location=new location); repeatable.
+    #[arg(long = "tablespace", value_name = "OLD=NEW", help_heading = "PostgreSQL")]
+    pub tablespace: Vec<String>,
+    /// PostgreSQL: start the server on the restored directory and wait until
+    /// recovery has reached the target.
+    #[arg(long, help_heading = "PostgreSQL")]
+    pub start: bool,
+    /// PostgreSQL with --start: the port (default: a free one).
+    #[arg(long, value_name = "PORT", help_heading = "PostgreSQL")]
+    pub port: Option<u16>,
+    /// PostgreSQL: directory of pg_ctl and postgres (default: OFFSITE_PG_BIN,
+    /// /usr/lib/postgresql/<major>/bin, PATH).
+    #[arg(long, value_name = "DIR", help_heading = "PostgreSQL")]
+    pub pg_bin: Option<PathBuf>,
+    /// PostgreSQL: the operating-system user that owns the data directory and
+    /// runs the server (default when run as root: postgres).
+    #[arg(long, value_name = "USER", help_heading = "PostgreSQL")]
+    pub pg_user: Option<String>,
+    /// PostgreSQL with --start: give up waiting for recovery after this long.
+    #[arg(long, value_name = "DURATION", default_value = "1h", help_heading = "PostgreSQL")]
+    pub recovery_timeout: String,
+}
+
+impl PgRestoreArgs {
+    fn any(&self) -> bool {
+        self.lsn.is_some()
+            || self.xid.is_some()
+            || self.restore_point.is_some()
+            || self.immediate
+            || self.exclusive
+            || self.backup.is_some()
+            || !self.tablespace.is_empty()
+            || self.start
+            || self.port.is_some()
+            || self.pg_bin.is_some()
+            || self.pg_user.is_some()
+    }
+}
+
+/// A SQLite restore given PostgreSQL-only flags: say so.
+pub fn refuse_pg_flags(a: &PgRestoreArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !a.any(),
+        "--lsn, --xid, --name, --immediate, --exclusive, --backup, --tablespace, --start, --port, --pg-bin and --pg-user are for PostgreSQL archives; this replica is SQLite (use --txid or --timestamp)"
+    );
+    Ok(())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// `offsite restore URL -o DATADIR` of a PostgreSQL archive.
+pub async fn restore(a: super::RestoreArgs, url: ReplicaUrl) -> anyhow::Result<()> {
+    use crate::engine::postgres::restore::{self as pgr, PgTarget, RestoreOptions, StartOptions};
+    let p = &a.pg;
+    anyhow::ensure!(
+        a.txid.is_none(),
+        "--txid is offsite's SQLite commit counter; for PostgreSQL use --lsn, --xid, --name or --timestamp"
+    );
+    let mut targets = Vec::new();
+    if let Some(t) = &a.timestamp {
+        targets.push(PgTarget::Time(t.clone(), crate::layout::parse_time(t)?));
+    }
+    if let Some(l) = &p.lsn {
+        targets.push(PgTarget::Lsn(walname::parse_lsn(l).context("--lsn")?));
+    }
+    if let Some(x) = &p.xid {
+        anyhow::ensure!(
+            x.parse::<u32>().is_ok(),
+            "--xid {x:?} is not a PostgreSQL transaction id (a number, as txid_current() or pg_current_xact_id() shows)"
+        );
+        targets.push(PgTarget::Xid(x.clone()));
+    }
+    if let Some(n) = &p.restore_point {
+        targets.push(PgTarget::Name(n.clone()));
+    }
+    if p.immediate {
+        targets.push(PgTarget::Immediate);
+    }
+    anyhow::ensure!(
+        targets.len() <= 1,
+        "give one recovery target: --timestamp, --lsn, --xid, --name or --immediate"
+    );
+    let target = targets.pop().unwrap_or(PgTarget::Latest);
+    let mut tablespace_map = Vec::new();
+    for t in &p.tablespace {
+        let (from, to) = t
+            .split_once('=')
+            .with_context(|| format!("--tablespace {t:?}: expected OLD=NEW"))?;
+        tablespace_map.push((from.to_string(), PathBuf::from(to)));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let os_user = p.pg_user.clone().or_else(|| root.then(|| "postgres".to_string()));
+    let id_files: Vec<PathBuf> = a
+        .age_identity
+        .iter()
+        .map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone()))
+        .collect();
+    let t = trust::trust(&a.keys, Some(&a.reader), &id_files, None)?;
+    let ids = if id_files.is_empty() {
+        None
+    } else {
+        Some(Identities::read_files(&id_files)?)
+    };
+    let r = Reader::open(&url, t, ids).await?;
+    let output = std::path::absolute(&a.output).context("-o")?;
+    let restore_command = restore_command(&url, &id_files, &r, &a.reader)?;
+    let started = std::time::Instant::now();
+    let rep = pgr::restore(
+        &r,
+        &RestoreOptions {
+            output: output.clone(),
+            force: a.force,
+            target: target.clone(),
+            exclusive: p.exclusive,
+            action: p.target_action.clone(),
+            backup: p.backup.clone(),
+            restore_command,
+            tablespace_map,
+            os_user: os_user.clone(),
+            parallel: a.parallel,
+        },
+    )
+    .await?;
+    eprintln!(
+        "restored base backup {} (LSN {} to {}, timeline {}) into {} in {:.2?}; the archive holds WAL up to {}; recovery target: {}",
+        rep.backup.id,
+        walname::format_lsn(rep.backup.start_lsn),
+        walname::format_lsn(rep.backup.end_lsn),
+        rep.backup.timeline,
+        output.display(),
+        started.elapsed(),
+        walname::format_lsn(rep.archive_end),
+        describe(&target, p.exclusive)
+    );
+    if !p.start {
+        eprintln!("start PostgreSQL on it to recover (or pass --start)");
+        return Ok(());
+    }
+    let bin = pgr::pg_bin(p.pg_bin.as_deref(), &rep.backup.pg_version)?;
+    let port = match p.port {
+        Some(p) => p,
+        None => free_port()?,
+    };
+    let timeout = crate::config::parse_duration(&p.recovery_timeout, "--recovery-timeout")?;
+    let so = StartOptions {
+        bin,
+        port,
+        os_user,
+        timeout,
+        action: p.target_action.clone(),
+    };
+    let out = output.clone();
+    let reached = tokio::task::spawn_blocking(move || pgr::start_and_wait(&out, &so)).await??;
+    for l in &reached.lines {
+        eprintln!("postgres: {}", l.trim());
+    }
+    if reached.running {
+        eprintln!(
+            "PostgreSQL is running on {} (port {}, socket directory {}): recovery reached its target ({})",
+            output.display(),
+            reached.port,
+            output.display(),
+            p.target_action
+        );
+    } else {
+        eprintln!("PostgreSQL recovered to the target and shut down ({})", output.display());
+    }
+    Ok(())
+}
+
+fn describe(t: &crate::engine::postgres::restore::PgTarget, exclusive: bool) -> String {
+    use crate::engine::postgres::restore::PgTarget;
+    let how = if exclusive { "just before" } else { "just after" };
+    match t {
+        PgTarget::Latest => "the end of the archive".into(),
+        PgTarget::Immediate => "the end of the base backup".into(),
+        PgTarget::Time(s, _) => format!("{how} the last commit at or before {s}"),
+        PgTarget::Lsn(l) => format!("{how} LSN {}", walname::format_lsn(*l)),
+        PgTarget::Xid(x) => format!("{how} the commit of transaction {x}"),
+        PgTarget::Name(n) => format!("restore point {n:?}"),
+    }
+}
+
+/// The restore_command written into the restored cluster: this offsite's
+/// wal-fetch for the same archive, with the same identities and pinned
+/// keys (no secret in it: identity files are named, not copied).
+fn restore_command(
+    url: &ReplicaUrl,
+    id_files: &[PathBuf],
+    r: &Reader,
+    reader: &ReaderArgs,
+) -> anyhow::Result<String> {
+    let exe = std::env::current_exe().context("cannot find offsite's own executable")?;
+    let mut words = vec![
+        exe.display().to_string(),
+        "pg".into(),
+        "wal-fetch".into(),
+        "%f".into(),
+        "%p".into(),
+        "--replica".into(),
+        url.to_string(),
+    ];
+    for f in id_files {
+        words.push("--age-identity".into());
+        words.push(f.display().to_string());
+    }
+    for k in &r.trust.keys {
+        words.push("--verify-key".into());
+        words.push(k.to_string());
+    }
+    if let Some(id) = &r.trust.replica {
+        words.push("--replica-id".into());
+        words.push(id.clone());
+    }
+    if reader.allow_plaintext {
+        words.push("--allow-plaintext".into());
+    }
+    Ok(words
+        .iter()
+        .map(|w| if w == "%f" || w == "%p" { w.clone() } else { shell_words::quote(w).into_owned() })
+        .collect::<Vec<_>>()
+        .join(" "))
+}

@@ -14,6 +14,7 @@
 pub mod archive;
 pub mod fetch;
 pub mod push;
+pub mod restore;
 pub mod walname;
 
 use anyhow::{ensure, Context};
