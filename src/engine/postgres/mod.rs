@@ -12,9 +12,11 @@
 //! codec, signing and trust, the replica record, the lease.
 
 pub mod archive;
+pub mod backup;
 pub mod fetch;
 pub mod push;
 pub mod restore;
+pub mod stream;
 pub mod walname;
 
 use anyhow::{ensure, Context};
