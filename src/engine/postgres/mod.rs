@@ -13,11 +13,13 @@
 
 pub mod archive;
 pub mod backup;
+pub mod dsn;
 pub mod fetch;
 pub mod push;
 pub mod restore;
 pub mod stream;
 pub mod walname;
+pub mod wire;
 
 use anyhow::{ensure, Context};
 
