@@ -10,7 +10,8 @@ use super::trust::{self, KeyArgs, ReaderArgs};
 use crate::daemon::ExitStatus;
 use crate::engine::postgres::fetch::{self, FetchOptions, Fetched};
 use crate::engine::postgres::push::{self, PushOptions};
-use crate::engine::postgres::{walname, Reader, Writer};
+use crate::engine::postgres::dsn::Dsn;
+use crate::engine::postgres::{walname, wire, Reader, Writer};
 use crate::keys::Identities;
 use crate::storage::ReplicaUrl;
 
@@ -20,6 +21,70 @@ pub enum PgCommand {
     ArchivePush(ArchivePushArgs),
     /// restore_command: fetch WAL file %f to %p; exit 1 if the archive does not hold it.
     WalFetch(WalFetchArgs),
+    /// Take a base backup now (BASE_BACKUP through the replication protocol).
+    Backup(BackupArgs),
+    /// Stream WAL continuously through a replication slot (and take base
+    /// backups on a schedule) until SIGINT/SIGTERM.
+    Stream(StreamArgs),
+}
+
+/// How offsite reaches PostgreSQL.
+#[derive(Args, Debug, Clone)]
+pub struct PgConnArgs {
+    /// Connection string: postgres://USER@HOST:PORT/DB or "host=… user=…"
+    /// (or OFFSITE_PG_DSN). Put the password in PGPASSWORD or a passfile,
+    /// not here: it would show in the process list.
+    #[arg(long, value_name = "DSN", env = "OFFSITE_PG_DSN")]
+    pub dsn: String,
+}
+
+impl PgConnArgs {
+    fn dsn(&self) -> anyhow::Result<Dsn> {
+        Dsn::parse(&self.dsn).context("--dsn")
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub conn: PgConnArgs,
+    #[command(flatten)]
+    pub write: PgWriteArgs,
+    /// The backup's label (shown in backup_label).
+    #[arg(long, default_value = "offsite")]
+    pub label: String,
+    /// How long to wait for the WAL up to the backup's end to reach the archive.
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    pub wal_timeout: String,
+}
+
+#[derive(Args, Debug)]
+pub struct StreamArgs {
+    #[command(flatten)]
+    pub conn: PgConnArgs,
+    #[command(flatten)]
+    pub write: PgWriteArgs,
+    /// The physical replication slot (created if missing).
+    #[arg(long, value_name = "NAME", default_value = "offsite")]
+    pub slot: String,
+    /// How often received WAL is shipped (default 1s).
+    #[arg(long, value_name = "DURATION", default_value = "1s")]
+    pub sync_interval: String,
+    /// Tell PostgreSQL WAL is flushed once it is in the store ("store",
+    /// the default) or once it is fsynced in the local spool ("spool").
+    #[arg(long, value_name = "store|spool", default_value = "store")]
+    pub flush_after: String,
+    /// Ship every commit as it arrives (with offsite's application name in
+    /// synchronous_standby_names, a commit returns once it is in the store).
+    #[arg(long)]
+    pub synchronous: bool,
+    /// Directory for the WAL spool (default: the system temp dir).
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Take a base backup this often ("off": never; one is taken at start
+    /// when the archive holds none).
+    #[arg(long, value_name = "DURATION|off", default_value = "24h")]
+    pub base_backup_interval: String,
 }
 
 /// Where and how a PostgreSQL archive is written.
@@ -99,6 +164,8 @@ pub async fn run(cmd: PgCommand) -> anyhow::Result<()> {
     match cmd {
         PgCommand::ArchivePush(a) => archive_push(a).await,
         PgCommand::WalFetch(a) => wal_fetch(a).await,
+        PgCommand::Backup(a) => backup(a).await,
+        PgCommand::Stream(a) => stream(a).await,
     }
 }
 
@@ -438,4 +505,140 @@ fn restore_command(
         .map(|w| if w == "%f" || w == "%p" { w.clone() } else { shell_words::quote(w).into_owned() })
         .collect::<Vec<_>>()
         .join(" "))
+}
+
+/// The system identifier of the cluster at `dsn` (IDENTIFY_SYSTEM).
+async fn system_id(dsn: &Dsn) -> anyhow::Result<u64> {
+    let mut c = wire::Conn::connect(dsn, true).await?;
+    let sys = c.identify_system().await?;
+    c.close().await;
+    sys.system_id
+        .parse()
+        .with_context(|| format!("PostgreSQL sent system identifier {:?}", sys.system_id))
+}
+
+async fn backup(a: BackupArgs) -> anyhow::Result<()> {
+    use crate::engine::postgres::backup::{base_backup, BackupOptions};
+    let dsn = a.conn.dsn()?;
+    let w = writer(&a.write, system_id(&dsn).await?).await?;
+    let wal_timeout = crate::config::parse_duration(&a.wal_timeout, "--wal-timeout")?;
+    let started = std::time::Instant::now();
+    let b = base_backup(&w, &dsn, &BackupOptions { label: a.label.clone(), wal_timeout }).await?;
+    let bytes: u64 = b.archives.iter().map(|a| a.bytes).sum();
+    eprintln!(
+        "base backup {} complete: LSN {} to {}, timeline {}, {} archives, {} bytes, {:.2?}",
+        b.id,
+        walname::format_lsn(b.start_lsn),
+        walname::format_lsn(b.end_lsn),
+        b.timeline,
+        b.archives.len(),
+        bytes,
+        started.elapsed()
+    );
+    Ok(())
+}
+
+async fn stream(a: StreamArgs) -> anyhow::Result<()> {
+    use crate::engine::postgres::stream::{StreamOptions, Streamer};
+    let dsn = a.conn.dsn()?.with_application_name("offsite");
+    let system_id = system_id(&dsn).await?;
+    let w = writer(&a.write, system_id).await?;
+    let mut sync_interval = crate::config::parse_duration(&a.sync_interval, "--sync-interval")?;
+    if a.synchronous {
+        sync_interval = std::time::Duration::from_millis(5);
+    }
+    let backup_interval = match a.base_backup_interval.as_str() {
+        "off" => None,
+        s => Some(crate::config::parse_duration(s, "--base-backup-interval")?),
+    };
+    let o = StreamOptions {
+        slot: a.slot.clone(),
+        sync_interval,
+        flush_after: a.flush_after.parse()?,
+        spool_dir: a
+            .spool_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("offsite-pg-{system_id}-spool"))),
+        consolidate_after: 8,
+    };
+    let mut lease = crate::lease::Lease::new(
+        &crate::engine::postgres::database_name(system_id),
+        std::time::Duration::from_secs(300),
+        std::time::Duration::from_secs(60),
+    );
+    lease.ensure(w.store.as_ref(), crate::engine::postgres::now_us()).await?;
+    let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        crate::engine::postgres::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let w = std::sync::Arc::new(w);
+    let backups = tokio::spawn(scheduled_backups(w.clone(), dsn.clone(), backup_interval, stop.clone()));
+    let mut streamer = Streamer::new(&w, &o);
+    let mut delay = std::time::Duration::from_millis(500);
+    let result = loop {
+        match streamer.run(&dsn, &mut stop).await {
+            Ok(()) => break Ok(()),
+            Err(e) if *stop.borrow() => break Err(e),
+            Err(e) if is_fatal(&e) => break Err(e),
+            Err(e) => {
+                tracing::warn!("streaming stopped, reconnecting in {delay:?}: {e:#}");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => break Ok(()),
+                }
+                delay = (delay * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+        if let Err(e) = lease.ensure(w.store.as_ref(), crate::engine::postgres::now_us()).await {
+            break Err(e);
+        }
+    };
+    backups.abort();
+    lease.release(w.store.as_ref()).await;
+    result
+}
+
+/// Errors no reconnect fixes: the user must act.
+fn is_fatal(e: &anyhow::Error) -> bool {
+    let t = format!("{e:#}");
+    ["give each cluster its own replica URL", "password authentication failed", "REPLICATION", "different content", "wal_level", "replication slots"]
+        .iter()
+        .any(|k| t.contains(k))
+}
+
+/// Base backups in the daemon: one at start when the archive holds none,
+/// then every `interval`.
+async fn scheduled_backups(
+    w: std::sync::Arc<Writer>,
+    dsn: Dsn,
+    interval: Option<std::time::Duration>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use crate::engine::postgres::{archive, backup};
+    let mut last: Option<i64> = match archive::list_backups(w.store.as_ref(), &w.trust).await {
+        Ok((b, _)) => b.last().map(|b| b.end_time_us),
+        Err(_) => None,
+    };
+    loop {
+        let due = match (last, interval) {
+            (None, _) => true,
+            (Some(t), Some(i)) => crate::engine::postgres::now_us() - t >= i.as_micros() as i64,
+            (Some(_), None) => false,
+        };
+        if due {
+            let o = backup::BackupOptions { label: "offsite scheduled".into(), wal_timeout: std::time::Duration::from_secs(600) };
+            match backup::base_backup(&w, &dsn, &o).await {
+                Ok(b) => {
+                    tracing::info!(backup = %b.id, "scheduled base backup complete");
+                    last = Some(b.end_time_us);
+                }
+                Err(e) => tracing::error!("scheduled base backup failed (retried in 1 min): {e:#}"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            _ = stop.changed() => return,
+        }
+    }
 }

@@ -179,7 +179,6 @@ impl<'a> Streamer<'a> {
                     // The new timeline's segment starts as a copy of the old one's.
                     let carried = self.spool.take().filter(|s| s.seg.segno == SegmentName::of_lsn(next, at).segno);
                     timeline = next;
-                    start = at;
                     let Some(old) = carried else {
                         start = SegmentName::of_lsn(next, at).start_lsn();
                         continue;
