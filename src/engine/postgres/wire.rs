@@ -694,50 +694,48 @@ impl Conn {
             BackupState::CopyDone => return Ok(None),
             BackupState::None => bail!("no base backup is running on this connection"),
         }
-        loop {
-            match self.recv().await? {
-                Msg::Pg(backend::Message::CopyData(body)) => {
-                    let mut data = body.into_bytes();
-                    if data.is_empty() {
-                        bail!("BASE_BACKUP: an empty CopyData message");
+        match self.recv().await? {
+            Msg::Pg(backend::Message::CopyData(body)) => {
+                let mut data = body.into_bytes();
+                if data.is_empty() {
+                    bail!("BASE_BACKUP: an empty CopyData message");
+                }
+                let kind = data.get_u8();
+                Ok(Some(match kind {
+                    b'd' => BackupChunk::Data(data),
+                    b'n' => {
+                        let name = take_cstr(&mut data)?;
+                        let path = take_cstr(&mut data)?;
+                        BackupChunk::Archive {
+                            name,
+                            tablespace_path: (!path.is_empty()).then_some(path),
+                        }
                     }
-                    let kind = data.get_u8();
-                    return Ok(Some(match kind {
-                        b'd' => BackupChunk::Data(data),
-                        b'n' => {
-                            let name = take_cstr(&mut data)?;
-                            let path = take_cstr(&mut data)?;
-                            BackupChunk::Archive {
-                                name,
-                                tablespace_path: (!path.is_empty()).then_some(path),
-                            }
+                    b'm' => BackupChunk::Manifest,
+                    b'p' => {
+                        if data.len() < 8 {
+                            bail!("BASE_BACKUP: short progress message");
                         }
-                        b'm' => BackupChunk::Manifest,
-                        b'p' => {
-                            if data.len() < 8 {
-                                bail!("BASE_BACKUP: short progress message");
-                            }
-                            BackupChunk::Progress(data.get_u64())
-                        }
-                        other => bail!("BASE_BACKUP: unknown CopyData type {:?}", other as char),
-                    }));
-                }
-                Msg::Pg(backend::Message::CopyDone) => {
-                    self.backup = BackupState::CopyDone;
-                    return Ok(None);
-                }
-                Msg::Pg(backend::Message::ErrorResponse(body)) => {
-                    let e = PgError::from_fields(body.fields());
-                    self.backup = BackupState::None;
-                    self.drain_to_ready().await?;
-                    return Err(anyhow::Error::new(e))
-                        .with_context(|| format!("PostgreSQL {}: BASE_BACKUP failed", self.who));
-                }
-                other => bail!(
-                    "BASE_BACKUP: unexpected message {} in the copy",
-                    describe(&other)
-                ),
+                        BackupChunk::Progress(data.get_u64())
+                    }
+                    other => bail!("BASE_BACKUP: unknown CopyData type {:?}", other as char),
+                }))
             }
+            Msg::Pg(backend::Message::CopyDone) => {
+                self.backup = BackupState::CopyDone;
+                Ok(None)
+            }
+            Msg::Pg(backend::Message::ErrorResponse(body)) => {
+                let e = PgError::from_fields(body.fields());
+                self.backup = BackupState::None;
+                self.drain_to_ready().await?;
+                Err(anyhow::Error::new(e))
+                    .with_context(|| format!("PostgreSQL {}: BASE_BACKUP failed", self.who))
+            }
+            other => bail!(
+                "BASE_BACKUP: unexpected message {} in the copy",
+                describe(&other)
+            ),
         }
     }
 

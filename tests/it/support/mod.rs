@@ -6,10 +6,12 @@
 //! * `writer`: the deterministic in-process `Writer`
 //! * `gate`: tests that measure run alone
 //! * `fault_proxy`, `private_s3`: a store that misbehaves or goes away
+//! * `pgcluster`: throwaway PostgreSQL clusters (skipped when PostgreSQL is missing)
 
 pub mod fault_proxy;
 pub mod gate;
 pub mod harness;
+pub mod pgcluster;
 pub mod private_s3;
 pub mod writer;
 
