@@ -29,6 +29,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
+/// The least free space in the read buffer before a read.
+const READ_CHUNK: usize = 64 * 1024;
+
 /// The CopyBothResponse tag (replication only; postgres-protocol does not
 /// parse it).
 const COPY_BOTH_RESPONSE_TAG: u8 = b'W';
@@ -804,6 +807,9 @@ impl Conn {
             let msg = match self.parse_buffered()? {
                 Some(m) => m,
                 None => {
+                    // Read in large pieces (WAL streams fast), not the
+                    // 64 bytes BytesMut adds when full.
+                    self.rbuf.reserve(READ_CHUNK);
                     let n = self
                         .io
                         .read_buf(&mut self.rbuf)
@@ -874,7 +880,10 @@ enum StreamState {
     Ended,
 }
 
-/// A physical replication stream (START_REPLICATION's CopyBoth mode).
+/// A physical replication stream (START_REPLICATION's CopyBoth mode). The
+/// server drops a client that sends no status update for
+/// `wal_sender_timeout` (60 s by default): answer keepalives that ask for a
+/// reply, and report progress regularly.
 pub struct WalStream {
     conn: Conn,
     state: StreamState,
