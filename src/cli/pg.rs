@@ -8,9 +8,9 @@ use clap::{Args, Subcommand};
 
 use super::trust::{self, KeyArgs, ReaderArgs};
 use crate::daemon::ExitStatus;
+use crate::engine::postgres::dsn::Dsn;
 use crate::engine::postgres::fetch::{self, FetchOptions, Fetched};
 use crate::engine::postgres::push::{self, PushOptions};
-use crate::engine::postgres::dsn::Dsn;
 use crate::engine::postgres::{walname, wire, Reader, Writer};
 use crate::keys::Identities;
 use crate::storage::ReplicaUrl;
@@ -265,7 +265,11 @@ pub struct PgRestoreArgs {
     #[arg(long, value_name = "XID", help_heading = "PostgreSQL")]
     pub xid: Option<String>,
     /// PostgreSQL: recover up to this restore point (pg_create_restore_point).
-    #[arg(long = "name", value_name = "RESTORE_POINT", help_heading = "PostgreSQL")]
+    #[arg(
+        long = "name",
+        value_name = "RESTORE_POINT",
+        help_heading = "PostgreSQL"
+    )]
     pub restore_point: Option<String>,
     /// PostgreSQL: stop at the earliest consistent point (the end of the base backup).
     #[arg(long, help_heading = "PostgreSQL")]
@@ -280,7 +284,11 @@ pub struct PgRestoreArgs {
     #[arg(long, value_name = "ID", help_heading = "PostgreSQL")]
     pub backup: Option<String>,
     /// PostgreSQL: move a tablespace (original location=new location); repeatable.
-    #[arg(long = "tablespace", value_name = "OLD=NEW", help_heading = "PostgreSQL")]
+    #[arg(
+        long = "tablespace",
+        value_name = "OLD=NEW",
+        help_heading = "PostgreSQL"
+    )]
     pub tablespace: Vec<String>,
     /// PostgreSQL: start the server on the restored directory and wait until
     /// recovery has reached the target.
@@ -298,7 +306,12 @@ pub struct PgRestoreArgs {
     #[arg(long, value_name = "USER", help_heading = "PostgreSQL")]
     pub pg_user: Option<String>,
     /// PostgreSQL with --start: give up waiting for recovery after this long.
-    #[arg(long, value_name = "DURATION", default_value = "1h", help_heading = "PostgreSQL")]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "1h",
+        help_heading = "PostgreSQL"
+    )]
     pub recovery_timeout: String,
 }
 
@@ -374,7 +387,10 @@ pub async fn restore(a: super::RestoreArgs, url: ReplicaUrl) -> anyhow::Result<(
     }
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let os_user = p.pg_user.clone().or_else(|| root.then(|| "postgres".to_string()));
+    let os_user = p
+        .pg_user
+        .clone()
+        .or_else(|| root.then(|| "postgres".to_string()));
     let id_files: Vec<PathBuf> = a
         .age_identity
         .iter()
@@ -448,14 +464,21 @@ pub async fn restore(a: super::RestoreArgs, url: ReplicaUrl) -> anyhow::Result<(
             p.target_action
         );
     } else {
-        eprintln!("PostgreSQL recovered to the target and shut down ({})", output.display());
+        eprintln!(
+            "PostgreSQL recovered to the target and shut down ({})",
+            output.display()
+        );
     }
     Ok(())
 }
 
 fn describe(t: &crate::engine::postgres::restore::PgTarget, exclusive: bool) -> String {
     use crate::engine::postgres::restore::PgTarget;
-    let how = if exclusive { "just before" } else { "just after" };
+    let how = if exclusive {
+        "just before"
+    } else {
+        "just after"
+    };
     match t {
         PgTarget::Latest => "the end of the archive".into(),
         PgTarget::Immediate => "the end of the base backup".into(),
@@ -502,7 +525,13 @@ fn restore_command(
     }
     Ok(words
         .iter()
-        .map(|w| if w == "%f" || w == "%p" { w.clone() } else { shell_words::quote(w).into_owned() })
+        .map(|w| {
+            if w == "%f" || w == "%p" {
+                w.clone()
+            } else {
+                shell_words::quote(w).into_owned()
+            }
+        })
         .collect::<Vec<_>>()
         .join(" "))
 }
@@ -523,7 +552,15 @@ async fn backup(a: BackupArgs) -> anyhow::Result<()> {
     let w = writer(&a.write, system_id(&dsn).await?).await?;
     let wal_timeout = crate::config::parse_duration(&a.wal_timeout, "--wal-timeout")?;
     let started = std::time::Instant::now();
-    let b = base_backup(&w, &dsn, &BackupOptions { label: a.label.clone(), wal_timeout }).await?;
+    let b = base_backup(
+        &w,
+        &dsn,
+        &BackupOptions {
+            label: a.label.clone(),
+            wal_timeout,
+        },
+    )
+    .await?;
     let bytes: u64 = b.archives.iter().map(|a| a.bytes).sum();
     eprintln!(
         "base backup {} complete: LSN {} to {}, timeline {}, {} archives, {} bytes, {:.2?}",
@@ -566,14 +603,21 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
         std::time::Duration::from_secs(300),
         std::time::Duration::from_secs(60),
     );
-    lease.ensure(w.store.as_ref(), crate::engine::postgres::now_us()).await?;
+    lease
+        .ensure(w.store.as_ref(), crate::engine::postgres::now_us())
+        .await?;
     let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         crate::engine::postgres::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
     let w = std::sync::Arc::new(w);
-    let backups = tokio::spawn(scheduled_backups(w.clone(), dsn.clone(), backup_interval, stop.clone()));
+    let backups = tokio::spawn(scheduled_backups(
+        w.clone(),
+        dsn.clone(),
+        backup_interval,
+        stop.clone(),
+    ));
     let mut streamer = Streamer::new(&w, &o);
     let mut delay = std::time::Duration::from_millis(500);
     let result = loop {
@@ -590,7 +634,10 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
                 delay = (delay * 2).min(std::time::Duration::from_secs(30));
             }
         }
-        if let Err(e) = lease.ensure(w.store.as_ref(), crate::engine::postgres::now_us()).await {
+        if let Err(e) = lease
+            .ensure(w.store.as_ref(), crate::engine::postgres::now_us())
+            .await
+        {
             break Err(e);
         }
     };
@@ -602,9 +649,16 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
 /// Errors no reconnect fixes: the user must act.
 fn is_fatal(e: &anyhow::Error) -> bool {
     let t = format!("{e:#}");
-    ["give each cluster its own replica URL", "password authentication failed", "REPLICATION", "different content", "wal_level", "replication slots"]
-        .iter()
-        .any(|k| t.contains(k))
+    [
+        "give each cluster its own replica URL",
+        "password authentication failed",
+        "REPLICATION",
+        "different content",
+        "wal_level",
+        "replication slots",
+    ]
+    .iter()
+    .any(|k| t.contains(k))
 }
 
 /// Base backups in the daemon: one at start when the archive holds none,
@@ -627,7 +681,10 @@ async fn scheduled_backups(
             (Some(_), None) => false,
         };
         if due {
-            let o = backup::BackupOptions { label: "offsite scheduled".into(), wal_timeout: std::time::Duration::from_secs(600) };
+            let o = backup::BackupOptions {
+                label: "offsite scheduled".into(),
+                wal_timeout: std::time::Duration::from_secs(600),
+            };
             match backup::base_backup(&w, &dsn, &o).await {
                 Ok(b) => {
                     tracing::info!(backup = %b.id, "scheduled base backup complete");

@@ -158,8 +158,17 @@ fn ensure_dir(root: &Path, dir: &Path, mode: u32) -> std::result::Result<(), (Pa
     }
     for d in missing.iter().rev() {
         match fs::DirBuilder::new().mode(mode).create(d) {
-            Ok(()) => fs::set_permissions(d, fs::Permissions::from_mode(mode))
-                .map_err(|e| (d.clone(), e))?,
+            // The umask may have taken bits away: set the mode exactly,
+            // keeping the set-group-id bit a shared parent passed on (a
+            // replica directory shared with a group, e.g. PostgreSQL's
+            // restore_command reading a file:// archive as `postgres`).
+            Ok(()) => {
+                let inherited = fs::metadata(d)
+                    .map(|m| m.permissions().mode() & 0o2000)
+                    .unwrap_or(0);
+                fs::set_permissions(d, fs::Permissions::from_mode(mode | inherited))
+                    .map_err(|e| (d.clone(), e))?
+            }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && d.is_dir() => continue,
             // It existed and is gone again: a concurrent delete pruned the
             // emptied directory. NotFound makes the caller try again.

@@ -79,7 +79,10 @@ pub async fn base_backup(w: &Writer, dsn: &Dsn, o: &BackupOptions) -> anyhow::Re
     };
     while let Some(chunk) = conn.next_backup_chunk().await? {
         match chunk {
-            BackupChunk::Archive { name, tablespace_path } => {
+            BackupChunk::Archive {
+                name,
+                tablespace_path,
+            } => {
                 if let Some(c) = cur.take() {
                     archives.push(finish(w, &id, c, &mut uploads).await?);
                 }
@@ -110,7 +113,9 @@ pub async fn base_backup(w: &Writer, dsn: &Dsn, o: &BackupOptions) -> anyhow::Re
                 });
             }
             BackupChunk::Data(d) => {
-                let c = cur.as_mut().context("BASE_BACKUP sent data before an archive")?;
+                let c = cur
+                    .as_mut()
+                    .context("BASE_BACKUP sent data before an archive")?;
                 c.hasher.update(&d);
                 c.bytes += d.len() as u64;
                 raw_total += d.len() as u64;
@@ -209,9 +214,11 @@ async fn upload_part(
     let seal = w.seal.clone();
     let store = w.store.clone();
     uploads.spawn(async move {
-        let sealed = tokio::task::spawn_blocking(move || archive::seal(&seal, &meta, super::now_us(), &data))
-            .await
-            .context("sealing task failed")??;
+        let sealed = tokio::task::spawn_blocking(move || {
+            archive::seal(&seal, &meta, super::now_us(), &data)
+        })
+        .await
+        .context("sealing task failed")??;
         store
             .put(&key, crate::storage::Body::Bytes(sealed.into()))
             .await

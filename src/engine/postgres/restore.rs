@@ -72,14 +72,15 @@ pub fn pick_backup<'a>(
         "the archive holds no complete base backup (run `offsite pg backup`, or let the streaming daemon take one)"
     );
     if let Some(id) = id {
-        return backups
-            .iter()
-            .find(|b| b.id == id)
-            .with_context(|| format!("no complete base backup {id} in the archive (`offsite list` shows them)"));
+        return backups.iter().find(|b| b.id == id).with_context(|| {
+            format!("no complete base backup {id} in the archive (`offsite list` shows them)")
+        });
     }
     let newest = backups.last().unwrap();
     let pick = match target {
-        PgTarget::Latest | PgTarget::Immediate | PgTarget::Xid(_) | PgTarget::Name(_) => Some(newest),
+        PgTarget::Latest | PgTarget::Immediate | PgTarget::Xid(_) | PgTarget::Name(_) => {
+            Some(newest)
+        }
         PgTarget::Lsn(l) => backups.iter().rev().find(|b| b.end_lsn <= *l),
         PgTarget::Time(_, t) => backups.iter().rev().find(|b| b.end_time_us <= *t),
     };
@@ -102,7 +103,11 @@ pub fn archive_reach(pieces: &[archive::WalPiece], timeline: u32, from: u64) -> 
         let seg = SegmentName::of_lsn(timeline, at);
         // Later timelines continue the same LSNs: take whichever reaches furthest.
         let mut best = at;
-        for tli in pieces.iter().map(|p| p.seg.timeline).filter(|t| *t >= timeline) {
+        for tli in pieces
+            .iter()
+            .map(|p| p.seg.timeline)
+            .filter(|t| *t >= timeline)
+        {
             let of: Vec<_> = pieces
                 .iter()
                 .filter(|p| p.seg.timeline == tli && p.seg.segno == seg.segno)
@@ -156,10 +161,15 @@ pub async fn restore(r: &Reader, o: &RestoreOptions) -> anyhow::Result<Restored>
     }
     // The restored directory appears whole or not at all.
     if o.output.exists() {
-        std::fs::remove_dir(&o.output).with_context(|| format!("cannot replace {}", o.output.display()))?;
+        std::fs::remove_dir(&o.output)
+            .with_context(|| format!("cannot replace {}", o.output.display()))?;
     }
-    std::fs::rename(&tmp, &o.output)
-        .with_context(|| format!("cannot move the restored data directory to {}", o.output.display()))?;
+    std::fs::rename(&tmp, &o.output).with_context(|| {
+        format!(
+            "cannot move the restored data directory to {}",
+            o.output.display()
+        )
+    })?;
     sync_dir(o.output.parent().unwrap_or(Path::new(".")));
     Ok(Restored {
         backup: b,
@@ -173,7 +183,10 @@ pub async fn restore(r: &Reader, o: &RestoreOptions) -> anyhow::Result<Restored>
 fn prepare_output(out: &Path, force: bool) -> anyhow::Result<()> {
     let Ok(rd) = std::fs::read_dir(out) else {
         if out.exists() {
-            bail!("{} exists and is not a directory; refusing to touch it", out.display());
+            bail!(
+                "{} exists and is not a directory; refusing to touch it",
+                out.display()
+            );
         }
         return Ok(());
     };
@@ -187,7 +200,11 @@ fn prepare_output(out: &Path, force: bool) -> anyhow::Result<()> {
         out.display()
     );
     if let Ok(pid) = std::fs::read_to_string(out.join("postmaster.pid")) {
-        if let Some(pid) = pid.lines().next().and_then(|l| l.trim().parse::<i32>().ok()) {
+        if let Some(pid) = pid
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse::<i32>().ok())
+        {
             // SAFETY: signal 0 only checks that the process exists.
             if unsafe { libc::kill(pid, 0) } == 0 {
                 bail!("{} belongs to a running PostgreSQL server (pid {pid}); stop it before restoring over it", out.display());
@@ -215,15 +232,28 @@ fn staging_dir(out: &Path) -> anyhow::Result<PathBuf> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("pgdata");
-    let tmp = parent.join(format!(".{name}.offsite-restore-{:08x}", rand::random::<u32>()));
+    let tmp = parent.join(format!(
+        ".{name}.offsite-restore-{:08x}",
+        rand::random::<u32>()
+    ));
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&tmp)
-        .with_context(|| format!("cannot create a directory in {} (is it writable?)", parent.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot create a directory in {} (is it writable?)",
+                parent.display()
+            )
+        })?;
     Ok(tmp)
 }
 
-async fn unpack_all(r: &Reader, b: &BackupInfo, tmp: &Path, o: &RestoreOptions) -> anyhow::Result<()> {
+async fn unpack_all(
+    r: &Reader,
+    b: &BackupInfo,
+    tmp: &Path,
+    o: &RestoreOptions,
+) -> anyhow::Result<()> {
     for a in &b.archives {
         let dest = match &a.tablespace {
             None => tmp.to_path_buf(),
@@ -234,8 +264,11 @@ async fn unpack_all(r: &Reader, b: &BackupInfo, tmp: &Path, o: &RestoreOptions) 
                     .find(|(from, _)| *from == ts.path)
                     .map(|(_, to)| to.clone())
                     .unwrap_or_else(|| PathBuf::from(&ts.path));
-                prepare_output(&to, o.force).with_context(|| format!("tablespace {} ({})", ts.oid, ts.path))?;
-                std::fs::create_dir_all(&to).with_context(|| format!("cannot create tablespace directory {}", to.display()))?;
+                prepare_output(&to, o.force)
+                    .with_context(|| format!("tablespace {} ({})", ts.oid, ts.path))?;
+                std::fs::create_dir_all(&to).with_context(|| {
+                    format!("cannot create tablespace directory {}", to.display())
+                })?;
                 if let Some(u) = &o.os_user {
                     chown_tree(&to, u)?;
                 }
@@ -253,7 +286,13 @@ async fn unpack_all(r: &Reader, b: &BackupInfo, tmp: &Path, o: &RestoreOptions) 
 /// Stream one archive's parts, in order, into `dest` (a tar archive is
 /// unpacked; the manifest is written as `backup_manifest`), checking the
 /// archive's length and hash.
-async fn unpack_archive(r: &Reader, b: &BackupInfo, a: &ArchiveInfo, dest: &Path, parallel: usize) -> anyhow::Result<()> {
+async fn unpack_archive(
+    r: &Reader,
+    b: &BackupInfo,
+    a: &ArchiveInfo,
+    dest: &Path,
+    parallel: usize,
+) -> anyhow::Result<()> {
     let keys = (0..a.parts)
         .map(|i| archive::part_key(&b.id, &a.name, i))
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -262,7 +301,13 @@ async fn unpack_archive(r: &Reader, b: &BackupInfo, a: &ArchiveInfo, dest: &Path
     let dest = dest.to_path_buf();
     let want = (a.bytes, a.blake3.clone());
     let sink = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let mut reader = ChannelReader { rx: &mut rx, buf: Vec::new(), pos: 0, hasher: blake3::Hasher::new(), total: 0 };
+        let mut reader = ChannelReader {
+            rx: &mut rx,
+            buf: Vec::new(),
+            pos: 0,
+            hasher: blake3::Hasher::new(),
+            total: 0,
+        };
         if name == "backup_manifest" {
             let mut m = Vec::new();
             reader.read_to_end(&mut m)?;
@@ -271,7 +316,8 @@ async fn unpack_archive(r: &Reader, b: &BackupInfo, a: &ArchiveInfo, dest: &Path
             let mut t = tar::Archive::new(&mut reader);
             t.set_preserve_permissions(true);
             t.set_overwrite(false);
-            t.unpack(&dest).with_context(|| format!("cannot unpack {name} into {}", dest.display()))?;
+            t.unpack(&dest)
+                .with_context(|| format!("cannot unpack {name} into {}", dest.display()))?;
             std::io::copy(&mut reader, &mut std::io::sink())?;
         }
         let (bytes, hash) = (reader.total, reader.hasher.finalize().to_hex().to_string());
@@ -303,9 +349,17 @@ async fn unpack_archive(r: &Reader, b: &BackupInfo, a: &ArchiveInfo, dest: &Path
             }
         };
         match meta {
-            archive::PgMeta::BackupPart { ref backup, ref archive, part, .. }
-                if *backup == b.id && *archive == a.name && part == i => {}
-            _ => bail!("object {k} is not part {i} of {} of backup {}", a.name, b.id),
+            archive::PgMeta::BackupPart {
+                ref backup,
+                ref archive,
+                part,
+                ..
+            } if *backup == b.id && *archive == a.name && part == i => {}
+            _ => bail!(
+                "object {k} is not part {i} of {} of backup {}",
+                a.name,
+                b.id
+            ),
         }
         i += 1;
         if tx.send(data).await.is_err() {
@@ -362,7 +416,9 @@ fn remap_tablespaces(dir: &Path, b: &BackupInfo, map: &[(String, PathBuf)]) -> a
     }
     for (from, _) in map {
         ensure!(
-            b.archives.iter().any(|a| a.tablespace.as_ref().is_some_and(|t| t.path == *from)),
+            b.archives
+                .iter()
+                .any(|a| a.tablespace.as_ref().is_some_and(|t| t.path == *from)),
             "--tablespace {from}=…: backup {} has no tablespace at {from}",
             b.id
         );
@@ -386,7 +442,9 @@ fn write_recovery_settings(dir: &Path, o: &RestoreOptions) -> anyhow::Result<()>
         PgTarget::Latest => {}
         PgTarget::Immediate => s += "recovery_target = 'immediate'\n",
         PgTarget::Time(t, _) => s += &format!("recovery_target_time = {}\n", conf_quote(t)),
-        PgTarget::Lsn(l) => s += &format!("recovery_target_lsn = {}\n", conf_quote(&format_lsn(*l))),
+        PgTarget::Lsn(l) => {
+            s += &format!("recovery_target_lsn = {}\n", conf_quote(&format_lsn(*l)))
+        }
         PgTarget::Xid(x) => s += &format!("recovery_target_xid = {}\n", conf_quote(x)),
         PgTarget::Name(n) => s += &format!("recovery_target_name = {}\n", conf_quote(n)),
     }
@@ -454,8 +512,15 @@ pub fn pg_bin(explicit: Option<&Path>, major: &str) -> anyhow::Result<PathBuf> {
         .map(Path::to_path_buf)
         .into_iter()
         .chain(std::env::var_os("OFFSITE_PG_BIN").map(PathBuf::from))
-        .chain(std::iter::once(PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"))))
-        .chain(std::env::var_os("PATH").iter().flat_map(std::env::split_paths).collect::<Vec<_>>())
+        .chain(std::iter::once(PathBuf::from(format!(
+            "/usr/lib/postgresql/{major}/bin"
+        ))))
+        .chain(
+            std::env::var_os("PATH")
+                .iter()
+                .flat_map(std::env::split_paths)
+                .collect::<Vec<_>>(),
+        )
         .collect();
     cands
         .into_iter()
@@ -482,7 +547,12 @@ pub struct StartOptions {
     pub action: String,
 }
 
-fn run_pg(bin: &Path, prog: &str, user: Option<&str>, args: &[String]) -> anyhow::Result<std::process::Output> {
+fn run_pg(
+    bin: &Path,
+    prog: &str,
+    user: Option<&str>,
+    args: &[String],
+) -> anyhow::Result<std::process::Output> {
     let mut cmd = match user {
         Some(u) => {
             let mut c = std::process::Command::new("runuser");
@@ -492,7 +562,8 @@ fn run_pg(bin: &Path, prog: &str, user: Option<&str>, args: &[String]) -> anyhow
         None => std::process::Command::new(bin.join(prog)),
     };
     cmd.args(args).stdin(std::process::Stdio::null());
-    cmd.output().with_context(|| format!("cannot run {}", bin.join(prog).display()))
+    cmd.output()
+        .with_context(|| format!("cannot run {}", bin.join(prog).display()))
 }
 
 /// Start PostgreSQL on the restored directory and wait until recovery has
@@ -536,7 +607,10 @@ pub fn start_and_wait(dir: &Path, s: &StartOptions) -> anyhow::Result<Reached> {
             })
             .map(|l| l.to_string())
             .collect();
-        if let Some(f) = text.lines().find(|l| l.contains("FATAL:") || l.contains("PANIC:")) {
+        if let Some(f) = text
+            .lines()
+            .find(|l| l.contains("FATAL:") || l.contains("PANIC:"))
+        {
             bail!(
                 "PostgreSQL stopped during recovery: {} (log: {})",
                 f.trim(),
@@ -544,12 +618,32 @@ pub fn start_and_wait(dir: &Path, s: &StartOptions) -> anyhow::Result<Reached> {
             );
         }
         let promoted = text.contains("database system is ready to accept connections");
-        let paused = text.contains("pausing at the end of recovery") || text.contains("recovery has paused");
-        let shut = text.contains("shutdown at recovery target") || text.contains("database system is shut down");
+        let paused =
+            text.contains("pausing at the end of recovery") || text.contains("recovery has paused");
+        let shut = text.contains("shutdown at recovery target")
+            || text.contains("database system is shut down");
         match s.action.as_str() {
-            "promote" if promoted => return Ok(Reached { lines, running: true, port: s.port }),
-            "pause" if paused => return Ok(Reached { lines, running: true, port: s.port }),
-            "shutdown" if shut => return Ok(Reached { lines, running: false, port: s.port }),
+            "promote" if promoted => {
+                return Ok(Reached {
+                    lines,
+                    running: true,
+                    port: s.port,
+                })
+            }
+            "pause" if paused => {
+                return Ok(Reached {
+                    lines,
+                    running: true,
+                    port: s.port,
+                })
+            }
+            "shutdown" if shut => {
+                return Ok(Reached {
+                    lines,
+                    running: false,
+                    port: s.port,
+                })
+            }
             _ => {}
         }
         if !out.status.success() && !dir.join("postmaster.pid").exists() {
@@ -594,11 +688,32 @@ mod tests {
     #[test]
     fn targets_pick_the_newest_backup_that_ends_before_them() {
         let bs = vec![b(0x100, 0x200, 1000), b(0x300, 0x400, 2000)];
-        assert_eq!(pick_backup(&bs, &PgTarget::Latest, None).unwrap().start_lsn, 0x300);
-        assert_eq!(pick_backup(&bs, &PgTarget::Lsn(0x3ff), None).unwrap().start_lsn, 0x100);
-        assert_eq!(pick_backup(&bs, &PgTarget::Lsn(0x400), None).unwrap().start_lsn, 0x300);
-        assert_eq!(pick_backup(&bs, &PgTarget::Time("x".into(), 1500), None).unwrap().start_lsn, 0x100);
-        let e = format!("{:#}", pick_backup(&bs, &PgTarget::Lsn(0x1ff), None).unwrap_err());
+        assert_eq!(
+            pick_backup(&bs, &PgTarget::Latest, None).unwrap().start_lsn,
+            0x300
+        );
+        assert_eq!(
+            pick_backup(&bs, &PgTarget::Lsn(0x3ff), None)
+                .unwrap()
+                .start_lsn,
+            0x100
+        );
+        assert_eq!(
+            pick_backup(&bs, &PgTarget::Lsn(0x400), None)
+                .unwrap()
+                .start_lsn,
+            0x300
+        );
+        assert_eq!(
+            pick_backup(&bs, &PgTarget::Time("x".into(), 1500), None)
+                .unwrap()
+                .start_lsn,
+            0x100
+        );
+        let e = format!(
+            "{:#}",
+            pick_backup(&bs, &PgTarget::Lsn(0x1ff), None).unwrap_err()
+        );
         assert!(e.contains("no base backup ends before the target"), "{e}");
         assert!(pick_backup(&[], &PgTarget::Latest, None).is_err());
         assert_eq!(conf_quote("a'b %f"), "'a''b %f'");

@@ -76,7 +76,8 @@ struct Spool {
 
 impl Spool {
     fn open(dir: &Path, seg: SegmentName) -> anyhow::Result<Spool> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create spool directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create spool directory {}", dir.display()))?;
         let path = dir.join(seg.to_string());
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -101,7 +102,12 @@ impl Spool {
         use std::os::unix::fs::FileExt;
         self.file
             .write_all_at(bytes, self.data.len() as u64)
-            .with_context(|| format!("cannot write spool file {} (disk full?)", self.path.display()))?;
+            .with_context(|| {
+                format!(
+                    "cannot write spool file {} (disk full?)",
+                    self.path.display()
+                )
+            })?;
         self.data.extend_from_slice(bytes);
         Ok(())
     }
@@ -169,7 +175,9 @@ impl<'a> Streamer<'a> {
         loop {
             self.begin(timeline, start).await?;
             tracing::info!(timeline, start = %format_lsn(start), shipped = %format_lsn(self.shipped), "streaming WAL");
-            let stream = conn.start_physical(Some(&self.o.slot), start, timeline).await?;
+            let stream = conn
+                .start_physical(Some(&self.o.slot), start, timeline)
+                .await?;
             match self.pump(stream, stop).await? {
                 Ended::Stopped => return Ok(()),
                 Ended::ServerGone => bail!("PostgreSQL ended the replication stream (shut down?)"),
@@ -177,7 +185,10 @@ impl<'a> Streamer<'a> {
                     conn = c;
                     self.store_history(&mut conn, next).await?;
                     // The new timeline's segment starts as a copy of the old one's.
-                    let carried = self.spool.take().filter(|s| s.seg.segno == SegmentName::of_lsn(next, at).segno);
+                    let carried = self
+                        .spool
+                        .take()
+                        .filter(|s| s.seg.segno == SegmentName::of_lsn(next, at).segno);
                     timeline = next;
                     let Some(old) = carried else {
                         start = SegmentName::of_lsn(next, at).start_lsn();
@@ -219,11 +230,14 @@ impl<'a> Streamer<'a> {
             .collect();
         left.sort();
         for (seg, path) in left {
-            let data = std::fs::read(&path).with_context(|| format!("cannot read spool file {}", path.display()))?;
+            let data = std::fs::read(&path)
+                .with_context(|| format!("cannot read spool file {}", path.display()))?;
             if data.len() as u64 > SEGMENT_SIZE || data.is_empty() {
                 continue;
             }
-            if let Err(e) = super::walname::LongHeader::read(&data).and_then(|h| h.check(seg, Some(self.w.system_id))) {
+            if let Err(e) = super::walname::LongHeader::read(&data)
+                .and_then(|h| h.check(seg, Some(self.w.system_id)))
+            {
                 tracing::warn!(file = %path.display(), "spool file is not WAL of this cluster, left alone: {e:#}");
                 continue;
             }
@@ -244,7 +258,11 @@ impl<'a> Streamer<'a> {
     /// Position at `start` on `timeline`: what the store already holds of
     /// that segment is not shipped again.
     async fn begin(&mut self, timeline: u32, start: u64) -> anyhow::Result<()> {
-        if self.spool.as_ref().is_some_and(|s| s.seg.timeline == timeline && s.end() == start) {
+        if self
+            .spool
+            .as_ref()
+            .is_some_and(|s| s.seg.timeline == timeline && s.end() == start)
+        {
             return Ok(());
         }
         let seg = SegmentName::of_lsn(timeline, start);
@@ -308,7 +326,9 @@ impl<'a> Streamer<'a> {
 
     async fn status(&mut self, stream: &mut WalStream, reply: bool) -> anyhow::Result<()> {
         let p = &self.progress;
-        stream.send_status(p.received, p.flushed, p.flushed, reply).await
+        stream
+            .send_status(p.received, p.flushed, p.flushed, reply)
+            .await
     }
 
     /// Append received WAL to the spool, segment by segment.
@@ -372,7 +392,13 @@ impl<'a> Streamer<'a> {
         Ok(())
     }
 
-    async fn put_piece(&self, seg: SegmentName, start: u64, end: u64, bytes: Vec<u8>) -> anyhow::Result<()> {
+    async fn put_piece(
+        &self,
+        seg: SegmentName,
+        start: u64,
+        end: u64,
+        bytes: Vec<u8>,
+    ) -> anyhow::Result<()> {
         let hash = archive::content_hash(&bytes);
         let meta = PgMeta::Wal {
             segment: seg.to_string(),
@@ -383,12 +409,22 @@ impl<'a> Streamer<'a> {
         };
         let key = meta.key()?;
         let seal = self.w.seal.clone();
-        let sealed = tokio::task::spawn_blocking(move || archive::seal(&seal, &meta, super::now_us(), &bytes))
-            .await
-            .context("sealing task failed")??;
+        let sealed = tokio::task::spawn_blocking(move || {
+            archive::seal(&seal, &meta, super::now_us(), &bytes)
+        })
+        .await
+        .context("sealing task failed")??;
         let mut delay = Duration::from_millis(200);
         loop {
-            match archive::put_once(self.w.store.as_ref(), &key, sealed.clone(), &hash, &self.w.trust).await {
+            match archive::put_once(
+                self.w.store.as_ref(),
+                &key,
+                sealed.clone(),
+                &hash,
+                &self.w.trust,
+            )
+            .await
+            {
                 Ok(_) => return Ok(()),
                 Err(e) if format!("{e:#}").contains("different content") => return Err(e),
                 Err(e) => {
@@ -419,7 +455,8 @@ impl<'a> Streamer<'a> {
     }
 
     async fn consolidate(&self, seg: SegmentName, data: &[u8]) -> anyhow::Result<()> {
-        self.put_piece(seg, seg.start_lsn(), seg.end_lsn(), data.to_vec()).await?;
+        self.put_piece(seg, seg.start_lsn(), seg.end_lsn(), data.to_vec())
+            .await?;
         let whole = archive::wal_key(seg, seg.start_lsn(), seg.end_lsn());
         // Delete pieces only once the whole segment proves out (a name
         // alone never decides a deletion).
@@ -427,8 +464,10 @@ impl<'a> Streamer<'a> {
         let Some(w) = pieces.iter().find(|p| p.key == whole) else {
             return Ok(());
         };
-        let (_, meta) = archive::prove(self.w.store.as_ref(), &w.key, w.size, &self.w.trust).await?;
-        let ok = matches!(&meta, PgMeta::Wal { blake3, .. } if *blake3 == archive::content_hash(data));
+        let (_, meta) =
+            archive::prove(self.w.store.as_ref(), &w.key, w.size, &self.w.trust).await?;
+        let ok =
+            matches!(&meta, PgMeta::Wal { blake3, .. } if *blake3 == archive::content_hash(data));
         if !ok {
             return Ok(());
         }
@@ -443,7 +482,10 @@ impl<'a> Streamer<'a> {
     async fn store_history(&self, conn: &mut Conn, tli: u32) -> anyhow::Result<()> {
         let (name, content) = conn.timeline_history(tli).await?;
         let wf = WalFile::parse(&name)?;
-        ensure!(wf == WalFile::History(tli), "the server sent history file {name} for timeline {tli}");
+        ensure!(
+            wf == WalFile::History(tli),
+            "the server sent history file {name} for timeline {tli}"
+        );
         let hash = archive::content_hash(&content);
         let meta = PgMeta::File {
             name: name.clone(),
@@ -452,7 +494,9 @@ impl<'a> Streamer<'a> {
         };
         let key = meta.key()?;
         let sealed = archive::seal(&self.w.seal, &meta, super::now_us(), &content)?;
-        if archive::put_once(self.w.store.as_ref(), &key, sealed, &hash, &self.w.trust).await? == PutOutcome::Stored {
+        if archive::put_once(self.w.store.as_ref(), &key, sealed, &hash, &self.w.trust).await?
+            == PutOutcome::Stored
+        {
             tracing::info!(file = %name, "stored timeline history");
         }
         Ok(())
