@@ -20,6 +20,8 @@ mod format1;
 mod local_files;
 mod mutation_fuzz;
 mod object_lock;
+mod pg_pitr;
+mod pg_support;
 mod pg_wire;
 mod request_counts;
 mod retention_compaction;

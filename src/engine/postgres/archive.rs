@@ -566,7 +566,7 @@ mod tests {
     #[test]
     fn sealed_objects_read_back_only_under_their_own_name() {
         let signer = std::sync::Arc::new(crate::sign::Signer::generate());
-        let seal = Seal {
+        let sl = Seal {
             enc: codec::Encryption::None,
             binding: crate::sign::Binding {
                 signer: Some(signer.clone()),
@@ -586,7 +586,7 @@ mod tests {
             system_id: "1".into(),
         };
         let key = meta.key().unwrap();
-        let obj = seal(&seal, &meta, 5, &data).unwrap();
+        let obj = seal(&sl, &meta, 5, &data).unwrap();
         let (m, back) = decode(&obj, &key, &trust, None).unwrap();
         assert_eq!((m, back), (meta, data));
         let other = wal_key(seg, seg.start_lsn(), seg.start_lsn() + 999);

@@ -426,6 +426,23 @@ fn remap_tablespaces(dir: &Path, b: &BackupInfo, map: &[(String, PathBuf)]) -> a
     std::fs::write(&p, out).with_context(|| format!("cannot write {}", p.display()))
 }
 
+/// An instant as PostgreSQL's recovery_target_time accepts it (it refuses
+/// RFC 3339's `T` and `Z`): `2026-11-30 14:05:02.031248+00`.
+pub fn pg_time(us: i64) -> String {
+    let dt = time::OffsetDateTime::from_unix_timestamp_nanos(us as i128 * 1000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}+00",
+        dt.year(),
+        dt.month() as u8,
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second(),
+        dt.microsecond()
+    )
+}
+
 /// A PostgreSQL configuration string literal.
 pub fn conf_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
@@ -441,7 +458,9 @@ fn write_recovery_settings(dir: &Path, o: &RestoreOptions) -> anyhow::Result<()>
     match &o.target {
         PgTarget::Latest => {}
         PgTarget::Immediate => s += "recovery_target = 'immediate'\n",
-        PgTarget::Time(t, _) => s += &format!("recovery_target_time = {}\n", conf_quote(t)),
+        PgTarget::Time(_, us) => {
+            s += &format!("recovery_target_time = {}\n", conf_quote(&pg_time(*us)))
+        }
         PgTarget::Lsn(l) => {
             s += &format!("recovery_target_lsn = {}\n", conf_quote(&format_lsn(*l)))
         }
@@ -717,5 +736,7 @@ mod tests {
         assert!(e.contains("no base backup ends before the target"), "{e}");
         assert!(pick_backup(&[], &PgTarget::Latest, None).is_err());
         assert_eq!(conf_quote("a'b %f"), "'a''b %f'");
+        let t = crate::layout::parse_time("2026-11-30T14:05:02.031248Z").unwrap();
+        assert_eq!(pg_time(t), "2026-11-30 14:05:02.031248+00");
     }
 }
