@@ -20,6 +20,7 @@ mod format1;
 mod local_files;
 mod mutation_fuzz;
 mod object_lock;
+mod pg_archive;
 mod pg_pitr;
 mod pg_support;
 mod pg_wire;
