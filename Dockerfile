@@ -6,6 +6,11 @@
 #
 #   docker build -t offsite:local .
 #   docker run --rm offsite:local --help
+#
+# A second image, PostgreSQL 15 with offsite (restores with --start, drills,
+# archive_command mode), is the stage `postgres`:
+#
+#   docker build --target postgres -t offsite:postgres .
 
 ARG RUST_VERSION=1.95
 
@@ -35,6 +40,38 @@ RUN find src -name '*.rs' -exec touch {} + \
  && mkdir -p /out/bin /out/data /out/restore \
  && mkdir -m 1777 /out/tmp \
  && cp target/release/offsite target/release/offsite-workload /out/bin/
+
+# ---------------------------------------------------------------------------
+# PostgreSQL variant (a named stage; build it with --target postgres):
+# PostgreSQL 15's server programs (pg_ctl, postgres in /usr/lib/postgresql/15/bin,
+# where offsite looks for them) and offsite at /usr/local/bin/offsite. For
+#   - restores with --start (offsite starts PostgreSQL on the restored data
+#     directory and waits until recovery reaches the target),
+#   - restore drills (offsite verify --deep),
+#   - the PostgreSQL server itself in archive_command mode (archive_command =
+#     offsite pg archive-push …), and any server whose restore_command is
+#     offsite's `pg wal-fetch`.
+# The official image's entrypoint and CMD stay (it is still a PostgreSQL
+# server image); restore jobs override the entrypoint with `offsite`.
+#
+#   docker build --target postgres -t offsite:postgres .
+#
+# Before the runtime stage on purpose: the last stage is what a plain
+# `docker build .` makes, and that stays the distroless sidecar image.
+# Same Debian release (bookworm) as the build stage, so glibc matches.
+# ---------------------------------------------------------------------------
+FROM postgres:15-bookworm AS postgres
+
+# CA certificates for HTTPS to S3 (the S3 client verifies against /etc/ssl/certs).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /out/bin/offsite /usr/local/bin/offsite
+
+# The image's postgres user (uid and gid 999 in the official image), numeric so
+# Kubernetes' runAsNonRoot can verify it. Running as postgres, offsite restore
+# needs no chown and starts the server itself (no runuser).
+USER 999:999
 
 # ---------------------------------------------------------------------------
 # Runtime stage: distroless "cc" = glibc + libgcc + CA certificates (the S3

@@ -163,6 +163,10 @@ const COMPOSE_SECRETS: &[(&str, &str)] = &[
     ("MINIO_ROOT_PASSWORD", "test-minio-root-password"),
     ("OFFSITE_SHIPPER_SECRET_KEY", "test-shipper-secret"),
     ("OFFSITE_RESTORE_SECRET_KEY", "test-restore-secret"),
+    ("POSTGRES_PASSWORD", "test-postgres-superuser-password"),
+    ("OFFSITE_PG_PASSWORD", "test-pg-replication-password"),
+    ("OFFSITE_PG_SHIPPER_SECRET_KEY", "test-pg-shipper-secret"),
+    ("OFFSITE_PG_RESTORE_SECRET_KEY", "test-pg-restore-secret"),
 ];
 
 fn compose_default() -> Yaml {
@@ -318,7 +322,16 @@ fn compose_file_has_the_services_volumes_and_wiring() {
             "service {want} missing: {svcs:?}"
         );
     }
-    assert_eq!(keys(&c["volumes"]), ["minio-data", "app-data", "restored"]);
+    assert_eq!(
+        keys(&c["volumes"]),
+        [
+            "minio-data",
+            "app-data",
+            "restored",
+            "pg-data",
+            "pg-restored"
+        ]
+    );
     assert_eq!(
         keys(&c["secrets"]),
         ["offsite-identity", "offsite-signing-key"]
@@ -380,7 +393,16 @@ fn compose_file_has_the_services_volumes_and_wiring() {
         .iter()
         .filter(|l| l[1..4] == ["admin", "policy", "create"])
     {
-        assert!([&ship_policy, &rest_policy].contains(&&l[5]), "{l:?}");
+        assert!(
+            [
+                ship_policy.as_str(),
+                rest_policy.as_str(),
+                "offsite-pg-shipper",
+                "offsite-pg-restore"
+            ]
+            .contains(&l[5].as_str()),
+            "{l:?}"
+        );
         let file = &l[6];
         let (src, tgt, _) = mounts
             .iter()
@@ -539,12 +561,16 @@ fn compose_file_has_the_services_volumes_and_wiring() {
 fn dockerfile_is_multistage_nonroot_with_offsite_as_entrypoint() {
     let df = read("Dockerfile");
     let froms: Vec<&str> = df.lines().filter(|l| l.starts_with("FROM ")).collect();
-    assert_eq!(froms.len(), 2, "{froms:?}");
+    // build, the PostgreSQL variant (a named stage), and the runtime last:
+    // the last stage is what a plain `docker build .` makes.
+    assert_eq!(froms.len(), 3, "{froms:?}");
     assert!(
         froms[0].starts_with("FROM rust:") && froms[0].ends_with(" AS build"),
         "{}",
         froms[0]
     );
+    assert!(froms[1].ends_with(" AS postgres"), "{}", froms[1]);
+    let froms = [froms[0], froms[2]];
     assert!(
         froms[1].contains("distroless") || froms[1].contains("-slim"),
         "small runtime image: {}",
@@ -880,6 +906,770 @@ fn kubernetes_pod_has_sidecar_init_restore_and_keeps_the_identity_out_of_the_sid
         .replace('}', ")");
     assert_eq!(rargs[1], url_prefix);
     assert_eq!(env_names(restore), names);
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL: the image variant, the compose services, the Kubernetes example
+// ---------------------------------------------------------------------------
+
+/// The Dockerfile's stage `NAME`: its lines, from its FROM to the next FROM.
+fn dockerfile_stage(name: &str) -> Vec<String> {
+    let df = read("Dockerfile");
+    let mut out = Vec::new();
+    let mut inside = false;
+    for l in df.lines() {
+        if l.starts_with("FROM ") {
+            inside = l.ends_with(&format!(" AS {name}"));
+        }
+        if inside {
+            out.push(l.to_string());
+        }
+    }
+    assert!(!out.is_empty(), "Dockerfile has no stage {name}");
+    out
+}
+
+/// The PostgreSQL major version of an image reference `postgres:15-bookworm`.
+fn pg_major_of_image(image: &str) -> u32 {
+    let tag = image
+        .strip_prefix("postgres:")
+        .unwrap_or_else(|| panic!("{image}: not the official postgres image"));
+    tag.split(['.', '-'])
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{image}: tag without a major version"))
+}
+
+/// offsite restore's --start, restore drills and POSTGRES.md: PostgreSQL 15.
+const PG_MAJOR: u32 = 15;
+
+/// A DSN carries no password: not as `user:password@` nor as `password=`.
+fn assert_dsn_without_password(dsn: &str) {
+    let d = dsn.to_ascii_lowercase();
+    assert!(!d.contains("password"), "{dsn}: a password in the DSN");
+    let rest = d
+        .strip_prefix("postgres://")
+        .or_else(|| d.strip_prefix("postgresql://"))
+        .unwrap_or_else(|| panic!("{dsn}: expected a postgres:// URL"));
+    let userinfo = rest.split_once('@').map(|(u, _)| u).unwrap_or("");
+    assert!(
+        !userinfo.contains(':'),
+        "{dsn}: a password in the DSN's user part"
+    );
+    assert!(!userinfo.is_empty(), "{dsn}: name the replication role");
+}
+
+/// `user@` of a postgres:// DSN.
+fn dsn_user(dsn: &str) -> String {
+    dsn.split_once("://")
+        .unwrap()
+        .1
+        .split_once('@')
+        .unwrap()
+        .0
+        .to_string()
+}
+
+/// `-c name=value` settings of a postgres command line.
+fn pg_settings(argv: &[String]) -> BTreeMap<String, String> {
+    argv.windows(2)
+        .filter(|w| w[0] == "-c")
+        .map(|w| {
+            let (k, v) = w[1].split_once('=').expect("-c name=value");
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+/// What the server needs for offsite pg stream, and the slot's bound.
+fn check_pg_settings(what: &str, argv: &[String]) {
+    assert_eq!(argv[0], "postgres", "{what}: {argv:?}");
+    let set = pg_settings(argv);
+    assert_eq!(
+        set.get("wal_level").map(String::as_str),
+        Some("replica"),
+        "{what}"
+    );
+    let n = |k: &str| -> i64 {
+        set.get(k)
+            .unwrap_or_else(|| panic!("{what}: {k} not set"))
+            .parse()
+            .unwrap()
+    };
+    assert!(n("max_wal_senders") >= 2, "{what}: stream + base backup");
+    assert!(n("max_replication_slots") >= 1, "{what}");
+    // A bound on the WAL the slot may hold (PostgreSQL's default -1 is
+    // none: an outage of the store would fill the disk).
+    let keep = set
+        .get("max_slot_wal_keep_size")
+        .unwrap_or_else(|| panic!("{what}: max_slot_wal_keep_size not set"));
+    assert!(
+        keep.ends_with("GB") || keep.ends_with("MB") || keep.ends_with("TB"),
+        "{what}: max_slot_wal_keep_size={keep}: give it a unit"
+    );
+    assert!(
+        !keep.starts_with('-') && !keep.starts_with('0'),
+        "{what}: {keep}"
+    );
+}
+
+/// The init script: the role (REPLICATION LOGIN, nothing more), from the
+/// password variable, and the pg_hba line for replication with SCRAM.
+fn check_initdb_script(what: &str, text: &str, hba_addr: &str) {
+    let sql: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.to_ascii_uppercase().starts_with("CREATE ROLE"))
+        .collect();
+    assert_eq!(
+        sql,
+        ["CREATE ROLE offsite WITH REPLICATION LOGIN PASSWORD :'pw';"],
+        "{what}"
+    );
+    let code: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let up = code.to_ascii_uppercase();
+    for bad in ["SUPERUSER", "GRANT ", "BYPASSRLS", "CREATEDB", "CREATEROLE"] {
+        assert!(
+            !up.contains(bad),
+            "{what}: {bad}: the role needs REPLICATION only"
+        );
+    }
+    assert!(
+        text.contains("pw=\"${OFFSITE_PG_PASSWORD:?"),
+        "{what}: the password from OFFSITE_PG_PASSWORD, required"
+    );
+    let hba = format!("host replication offsite {hba_addr} scram-sha-256");
+    assert!(
+        text.contains(&format!("'{hba}' >>\"$PGDATA/pg_hba.conf\"")),
+        "{what}: {hba}"
+    );
+}
+
+#[test]
+fn dockerfile_postgres_stage_has_postgres_15_and_offsite() {
+    let stage = dockerfile_stage("postgres");
+    let from = stage[0].split_whitespace().nth(1).unwrap();
+    assert_eq!(pg_major_of_image(from), PG_MAJOR, "{from}");
+    assert!(
+        from.ends_with("-bookworm"),
+        "the build stage's Debian (glibc): {from}"
+    );
+    assert!(
+        read("Dockerfile").contains("-slim-bookworm AS build"),
+        "the build stage is bookworm too"
+    );
+    assert!(
+        stage
+            .iter()
+            .any(|l| l == "COPY --from=build /out/bin/offsite /usr/local/bin/offsite"),
+        "offsite at /usr/local/bin/offsite (the path restore_command names): {stage:?}"
+    );
+    assert!(
+        stage.iter().any(|l| l.contains("ca-certificates")),
+        "CA certificates for HTTPS to S3"
+    );
+    // Non-root, numeric: the official image's postgres user.
+    let user = stage
+        .iter()
+        .rfind(|l| l.starts_with("USER "))
+        .expect("USER in the postgres stage");
+    assert_eq!(user, "USER 999:999");
+    // It stays a PostgreSQL server image: no ENTRYPOINT/CMD of its own.
+    assert!(
+        !stage
+            .iter()
+            .any(|l| l.starts_with("ENTRYPOINT") || l.starts_with("CMD")),
+        "{stage:?}"
+    );
+}
+
+#[test]
+fn compose_postgres_services_stream_with_a_replication_role_and_restore_with_the_variant() {
+    let c = compose_default();
+    let secret = |k: &str| {
+        COMPOSE_SECRETS
+            .iter()
+            .find(|(n, _)| *n == k)
+            .unwrap()
+            .1
+            .to_string()
+    };
+
+    // The server: PostgreSQL 15, settings, passwords, the init script.
+    let pg = service(&c, "postgres");
+    assert_eq!(strs(&pg["profiles"]), ["postgres"]);
+    let image = s(&pg["image"]);
+    assert_eq!(pg_major_of_image(&image), PG_MAJOR);
+    let argv = strs(&pg["command"]);
+    check_pg_settings("compose postgres", &argv);
+    let pe = env(pg);
+    assert_eq!(pe["POSTGRES_PASSWORD"], secret("POSTGRES_PASSWORD"));
+    assert_eq!(pe["OFFSITE_PG_PASSWORD"], secret("OFFSITE_PG_PASSWORD"));
+    assert!(
+        pe["POSTGRES_INITDB_ARGS"].contains("--auth-host=scram-sha-256"),
+        "no trust for TCP connections"
+    );
+    let init = volumes(pg)
+        .into_iter()
+        .find(|(_, t, _)| t.starts_with("/docker-entrypoint-initdb.d/"))
+        .expect("the init script in /docker-entrypoint-initdb.d");
+    assert!(init.2, "mounted read-only");
+    check_initdb_script("compose", &read(init.0.trim_start_matches("./")), "samenet");
+    assert!(volumes(pg).contains(&("pg-data".into(), "/var/lib/postgresql/data".into(), false)));
+    assert!(pg["healthcheck"]["test"].is_array());
+
+    // The users createbucket makes for the PostgreSQL archive.
+    let mc = mc_lines(&c);
+    let cb = env(service(&c, "createbucket"));
+    let policy_of = |access_var: &str| -> String {
+        mc.iter()
+            .find(|l| {
+                l[1..4] == ["admin", "policy", "attach"]
+                    && l.last() == Some(&format!("${access_var}"))
+            })
+            .unwrap_or_else(|| panic!("no policy attached to ${access_var}"))[5]
+            .clone()
+    };
+    assert_eq!(policy_of("PG_SHIPPER_ACCESS_KEY"), "offsite-pg-shipper");
+    assert_eq!(policy_of("PG_RESTORE_ACCESS_KEY"), "offsite-pg-restore");
+    for (user, pass) in [
+        ("PG_SHIPPER_ACCESS_KEY", "PG_SHIPPER_SECRET_KEY"),
+        ("PG_RESTORE_ACCESS_KEY", "PG_RESTORE_SECRET_KEY"),
+    ] {
+        assert!(
+            mc.iter().any(|l| l[1..4] == ["admin", "user", "add"]
+                && l[5] == format!("${user}")
+                && l[6] == format!("${pass}")),
+            "mc admin user add ${user} ${pass}"
+        );
+    }
+    let ship_key = cb["PG_SHIPPER_ACCESS_KEY"].clone();
+    let rest_key = cb["PG_RESTORE_ACCESS_KEY"].clone();
+    assert_ne!(ship_key, rest_key);
+    assert!(![
+        cb["SHIPPER_ACCESS_KEY"].as_str(),
+        cb["RESTORE_ACCESS_KEY"].as_str()
+    ]
+    .contains(&ship_key.as_str()));
+
+    // The sidecar: offsite pg stream, no password in the DSN, PGPASSWORD
+    // from the required variable, the signing key and the recipient, never
+    // the identity.
+    let side = service(&c, "offsite-postgres");
+    assert_eq!(strs(&side["profiles"]), ["postgres"]);
+    assert_eq!(s(&side["image"]), "offsite:local");
+    let argv = service_argv(side);
+    assert_eq!(argv[..3], ["offsite", "pg", "stream"]);
+    let dsn = flag(&argv, "--dsn").expect("--dsn");
+    assert_dsn_without_password(dsn);
+    assert_eq!(dsn_user(dsn), "offsite", "the role initdb-offsite.sh makes");
+    assert!(
+        dsn.contains("@postgres:5432/"),
+        "{dsn}: the postgres service"
+    );
+    let se = env(side);
+    assert_eq!(se["PGPASSWORD"], secret("OFFSITE_PG_PASSWORD"));
+    assert_eq!(se["AWS_ACCESS_KEY_ID"], ship_key);
+    assert_eq!(
+        se["AWS_SECRET_ACCESS_KEY"],
+        secret("OFFSITE_PG_SHIPPER_SECRET_KEY")
+    );
+    assert_eq!(flag(&argv, "--age-recipient"), Some(TEST_RECIPIENT));
+    assert!(!argv.contains(&"--no-encryption".to_string()));
+    assert_eq!(
+        flag(&argv, "--signing-key-file"),
+        Some("/run/secrets/offsite-signing-key")
+    );
+    assert_eq!(strs(&side["secrets"]), ["offsite-signing-key"]);
+    for (k, _) in &se {
+        assert!(
+            !k.contains("IDENTITY") && !k.contains("SIGNING_KEY"),
+            "{k}: the sidecar gets its key as a secret file, and no identity"
+        );
+    }
+    assert!(!argv.iter().any(|a| a.contains("identity")), "{argv:?}");
+    assert!(volumes(side).is_empty(), "the sidecar needs no volume");
+    let deps = depends_on(side);
+    assert_eq!(deps["postgres"], "service_healthy");
+    assert_eq!(deps["createbucket"], "service_completed_successfully");
+    let url = se["OFFSITE_REPLICA_URL"].clone();
+    assert!(url.starts_with("s3://offsite/postgres?"), "{url}");
+
+    // The PostgreSQL policies: the prefix the URL names; restore reads only.
+    let policy = |n: &str| -> serde_json::Value {
+        serde_json::from_str(&read(&format!("deploy/compose/policies/{n}.json"))).unwrap()
+    };
+    for (n, p) in [
+        ("pg-shipper", policy("pg-shipper")),
+        ("pg-restore", policy("pg-restore")),
+    ] {
+        for st in p["Statement"].as_array().unwrap() {
+            for r in st["Resource"].as_array().unwrap() {
+                let r = r.as_str().unwrap();
+                assert!(
+                    r == "arn:aws:s3:::offsite" || r.starts_with("arn:aws:s3:::offsite/postgres/"),
+                    "{n}: {r}"
+                );
+            }
+            if let Some(c) = st["Condition"]["StringLike"]["s3:prefix"].as_array() {
+                assert_eq!(c, &[serde_json::json!("postgres/pg/*")], "{n}");
+            }
+        }
+        let a = actions(&p);
+        if n == "pg-restore" {
+            assert!(
+                !a.iter()
+                    .any(|x| x.starts_with("s3:Put") || x.starts_with("s3:Delete")),
+                "{n}: {a:?}"
+            );
+        }
+    }
+
+    // The restore: the image variant, the identity, the restore user, --start
+    // and a clean stop, into a directory of an empty volume.
+    let r = service(&c, "restore-postgres");
+    assert_eq!(strs(&r["profiles"]), ["restore-postgres"]);
+    assert_eq!(s(&r["image"]), "offsite:postgres");
+    assert_eq!(s(&r["build"]["context"]), ".");
+    assert_eq!(s(&r["build"]["target"]), "postgres");
+    dockerfile_stage("postgres");
+    assert_eq!(strs(&r["entrypoint"]), ["/bin/sh", "-euc"]);
+    let script = strs(&r["command"]).join("\n");
+    let lines: Vec<Vec<String>> = script
+        .lines()
+        .map(|l| shell_words::split(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .filter(|w| !w.is_empty())
+        .collect();
+    assert_eq!(lines.len(), 2, "{script}");
+    let rs = &lines[0];
+    assert_eq!(rs[..2], ["offsite", "restore"]);
+    assert_eq!(rs[2], "$OFFSITE_REPLICA_URL");
+    assert_eq!(flag(rs, "-o"), Some("$PGDATA"));
+    assert_eq!(
+        flag(rs, "--age-identity"),
+        Some("/run/secrets/offsite-identity")
+    );
+    assert!(
+        rs.contains(&"--start".to_string()),
+        "recover in the restore"
+    );
+    assert!(
+        !rs.contains(&"--force".to_string()),
+        "never over a data directory"
+    );
+    assert_eq!(
+        lines[1],
+        ["pg_ctl", "-D", "$PGDATA", "stop", "-m", "fast"],
+        "a clean stop after --start"
+    );
+    assert_eq!(strs(&r["secrets"]), ["offsite-identity"]);
+    let re = env(r);
+    assert_eq!(
+        re["OFFSITE_REPLICA_URL"], url,
+        "restores from where the sidecar ships"
+    );
+    assert_eq!(re["AWS_ACCESS_KEY_ID"], rest_key);
+    assert_eq!(
+        re["AWS_SECRET_ACCESS_KEY"],
+        secret("OFFSITE_PG_RESTORE_SECRET_KEY")
+    );
+    let vols = volumes(r);
+    assert_eq!(vols.len(), 1, "{vols:?}");
+    let (vol, mnt, ro) = &vols[0];
+    assert_eq!(vol, "pg-restored");
+    assert!(!ro);
+    assert!(
+        re["PGDATA"].starts_with(&format!("{mnt}/")),
+        "PGDATA {} is a directory inside the volume {mnt} (offsite renames it into place)",
+        re["PGDATA"]
+    );
+    // The identity reaches the restores only.
+    for (name, svc) in c["services"].as_hash().unwrap() {
+        let name = s(name);
+        if strs(&svc["secrets"]).contains(&"offsite-identity".to_string()) {
+            assert!(
+                ["restore", "recover", "restore-postgres"].contains(&name.as_str()),
+                "{name} mounts the identity"
+            );
+        }
+    }
+    // No password or secret key of the PostgreSQL services has a default.
+    for missing in [
+        "POSTGRES_PASSWORD",
+        "OFFSITE_PG_PASSWORD",
+        "OFFSITE_PG_SHIPPER_SECRET_KEY",
+        "OFFSITE_PG_RESTORE_SECRET_KEY",
+    ] {
+        let mut vars: Vec<(&str, &str)> = COMPOSE_SECRETS
+            .iter()
+            .filter(|(k, _)| *k != missing)
+            .cloned()
+            .collect();
+        vars.push(("OFFSITE_AGE_RECIPIENT", TEST_RECIPIENT));
+        let err = compose(&vars).unwrap_err();
+        assert!(err.contains(missing), "{missing}: {err}");
+    }
+}
+
+fn k8s_pg_docs() -> Vec<(String, Yaml)> {
+    let dir = Path::new(ROOT).join("deploy/kubernetes/postgres");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        for d in yaml_docs(&format!("deploy/kubernetes/postgres/{f}")) {
+            out.push((f.clone(), d));
+        }
+    }
+    out
+}
+
+fn env_value(c: &Yaml, name: &str) -> Option<String> {
+    c["env"]
+        .as_vec()?
+        .iter()
+        .find(|e| s(&e["name"]) == name)
+        .and_then(|e| e["value"].as_str().map(str::to_string))
+}
+
+fn env_secret(c: &Yaml, name: &str) -> Option<(String, String)> {
+    let e = c["env"].as_vec()?.iter().find(|e| s(&e["name"]) == name)?;
+    let r = &e["valueFrom"]["secretKeyRef"];
+    r.is_hash().then(|| (s(&r["name"]), s(&r["key"])))
+}
+
+#[test]
+fn kubernetes_postgres_example_streams_with_least_privilege_and_restores_with_a_job() {
+    let docs = k8s_pg_docs();
+    let kind = |kind: &str, name: &str| -> Yaml {
+        docs.iter()
+            .find(|(_, d)| s(&d["kind"]) == kind && s(&d["metadata"]["name"]) == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} in deploy/kubernetes/postgres"))
+            .1
+            .clone()
+    };
+    // The kustomization lists every manifest but the restore Job (run by hand).
+    let kust = &docs
+        .iter()
+        .find(|(f, _)| f == "kustomization.yaml")
+        .unwrap()
+        .1;
+    let mut listed = strs(&kust["resources"]);
+    listed.sort();
+    let mut files: Vec<String> = docs
+        .iter()
+        .map(|(f, _)| f.clone())
+        .filter(|f| f != "kustomization.yaml" && f != "restore-job.yaml")
+        .collect();
+    files.dedup();
+    assert_eq!(listed, files);
+
+    let sts = kind("StatefulSet", "postgres");
+    assert_eq!(sts["spec"]["replicas"].as_i64(), Some(1));
+    let pod = &sts["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(pod["securityContext"]["runAsUser"].as_i64(), Some(999));
+    assert_eq!(pod["securityContext"]["fsGroup"].as_i64(), Some(999));
+    assert!(pod["terminationGracePeriodSeconds"].as_i64().unwrap() > 60);
+    let volume = |name: &str| -> Yaml {
+        pod["volumes"]
+            .as_vec()
+            .and_then(|v| v.iter().find(|x| s(&x["name"]) == name).cloned())
+            .unwrap_or(Yaml::BadValue)
+    };
+    let pgc = container(&pod["containers"], "postgres");
+    let side = container(&pod["containers"], "offsite");
+    assert!(
+        pod["initContainers"].is_badvalue(),
+        "no restore init container: a PostgreSQL restore refuses a non-empty data directory"
+    );
+    for c in [pgc, side] {
+        let sc = &c["securityContext"];
+        assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
+        assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
+        assert_eq!(strs(&sc["capabilities"]["drop"]), ["ALL"]);
+    }
+
+    // PostgreSQL: 15, the settings, passwords from Secrets, the init script,
+    // probes like the SQLite example (exec, from inside the pod).
+    let image = s(&pgc["image"]);
+    assert_eq!(pg_major_of_image(&image), PG_MAJOR);
+    check_pg_settings("k8s postgres", &strs(&pgc["args"]));
+    assert_eq!(
+        env_value(pgc, "POSTGRES_INITDB_ARGS").as_deref(),
+        Some("--auth-host=scram-sha-256")
+    );
+    assert_eq!(secret_refs(pgc), ["postgres-superuser"]);
+    let superuser = kind("Secret", "postgres-superuser");
+    assert_eq!(keys(&superuser["stringData"]), ["POSTGRES_PASSWORD"]);
+    let repl = env_secret(pgc, "OFFSITE_PG_PASSWORD").expect("OFFSITE_PG_PASSWORD from a Secret");
+    let pgdata = env_value(pgc, "PGDATA").expect("PGDATA");
+    let (data_vol, data_mnt) = mounts(pgc)
+        .into_iter()
+        .find(|(_, p)| pgdata.starts_with(&format!("{p}/")))
+        .expect("PGDATA inside a mounted volume, not its root");
+    assert_eq!(data_vol, "data");
+    let (init_vol, _) = mounts(pgc)
+        .into_iter()
+        .find(|(_, p)| p == "/docker-entrypoint-initdb.d")
+        .expect("the init script");
+    let cm_name = s(&volume(&init_vol)["configMap"]["name"]);
+    let cm = kind("ConfigMap", &cm_name);
+    check_initdb_script("k8s", &s(&cm["data"]["initdb-offsite.sh"]), "127.0.0.1/32");
+    for p in ["readinessProbe", "livenessProbe"] {
+        let probe = strs(&pgc[p]["exec"]["command"]);
+        assert_eq!(probe.first().map(String::as_str), Some("pg_isready"), "{p}");
+    }
+    assert!(
+        side["readinessProbe"].is_badvalue(),
+        "backup lag must not take the database out of service"
+    );
+
+    // The sidecar: pg stream over loopback as the replication role, no
+    // password in the DSN, PGPASSWORD from the same Secret key the role is
+    // made with; its own user; no data volume, no identity.
+    let args = strs(&side["args"]);
+    assert_eq!(args[..2], ["pg", "stream"]);
+    let dsn = flag(&args, "--dsn").unwrap();
+    assert_dsn_without_password(dsn);
+    assert_eq!(dsn_user(dsn), "offsite");
+    assert!(
+        dsn.contains("@127.0.0.1:5432/"),
+        "{dsn}: the pod's loopback"
+    );
+    assert_eq!(env_secret(side, "PGPASSWORD"), Some(repl.clone()));
+    assert_eq!(repl.1, "PGPASSWORD");
+    assert_eq!(keys(&kind("Secret", &repl.0)["stringData"]), ["PGPASSWORD"]);
+    assert_eq!(secret_refs(side), ["offsite-pg-s3"]);
+    assert_eq!(
+        keys(&kind("Secret", "offsite-pg-s3")["stringData"]),
+        ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+    );
+    let uid = side["securityContext"]["runAsUser"].as_i64();
+    assert!(
+        uid.is_some() && uid != Some(999),
+        "the sidecar runs as a user of its own"
+    );
+    assert!(
+        !mounts(side).iter().any(|(v, _)| v == "data"),
+        "the sidecar reads nothing from the data volume"
+    );
+    let rfile = flag(&args, "--age-recipients-file").expect("recipients");
+    let (rvol, rdir) = mounts(side)
+        .into_iter()
+        .find(|(_, p)| rfile.starts_with(&format!("{p}/")))
+        .expect("recipients on a mounted volume");
+    assert!(
+        volume(&rvol)["configMap"].is_hash(),
+        "recipients are public: a ConfigMap"
+    );
+    assert!(!s(&cm["data"][&rfile[rdir.len() + 1..]]).is_empty());
+    let key = flag(&args, "--signing-key-file").expect("--signing-key-file");
+    for (v, p) in mounts(side) {
+        let sec = &volume(&v)["secret"];
+        if sec.is_hash() {
+            assert_eq!(s(&sec["secretName"]), "offsite-signing-key", "{v}");
+            assert!(key.starts_with(&format!("{p}/")));
+        }
+    }
+    assert!(!args.iter().any(|a| a.contains("identity")), "{args:?}");
+    assert!(!args.contains(&"--no-encryption".to_string()));
+    let names = env_names(side);
+    let url = flag(&args, "--replica").unwrap().to_string();
+
+    // Services: PostgreSQL's port, nothing of offsite.
+    let svc = kind("Service", "postgres");
+    assert_eq!(s(&sts["spec"]["serviceName"]), "postgres");
+    let ports: Vec<i64> = svc["spec"]["ports"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|p| p["port"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ports, [5432]);
+
+    // The restore Job: the image variant, on the StatefulSet's volume, with
+    // the identity and the read-only role, --start and a clean stop.
+    let job = kind("Job", "postgres-restore");
+    let jpod = &job["spec"]["template"]["spec"];
+    assert_eq!(s(&jpod["restartPolicy"]), "Never");
+    assert_eq!(
+        jpod["securityContext"]["runAsNonRoot"].as_bool(),
+        Some(true)
+    );
+    assert_eq!(
+        jpod["securityContext"]["runAsUser"].as_i64(),
+        pod["securityContext"]["runAsUser"].as_i64(),
+        "the data directory belongs to the user the StatefulSet runs PostgreSQL as"
+    );
+    let jc = container(&jpod["containers"], "restore");
+    assert_eq!(
+        s(&jc["image"]),
+        "offsite:postgres",
+        "the image with PostgreSQL 15"
+    );
+    assert_eq!(
+        jc["securityContext"]["allowPrivilegeEscalation"].as_bool(),
+        Some(false)
+    );
+    assert_eq!(strs(&jc["command"]), ["/bin/sh", "-euc"]);
+    let script = strs(&jc["args"]).join("\n");
+    let lines: Vec<Vec<String>> = script
+        .lines()
+        .map(|l| shell_words::split(l).unwrap())
+        .filter(|w| !w.is_empty())
+        .collect();
+    assert_eq!(lines.len(), 2, "{script}");
+    let rs = &lines[0];
+    assert_eq!(rs[..2], ["offsite", "restore"]);
+    assert_eq!(
+        rs[2]
+            .replace("$OFFSITE_BUCKET", "$(OFFSITE_BUCKET)")
+            .replace("$OFFSITE_PREFIX", "$(OFFSITE_PREFIX)"),
+        url,
+        "restores from where the sidecar ships"
+    );
+    for v in ["OFFSITE_BUCKET", "OFFSITE_PREFIX", "AWS_REGION"] {
+        assert_eq!(env_value(jc, v), env_value(side, v), "{v}");
+        assert!(names.contains(&v.to_string()));
+    }
+    assert_eq!(flag(rs, "-o"), Some("$PGDATA"));
+    assert_eq!(env_value(jc, "PGDATA"), Some(pgdata.clone()));
+    assert!(rs.contains(&"--start".to_string()));
+    assert!(!rs.contains(&"--force".to_string()));
+    assert_eq!(lines[1], ["pg_ctl", "-D", "$PGDATA", "stop", "-m", "fast"]);
+    let id = flag(rs, "--age-identity").unwrap();
+    let jvol = |name: &str| -> Yaml {
+        jpod["volumes"]
+            .as_vec()
+            .and_then(|v| v.iter().find(|x| s(&x["name"]) == name).cloned())
+            .unwrap_or(Yaml::BadValue)
+    };
+    let (idv, _) = mounts(jc)
+        .into_iter()
+        .find(|(_, p)| id.starts_with(&format!("{p}/")))
+        .expect("the identity on a mounted volume");
+    assert_eq!(
+        s(&jvol(&idv)["secret"]["secretName"]),
+        "offsite-age-identity"
+    );
+    assert_eq!(secret_refs(jc), ["offsite-pg-s3-restore"]);
+    let restorer = kind("Secret", "offsite-pg-s3-restore");
+    assert!(s(&restorer["stringData"]["AWS_ACCESS_KEY_ID"]).contains("RESTORE"));
+    let (jdata, jmnt) = mounts(jc)
+        .into_iter()
+        .find(|(_, p)| pgdata.starts_with(&format!("{p}/")))
+        .expect("PGDATA inside the Job's volume");
+    assert_eq!(jmnt, data_mnt);
+    let claim = s(&jvol(&jdata)["persistentVolumeClaim"]["claimName"]);
+    let template = s(&sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"]);
+    assert_eq!(
+        claim,
+        format!("{template}-postgres-0"),
+        "the StatefulSet's volume"
+    );
+    // The identity is in no other manifest.
+    for (f, d) in &docs {
+        if f != "restore-job.yaml" {
+            let text = format!("{d:?}");
+            assert!(
+                !text.contains("offsite-age-identity"),
+                "{f} mentions the identity"
+            );
+        }
+    }
+}
+
+/// initdb-offsite.sh (compose and Kubernetes) against a real PostgreSQL 15:
+/// it makes a role that can stream with its password (and only with it),
+/// and that is no superuser.
+#[tokio::test]
+async fn initdb_scripts_make_a_replication_role_that_needs_its_password() {
+    use crate::support::pgcluster::PgCluster;
+    use offsite::engine::postgres::{dsn::Dsn, wire::Conn};
+    if !PgCluster::available() {
+        return;
+    }
+    let k8s = k8s_pg_docs()
+        .into_iter()
+        .find(|(_, d)| s(&d["kind"]) == "ConfigMap")
+        .map(|(_, d)| s(&d["data"]["initdb-offsite.sh"]))
+        .unwrap();
+    for (what, script) in [
+        ("compose", read("deploy/compose/postgres/initdb-offsite.sh")),
+        ("k8s", k8s),
+    ] {
+        let pg = PgCluster::start(&[]);
+        let pw = "Test-Repl-pw-42";
+        let f = pg.dir.path().join("initdb-offsite.sh");
+        std::fs::write(&f, &script).unwrap();
+        // As the image's entrypoint runs it: sourced by bash with these set.
+        let out = Command::new("bash")
+            .arg("-ec")
+            .arg(format!(". {}", f.display()))
+            .env("PGHOST", "127.0.0.1")
+            .env("PGPORT", pg.port.to_string())
+            .env("POSTGRES_USER", "postgres")
+            .env("PGDATA", &pg.data)
+            .env("OFFSITE_PG_PASSWORD", pw)
+            .env_remove("PGPASSWORD")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Drop initdb's trust lines for TCP (POSTGRES_INITDB_ARGS=
+        // --auth-host=scram-sha-256 in the examples) except the superuser's
+        // own, which this harness uses.
+        let hba = pg.data.join("pg_hba.conf");
+        let text = std::fs::read_to_string(&hba).unwrap();
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                !(l.starts_with("host") && l.contains("trust") && l.contains("replication"))
+            })
+            .collect();
+        std::fs::write(&hba, kept.join("\n") + "\n").unwrap();
+        pg.psql("select pg_reload_conf()");
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            pg.psql("select rolreplication, rolcanlogin, rolsuper, rolcreatedb, rolcreaterole, rolbypassrls from pg_roles where rolname = 'offsite'"),
+            "t|t|f|f|f|f",
+            "{what}"
+        );
+        let dsn = |password: Option<&str>| Dsn {
+            user: "offsite".into(),
+            password: password.map(str::to_string),
+            ..Dsn::parse(&pg.dsn()).unwrap()
+        };
+        let mut c = Conn::connect(&dsn(Some(pw)), true)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{what}: replication connection as offsite: {e:#}\n{}",
+                    pg.log_tail()
+                )
+            });
+        c.identify_system().await.unwrap();
+        c.close().await;
+        for bad in [Some("wrong-password"), None] {
+            assert!(
+                Conn::connect(&dsn(bad), true).await.is_err(),
+                "{what}: offsite connected with password {bad:?}"
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
