@@ -14,5 +14,10 @@ unset OFFSITE_TEST_ALLOW_NO_S3
 test -n "${OFFSITE_TEST_S3_TARGETS:-}" || { echo "no S3 test targets" >&2; exit 1; }
 test -n "${OFFSITE_TEST_S3_LOCK_TARGET:-}" || { echo "no S3 Object Lock test target (moto)" >&2; exit 1; }
 
+# PostgreSQL 15 server binaries for the PostgreSQL tests (clusters are
+# started per test, as the postgres OS user, on free ports): installed by
+# .ci/run when missing; here the suite must not skip them.
+export OFFSITE_TEST_REQUIRE_PG=1
+
 cargo test --features testing --no-fail-fast "$@"
 scripts/bench/run.sh --quick # offsite vs Litestream 0.5, small sizes (~1 min): keeps the benchmark working
