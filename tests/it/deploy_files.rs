@@ -1,5 +1,5 @@
-//! The deployment files: Dockerfile, docker-compose.yml (+ deploy/compose/),
-//! the Kubernetes manifests (deploy/kubernetes/) and the policies in
+//! The deployment files: Dockerfile, docker-compose.yml and
+//! docker-compose.postgres.yml (+ deploy/compose/), the Kubernetes manifests (deploy/kubernetes/) and the policies in
 //! docs/IAM.md.
 //!
 //! There is no container engine here, so the files are (a) parsed and checked
@@ -132,15 +132,63 @@ fn interpolate_yaml(y: &Yaml, vars: &BTreeMap<String, String>) -> Result<Yaml, S
     })
 }
 
-/// docker-compose.yml as compose sees it with these variables set.
-fn compose(vars: &[(&str, &str)]) -> Result<Yaml, String> {
+/// A compose file as compose sees it with these variables set.
+fn compose_file(rel: &str, vars: &[(&str, &str)]) -> Result<Yaml, String> {
     let vars = vars
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let docs = yaml_docs("docker-compose.yml");
-    assert_eq!(docs.len(), 1, "docker-compose.yml: one document");
+    let docs = yaml_docs(rel);
+    assert_eq!(docs.len(), 1, "{rel}: one document");
     interpolate_yaml(&docs[0], &vars)
+}
+
+/// docker-compose.yml (SQLite) as compose sees it with these variables set.
+fn compose(vars: &[(&str, &str)]) -> Result<Yaml, String> {
+    compose_file("docker-compose.yml", vars)
+}
+
+/// docker-compose.postgres.yml as compose sees it with these variables set.
+fn compose_pg(vars: &[(&str, &str)]) -> Result<Yaml, String> {
+    compose_file("docker-compose.postgres.yml", vars)
+}
+
+/// The variables a compose file's values refer to (`${VAR…}`, `$VAR`; not
+/// `$$`, nor comments, which compose does not interpolate).
+fn compose_file_vars(rel: &str) -> std::collections::BTreeSet<String> {
+    fn walk(y: &Yaml, out: &mut std::collections::BTreeSet<String>) {
+        match y {
+            Yaml::String(v) => {
+                let mut rest = v.as_str();
+                while let Some(i) = rest.find('$') {
+                    let after = &rest[i + 1..];
+                    if let Some(a) = after.strip_prefix('$') {
+                        rest = a;
+                        continue;
+                    }
+                    let a = after.strip_prefix('{').unwrap_or(after);
+                    let n = a
+                        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .unwrap_or(a.len());
+                    if n > 0 {
+                        out.insert(a[..n].to_string());
+                    }
+                    rest = &a[n..];
+                }
+            }
+            Yaml::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            Yaml::Hash(h) => h.iter().for_each(|(k, v)| {
+                walk(k, out);
+                walk(v, out)
+            }),
+            _ => {}
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    for d in yaml_docs(rel) {
+        walk(&d, &mut out);
+    }
+    out
 }
 
 /// An age identity that pins the test shipper's verifying key (restores in
@@ -163,10 +211,31 @@ const COMPOSE_SECRETS: &[(&str, &str)] = &[
     ("MINIO_ROOT_PASSWORD", "test-minio-root-password"),
     ("OFFSITE_SHIPPER_SECRET_KEY", "test-shipper-secret"),
     ("OFFSITE_RESTORE_SECRET_KEY", "test-restore-secret"),
+];
+
+/// The secrets docker-compose.postgres.yml requires: its own MinIO's root
+/// password and the PostgreSQL ones, none of the SQLite file's.
+const PG_COMPOSE_SECRETS: &[(&str, &str)] = &[
+    ("MINIO_ROOT_PASSWORD", "test-minio-root-password"),
     ("POSTGRES_PASSWORD", "test-postgres-superuser-password"),
     ("OFFSITE_PG_PASSWORD", "test-pg-replication-password"),
     ("OFFSITE_PG_SHIPPER_SECRET_KEY", "test-pg-shipper-secret"),
     ("OFFSITE_PG_RESTORE_SECRET_KEY", "test-pg-restore-secret"),
+];
+
+/// Every variable docker-compose.yml refers to: exactly those it had before
+/// the PostgreSQL services existed (an existing SQLite deployment's .env
+/// keeps working unchanged).
+const COMPOSE_VARS: &[&str] = &[
+    "MINIO_ROOT_PASSWORD",
+    "MINIO_ROOT_USER",
+    "OFFSITE_AGE_RECIPIENT",
+    "OFFSITE_IDENTITY_FILE",
+    "OFFSITE_RESTORE_ACCESS_KEY",
+    "OFFSITE_RESTORE_SECRET_KEY",
+    "OFFSITE_SHIPPER_ACCESS_KEY",
+    "OFFSITE_SHIPPER_SECRET_KEY",
+    "OFFSITE_SIGNING_KEY_FILE",
 ];
 
 fn compose_default() -> Yaml {
@@ -178,9 +247,24 @@ fn compose_default() -> Yaml {
     compose(&vars).unwrap()
 }
 
+/// docker-compose.postgres.yml with its own variables only (none of the
+/// SQLite file's: it stands alone).
+fn compose_pg_default() -> Yaml {
+    let mut vars = vec![
+        ("OFFSITE_AGE_RECIPIENT", TEST_RECIPIENT),
+        ("OFFSITE_IDENTITY_FILE", "/nonexistent/identity.txt"),
+    ];
+    vars.extend_from_slice(PG_COMPOSE_SECRETS);
+    compose_pg(&vars).unwrap()
+}
+
 fn service<'a>(c: &'a Yaml, name: &str) -> &'a Yaml {
     let svc = &c["services"][name];
-    assert!(svc.is_hash(), "docker-compose.yml: no service {name:?}");
+    assert!(
+        svc.is_hash(),
+        "no service {name:?} in {:?}",
+        keys(&c["services"])
+    );
     svc
 }
 
@@ -322,16 +406,7 @@ fn compose_file_has_the_services_volumes_and_wiring() {
             "service {want} missing: {svcs:?}"
         );
     }
-    assert_eq!(
-        keys(&c["volumes"]),
-        [
-            "minio-data",
-            "app-data",
-            "restored",
-            "pg-data",
-            "pg-restored"
-        ]
-    );
+    assert_eq!(keys(&c["volumes"]), ["minio-data", "app-data", "restored"]);
     assert_eq!(
         keys(&c["secrets"]),
         ["offsite-identity", "offsite-signing-key"]
@@ -394,13 +469,7 @@ fn compose_file_has_the_services_volumes_and_wiring() {
         .filter(|l| l[1..4] == ["admin", "policy", "create"])
     {
         assert!(
-            [
-                ship_policy.as_str(),
-                rest_policy.as_str(),
-                "offsite-pg-shipper",
-                "offsite-pg-restore"
-            ]
-            .contains(&l[5].as_str()),
+            [ship_policy.as_str(), rest_policy.as_str()].contains(&l[5].as_str()),
             "{l:?}"
         );
         let file = &l[6];
@@ -1090,9 +1159,9 @@ fn dockerfile_postgres_stage_has_postgres_15_and_offsite() {
 
 #[test]
 fn compose_postgres_services_stream_with_a_replication_role_and_restore_with_the_variant() {
-    let c = compose_default();
+    let c = compose_pg_default();
     let secret = |k: &str| {
-        COMPOSE_SECRETS
+        PG_COMPOSE_SECRETS
             .iter()
             .find(|(n, _)| *n == k)
             .unwrap()
@@ -1100,9 +1169,75 @@ fn compose_postgres_services_stream_with_a_replication_role_and_restore_with_the
             .to_string()
     };
 
+    // The file stands alone: its own S3 server, bucket job, secrets and
+    // volumes; the server and the sidecar start with a plain `up` (no
+    // profile), the restore only when run.
+    assert_eq!(
+        keys(&c["services"]),
+        [
+            "minio",
+            "createbucket",
+            "postgres",
+            "offsite-postgres",
+            "restore-postgres"
+        ]
+    );
+    assert_eq!(
+        keys(&c["volumes"]),
+        ["minio-data", "pg-data", "pg-restored"]
+    );
+    assert_eq!(
+        keys(&c["secrets"]),
+        ["offsite-identity", "offsite-signing-key"]
+    );
+    let sqlite = compose_default();
+    assert_ne!(
+        s(&c["name"]),
+        s(&sqlite["name"]),
+        "a project of its own: its volumes and containers are not the SQLite example's"
+    );
+    let minio = service(&c, "minio");
+    assert_eq!(
+        s(&minio["image"]),
+        s(&service(&sqlite, "minio")["image"]),
+        "the same pinned MinIO release as docker-compose.yml"
+    );
+    assert_eq!(
+        strs(&minio["healthcheck"]["test"]),
+        ["CMD", "mc", "ready", "local"]
+    );
+    assert!(volumes(minio).contains(&("minio-data".into(), "/data".into(), false)));
+    // Both examples can run side by side: no host port in common.
+    let host_ports = |c: &Yaml| -> Vec<String> {
+        c["services"]
+            .as_hash()
+            .unwrap()
+            .values()
+            .flat_map(|svc| strs(&svc["ports"]))
+            .map(|p| p.rsplit_once(':').unwrap().0.to_string())
+            .collect()
+    };
+    for p in host_ports(&c) {
+        assert!(
+            !host_ports(&sqlite).contains(&p),
+            "host port {p} in both files"
+        );
+    }
+    let cbs = service(&c, "createbucket");
+    assert_eq!(
+        s(&cbs["image"]),
+        s(&service(&sqlite, "createbucket")["image"])
+    );
+    assert_eq!(depends_on(cbs)["minio"], "service_healthy");
+    for name in ["postgres", "offsite-postgres"] {
+        assert!(
+            service(&c, name)["profiles"].is_badvalue(),
+            "{name}: started by `docker compose -f docker-compose.postgres.yml up -d`"
+        );
+    }
+
     // The server: PostgreSQL 15, settings, passwords, the init script.
     let pg = service(&c, "postgres");
-    assert_eq!(strs(&pg["profiles"]), ["postgres"]);
     let image = s(&pg["image"]);
     assert_eq!(pg_major_of_image(&image), PG_MAJOR);
     let argv = strs(&pg["command"]);
@@ -1123,9 +1258,43 @@ fn compose_postgres_services_stream_with_a_replication_role_and_restore_with_the
     assert!(volumes(pg).contains(&("pg-data".into(), "/var/lib/postgresql/data".into(), false)));
     assert!(pg["healthcheck"]["test"].is_array());
 
-    // The users createbucket makes for the PostgreSQL archive.
+    // The users createbucket makes for the PostgreSQL archive (and only
+    // those: the SQLite users belong to docker-compose.yml).
     let mc = mc_lines(&c);
     let cb = env(service(&c, "createbucket"));
+    let bucket = mc
+        .iter()
+        .find(|l| l[1] == "mb")
+        .and_then(|l| l.last())
+        .and_then(|t| t.strip_prefix("local/"))
+        .expect("mc mb local/BUCKET")
+        .to_string();
+    assert_eq!(bucket, "offsite");
+    let cb_mounts = volumes(service(&c, "createbucket"));
+    let created: Vec<String> = mc
+        .iter()
+        .filter(|l| l[1..4] == ["admin", "policy", "create"])
+        .map(|l| {
+            let file = &l[6];
+            let (src, tgt, _) = cb_mounts
+                .iter()
+                .find(|(_, t, _)| file.starts_with(&format!("{t}/")))
+                .unwrap_or_else(|| panic!("{file} is not in a mounted directory"));
+            let host = Path::new(ROOT).join(src).join(&file[tgt.len() + 1..]);
+            let _: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&host).unwrap())
+                    .unwrap_or_else(|e| panic!("{}: {e}", host.display()));
+            l[5].clone()
+        })
+        .collect();
+    assert_eq!(created, ["offsite-pg-shipper", "offsite-pg-restore"]);
+    assert_eq!(
+        mc.iter()
+            .filter(|l| l[1..4] == ["admin", "user", "add"])
+            .count(),
+        2,
+        "{mc:?}"
+    );
     let policy_of = |access_var: &str| -> String {
         mc.iter()
             .find(|l| {
@@ -1151,17 +1320,32 @@ fn compose_postgres_services_stream_with_a_replication_role_and_restore_with_the
     let ship_key = cb["PG_SHIPPER_ACCESS_KEY"].clone();
     let rest_key = cb["PG_RESTORE_ACCESS_KEY"].clone();
     assert_ne!(ship_key, rest_key);
-    assert!(![
-        cb["SHIPPER_ACCESS_KEY"].as_str(),
-        cb["RESTORE_ACCESS_KEY"].as_str()
-    ]
-    .contains(&ship_key.as_str()));
+    assert_eq!(
+        cb["PG_SHIPPER_SECRET_KEY"],
+        secret("OFFSITE_PG_SHIPPER_SECRET_KEY")
+    );
+    assert_eq!(
+        cb["PG_RESTORE_SECRET_KEY"],
+        secret("OFFSITE_PG_RESTORE_SECRET_KEY")
+    );
+    // Not the SQLite example's users (one MinIO may serve both: the SQLite
+    // sidecar cannot touch the PostgreSQL archive, nor the other way round).
+    let sqlite_cb = env(service(&sqlite, "createbucket"));
+    for k in [&ship_key, &rest_key] {
+        assert!(
+            ![
+                sqlite_cb["SHIPPER_ACCESS_KEY"].as_str(),
+                sqlite_cb["RESTORE_ACCESS_KEY"].as_str()
+            ]
+            .contains(&k.as_str()),
+            "{k}"
+        );
+    }
 
     // The sidecar: offsite pg stream, no password in the DSN, PGPASSWORD
     // from the required variable, the signing key and the recipient, never
     // the identity.
     let side = service(&c, "offsite-postgres");
-    assert_eq!(strs(&side["profiles"]), ["postgres"]);
     assert_eq!(s(&side["image"]), "offsite:local");
     let argv = service_argv(side);
     assert_eq!(argv[..3], ["offsite", "pg", "stream"]);
@@ -1288,31 +1472,116 @@ fn compose_postgres_services_stream_with_a_replication_role_and_restore_with_the
         "PGDATA {} is a directory inside the volume {mnt} (offsite renames it into place)",
         re["PGDATA"]
     );
-    // The identity reaches the restores only.
+    // The identity reaches the restore only.
     for (name, svc) in c["services"].as_hash().unwrap() {
         let name = s(name);
         if strs(&svc["secrets"]).contains(&"offsite-identity".to_string()) {
-            assert!(
-                ["restore", "recover", "restore-postgres"].contains(&name.as_str()),
-                "{name} mounts the identity"
-            );
+            assert_eq!(name, "restore-postgres", "{name} mounts the identity");
         }
     }
-    // No password or secret key of the PostgreSQL services has a default.
-    for missing in [
+    // No password or secret key of the PostgreSQL file has a default, and
+    // encryption is never off by accident: each missing (or empty) stops
+    // compose with a message naming it.
+    let mut all = PG_COMPOSE_SECRETS.to_vec();
+    all.push(("OFFSITE_AGE_RECIPIENT", TEST_RECIPIENT));
+    for (missing, _) in &all {
+        for empty in [false, true] {
+            let vars: Vec<(&str, &str)> = all
+                .iter()
+                .filter_map(|(k, v)| match (k == missing, empty) {
+                    (false, _) => Some((*k, *v)),
+                    (true, true) => Some((*k, "")),
+                    (true, false) => None,
+                })
+                .collect();
+            let err = compose_pg(&vars).unwrap_err();
+            assert!(err.contains(missing), "{missing}: {err}");
+        }
+    }
+}
+
+/// Compose interpolates every variable of a file before it applies
+/// profiles, so a variable a file names is one every user of that file must
+/// set. The two files stay apart: docker-compose.yml needs exactly what it
+/// needed before PostgreSQL (no PostgreSQL variable: existing SQLite
+/// deployments keep their .env), and docker-compose.postgres.yml none of the
+/// SQLite ones.
+#[test]
+fn compose_files_need_only_their_own_variables() {
+    let sqlite = compose_file_vars("docker-compose.yml");
+    assert_eq!(
+        sqlite.iter().map(String::as_str).collect::<Vec<_>>(),
+        COMPOSE_VARS,
+        "docker-compose.yml's variables"
+    );
+    let pg_vars = compose_file_vars("docker-compose.postgres.yml");
+    let pg_only: Vec<&String> = pg_vars.difference(&sqlite).collect();
+    for v in [
         "POSTGRES_PASSWORD",
         "OFFSITE_PG_PASSWORD",
+        "OFFSITE_PG_SHIPPER_ACCESS_KEY",
         "OFFSITE_PG_SHIPPER_SECRET_KEY",
+        "OFFSITE_PG_RESTORE_ACCESS_KEY",
         "OFFSITE_PG_RESTORE_SECRET_KEY",
     ] {
-        let mut vars: Vec<(&str, &str)> = COMPOSE_SECRETS
-            .iter()
-            .filter(|(k, _)| *k != missing)
-            .cloned()
-            .collect();
-        vars.push(("OFFSITE_AGE_RECIPIENT", TEST_RECIPIENT));
-        let err = compose(&vars).unwrap_err();
-        assert!(err.contains(missing), "{missing}: {err}");
+        assert!(
+            pg_only.contains(&&v.to_string()),
+            "{v}: a PostgreSQL variable only docker-compose.postgres.yml names"
+        );
+        assert!(!sqlite.contains(v), "docker-compose.yml names {v}");
+    }
+    // docker-compose.yml resolves with the SQLite secrets and the recipient
+    // alone; nothing of PostgreSQL is left in it.
+    let c = compose_default();
+    for name in keys(&c["services"]) {
+        assert!(
+            !name.contains("postgres"),
+            "docker-compose.yml: service {name}"
+        );
+        assert!(
+            !strs(&c["services"][name.as_str()]["profiles"]).contains(&"postgres".to_string()),
+            "{name}"
+        );
+    }
+    assert!(!keys(&c["volumes"]).iter().any(|v| v.starts_with("pg-")));
+    assert!(
+        !mc_lines(&c).iter().flatten().any(|w| w.contains("pg")),
+        "docker-compose.yml's createbucket makes no PostgreSQL users"
+    );
+    // docker-compose.postgres.yml names none of the SQLite variables, and
+    // resolves with its own.
+    for v in [
+        "OFFSITE_SHIPPER_ACCESS_KEY",
+        "OFFSITE_SHIPPER_SECRET_KEY",
+        "OFFSITE_RESTORE_ACCESS_KEY",
+        "OFFSITE_RESTORE_SECRET_KEY",
+    ] {
+        assert!(
+            !pg_vars.contains(v),
+            "docker-compose.postgres.yml names {v}"
+        );
+    }
+    compose_pg_default();
+    // In both, every password and secret key comes from a required variable.
+    for (rel, secrets) in [
+        ("docker-compose.yml", COMPOSE_SECRETS),
+        ("docker-compose.postgres.yml", PG_COMPOSE_SECRETS),
+    ] {
+        let text = read(rel);
+        for l in text.lines().map(str::trim) {
+            let Some((k, v)) = l.split_once(": ") else {
+                continue;
+            };
+            if k.contains("PASSWORD") || k.contains("SECRET") {
+                assert!(
+                    v.starts_with("${") && v.contains(":?") && !v.contains(":-"),
+                    "{rel}: {l}: a secret without a required variable"
+                );
+            }
+        }
+        for (_, v) in secrets {
+            assert!(!text.contains(v));
+        }
     }
 }
 
