@@ -486,8 +486,15 @@ pub async fn sync_via_http(
 ) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let db_abs = std::path::absolute(db).unwrap_or_else(|_| db.to_path_buf());
-    let q: String = url::form_urlencoded::Serializer::new(String::new())
-        .append_pair("db", &db_abs.display().to_string())
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    q.append_pair("db", &db_abs.display().to_string());
+    // A bare name may also name a replica by its name (a PostgreSQL
+    // cluster, `pg stream --name`): the daemon tries it when no database
+    // has the path.
+    if db.components().count() == 1 {
+        q.append_pair("name", &db.display().to_string());
+    }
+    let q: String = q
         .append_pair("wait", if wait { "true" } else { "false" })
         .append_pair("timeout", &timeout.as_secs_f64().to_string())
         .finish();

@@ -117,6 +117,10 @@ async fn readyz(State(reg): State<Arc<Registry>>) -> Response {
 #[derive(Deserialize)]
 struct SyncQuery {
     db: String,
+    /// The name the user typed, when it was a bare name (tried when no
+    /// database has the path `db`).
+    #[serde(default)]
+    name: Option<String>,
     #[serde(default)]
     wait: Option<String>,
     /// Seconds to wait at most (default 60, at most 3600). A string, so a
@@ -159,7 +163,12 @@ async fn sync(State(st): State<AppState>, Query(q): Query<SyncQuery>) -> Respons
         Ok(d) => d,
         Err(why) => return plain(StatusCode::BAD_REQUEST, why + "\n"),
     };
-    let replicas = st.registry.for_db(&q.db);
+    let mut replicas = st.registry.for_db(&q.db);
+    if replicas.is_empty() {
+        if let Some(n) = &q.name {
+            replicas = st.registry.for_db(n);
+        }
+    }
     if replicas.is_empty() {
         // Nothing about which databases are replicated: the listener may be
         // reachable by more than the operator.
@@ -327,6 +336,21 @@ const GAUGES: &[(&str, &str, Get)] = &[
         "offsite_last_drill_timestamp_seconds",
         "Unix time of the newest restore drill (0: none)",
         |s, _| s.drill_ran_us.load(Relaxed) as f64 / 1e6,
+    ),
+    (
+        "offsite_pg_lag_bytes",
+        "PostgreSQL: WAL received and not yet durable in the replica",
+        |s, _| s.pg_lag_bytes.load(Relaxed) as f64,
+    ),
+    (
+        "offsite_pg_slot_lag_bytes",
+        "PostgreSQL: WAL the replication slot keeps on the primary (its end of WAL minus what offsite reported flushed); alert well below max_slot_wal_keep_size",
+        |s, _| s.pg_slot_lag_bytes.load(Relaxed) as f64,
+    ),
+    (
+        "offsite_pg_last_base_backup_timestamp_seconds",
+        "PostgreSQL: Unix time the newest complete base backup ended (0: none)",
+        |s, _| s.pg_last_base_backup_us.load(Relaxed) as f64 / 1e6,
     ),
 ];
 

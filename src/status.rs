@@ -111,6 +111,13 @@ pub struct ReplicaStatus {
     pub verified_time_us: AtomicI64,
     pub verified_txid: AtomicU64,
     pub drill_failures: AtomicU64,
+    /// PostgreSQL: WAL received and not yet durable in the replica (bytes).
+    pub pg_lag_bytes: AtomicU64,
+    /// PostgreSQL: WAL the replication slot holds on the primary (the
+    /// server's end of WAL minus what offsite reported flushed).
+    pub pg_slot_lag_bytes: AtomicU64,
+    /// PostgreSQL: when the newest complete base backup ended (unix µs).
+    pub pg_last_base_backup_us: AtomicI64,
     /// `sync --wait`: requests are numbered; the replicator publishes the
     /// highest request number whose state is durable.
     sync_requested: watch::Sender<u64>,
@@ -146,6 +153,9 @@ impl ReplicaStatus {
             verified_time_us: AtomicI64::new(0),
             verified_txid: AtomicU64::new(0),
             drill_failures: AtomicU64::new(0),
+            pg_lag_bytes: AtomicU64::new(0),
+            pg_slot_lag_bytes: AtomicU64::new(0),
+            pg_last_base_backup_us: AtomicI64::new(0),
             sync_requested: watch::channel(0).0,
             sync_done: watch::channel(0).0,
         }

@@ -64,7 +64,8 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct SyncArgs {
-    /// The database (as the daemon knows it).
+    /// The database (as the daemon knows it: its path; for PostgreSQL the
+    /// `pg stream --name`).
     pub db_path: PathBuf,
     /// Return only once the database's current state is durable in every replica.
     #[arg(long)]

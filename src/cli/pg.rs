@@ -85,6 +85,15 @@ pub struct StreamArgs {
     /// when the archive holds none).
     #[arg(long, value_name = "DURATION|off", default_value = "24h")]
     pub base_backup_interval: String,
+    /// Serve /metrics, /healthz, /readyz and POST /sync on this address (e.g. 127.0.0.1:9090).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// The name metrics label the cluster with, and `offsite sync NAME` uses.
+    #[arg(long, value_name = "NAME", default_value = "postgres")]
+    pub name: String,
+    /// /readyz fails when WAL waits longer than this to reach the store.
+    #[arg(long, value_name = "DURATION", default_value = "1m")]
+    pub max_lag: String,
 }
 
 /// Where and how a PostgreSQL archive is written.
@@ -612,20 +621,42 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
     let w = std::sync::Arc::new(w);
+    let max_lag = crate::config::parse_duration(&a.max_lag, "--max-lag")?;
+    let registry = crate::status::Registry::new(crate::clock::Clock::system());
+    let status = std::sync::Arc::new(crate::status::ReplicaStatus::new(
+        &a.name,
+        "replica1",
+        &a.write.replica_url.parse::<ReplicaUrl>()?.to_string(),
+        max_lag,
+        crate::engine::postgres::now_us(),
+    ));
+    registry.register(status.clone(), w.store.clone());
+    let http = match &a.listen {
+        Some(addr) => Some(crate::http::serve(addr, registry.clone(), stop.clone()).await?),
+        None => None,
+    };
     let backups = tokio::spawn(scheduled_backups(
         w.clone(),
         dsn.clone(),
         backup_interval,
         stop.clone(),
+        status.clone(),
     ));
-    let mut streamer = Streamer::new(&w, &o);
+    let mut streamer = Streamer::new(&w, &o, status.clone());
     let mut delay = std::time::Duration::from_millis(500);
     let result = loop {
         match streamer.run(&dsn, &mut stop).await {
             Ok(()) => break Ok(()),
             Err(e) if *stop.borrow() => break Err(e),
-            Err(e) if is_fatal(&e) => break Err(e),
+            Err(e) if is_fatal(&e) => {
+                *status.failed.lock().unwrap() = Some(format!("{e:#}"));
+                break Err(e);
+            }
             Err(e) => {
+                status
+                    .running
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                status.set_state(crate::status::ReplicaState::Restarting);
                 tracing::warn!("streaming stopped, reconnecting in {delay:?}: {e:#}");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -642,7 +673,11 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
         }
     };
     backups.abort();
+    status.set_state(crate::status::ReplicaState::Stopped);
     lease.release(w.store.as_ref()).await;
+    if let Some(h) = http {
+        h.abort();
+    }
     result
 }
 
@@ -668,14 +703,29 @@ async fn scheduled_backups(
     dsn: Dsn,
     interval: Option<std::time::Duration>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    status: std::sync::Arc<crate::status::ReplicaStatus>,
 ) {
     use crate::engine::postgres::{archive, backup};
     let mut last: Option<i64> = match archive::list_backups(w.store.as_ref(), &w.trust).await {
         Ok((b, _)) => b.last().map(|b| b.end_time_us),
         Err(_) => None,
     };
+    let publish = |t: Option<i64>| {
+        status
+            .pg_last_base_backup_us
+            .store(t.unwrap_or(0), std::sync::atomic::Ordering::Relaxed)
+    };
+    publish(last);
+    let mut seen_breaks = status
+        .lineage_breaks
+        .load(std::sync::atomic::Ordering::Relaxed);
     loop {
+        // A gap in the WAL (an invalidated slot) needs a new backup now.
+        let breaks = status
+            .lineage_breaks
+            .load(std::sync::atomic::Ordering::Relaxed);
         let due = match (last, interval) {
+            _ if breaks != seen_breaks => true,
             (None, _) => true,
             (Some(t), Some(i)) => crate::engine::postgres::now_us() - t >= i.as_micros() as i64,
             (Some(_), None) => false,
@@ -687,15 +737,67 @@ async fn scheduled_backups(
             };
             match backup::base_backup(&w, &dsn, &o).await {
                 Ok(b) => {
+                    seen_breaks = breaks;
                     tracing::info!(backup = %b.id, "scheduled base backup complete");
                     last = Some(b.end_time_us);
+                    publish(last);
                 }
                 Err(e) => tracing::error!("scheduled base backup failed (retried in 1 min): {e:#}"),
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+            _ = tokio::time::sleep(std::time::Duration::from_secs(if due { 60 } else { 5 })) => {}
             _ = stop.changed() => return,
         }
     }
+}
+
+/// A PostgreSQL connection string given where a database path goes.
+pub fn is_dsn(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// `offsite replicate postgres://… REPLICA_URL [flags]`: `pg stream` with
+/// the flags that mean the same for PostgreSQL; SQLite-only flags are refused.
+pub async fn replicate_dsn(dsn: String, a: super::ReplicateArgs) -> anyhow::Result<()> {
+    let sqlite_only = [
+        ("--config", a.config.is_some()),
+        ("--checkpoint-frames", a.checkpoint_frames.is_some()),
+        ("--retention", a.retention.is_some()),
+        ("--snapshot-retention", a.snapshot_retention.is_some()),
+        ("--snapshot-interval", a.snapshot_interval.is_some()),
+        ("--compaction-levels", a.compaction_levels.is_some()),
+        ("--exec", a.exec.is_some()),
+        ("--shutdown-timeout", a.shutdown_timeout.is_some()),
+        ("--max-wal-size", a.max_wal_size.is_some()),
+        ("--restore-if-db-not-exists", a.restore_if_db_not_exists),
+        ("--age-identity", !a.age_identity.is_empty()),
+    ];
+    if let Some((flag, _)) = sqlite_only.iter().find(|(_, set)| *set) {
+        anyhow::bail!("{flag} is a SQLite setting; for PostgreSQL see `offsite pg stream --help` (retention: `offsite prune`)");
+    }
+    let replica_url = a
+        .replica_url
+        .clone()
+        .context("replicate postgres://… needs the REPLICA_URL too")?;
+    stream(StreamArgs {
+        conn: PgConnArgs { dsn },
+        write: PgWriteArgs {
+            replica_url,
+            age_recipient: a.age_recipient.clone(),
+            age_recipients_file: a.age_recipients_file.clone(),
+            no_encryption: a.no_encryption,
+            keys: a.keys.clone(),
+        },
+        slot: "offsite".into(),
+        sync_interval: a.sync_interval.clone().unwrap_or_else(|| "1s".into()),
+        flush_after: "store".into(),
+        synchronous: false,
+        spool_dir: a.spool_dir.clone(),
+        base_backup_interval: "24h".into(),
+        listen: a.listen.clone(),
+        name: "postgres".into(),
+        max_lag: a.max_lag.clone().unwrap_or_else(|| "1m".into()),
+    })
+    .await
 }

@@ -5,6 +5,15 @@
 use super::*;
 
 pub(super) async fn replicate(a: ReplicateArgs) -> anyhow::Result<()> {
+    // A connection string, not a path: PostgreSQL streaming.
+    if let Some(dsn) = a
+        .db_path
+        .as_ref()
+        .and_then(|p| p.to_str())
+        .filter(|s| super::pg::is_dsn(s))
+    {
+        return super::pg::replicate_dsn(dsn.to_string(), a).await;
+    }
     let clock = crate::clock::Clock::from_env()?;
     let plan = replicate_plan(&a)?;
     let signer =

@@ -22,6 +22,7 @@ mod mutation_fuzz;
 mod object_lock;
 mod pg_archive;
 mod pg_pitr;
+mod pg_sidecar;
 mod pg_support;
 mod pg_wire;
 mod request_counts;

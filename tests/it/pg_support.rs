@@ -68,7 +68,12 @@ impl Streamer {
                 "--age-recipient",
                 recipient,
             ])
-            .args(["--sync-interval", "200ms", "--log-format", "text"])
+            .args(if extra.contains(&"--sync-interval") {
+                &[][..]
+            } else {
+                &["--sync-interval", "200ms"][..]
+            })
+            .args(["--log-format", "text"])
             .arg("--spool-dir")
             .arg(dir.join("spool"))
             .args(extra)

@@ -23,6 +23,8 @@ use super::dsn::Dsn;
 use super::walname::{format_lsn, SegmentName, WalFile, SEGMENT_SIZE};
 use super::wire::{Conn, WalMsg, WalStream};
 use super::Writer;
+use crate::status::{ReplicaState, ReplicaStatus};
+use std::sync::atomic::Ordering::Relaxed;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlushAfter {
@@ -126,6 +128,10 @@ impl Spool {
 pub struct Streamer<'a> {
     w: &'a Writer,
     o: &'a StreamOptions,
+    status: std::sync::Arc<ReplicaStatus>,
+    /// `sync --wait` requests: (request number, the server's end of WAL
+    /// when it was made, once a keepalive told us).
+    syncs: Vec<(u64, Option<u64>)>,
     spool: Option<Spool>,
     /// Everything before this LSN (on `timeline`) is in the store.
     shipped: u64,
@@ -134,10 +140,16 @@ pub struct Streamer<'a> {
 }
 
 impl<'a> Streamer<'a> {
-    pub fn new(w: &'a Writer, o: &'a StreamOptions) -> Streamer<'a> {
+    pub fn new(
+        w: &'a Writer,
+        o: &'a StreamOptions,
+        status: std::sync::Arc<ReplicaStatus>,
+    ) -> Streamer<'a> {
         Streamer {
             w,
             o,
+            status,
+            syncs: Vec::new(),
             spool: None,
             shipped: 0,
             pieces_in_segment: 0,
@@ -164,7 +176,21 @@ impl<'a> Streamer<'a> {
         if conn.ensure_physical_slot(&self.o.slot).await? {
             tracing::info!(slot = %self.o.slot, "created replication slot");
         }
-        let (restart, slot_tli) = conn.read_slot(&self.o.slot).await?.unwrap_or((None, None));
+        let (mut restart, mut slot_tli) =
+            conn.read_slot(&self.o.slot).await?.unwrap_or((None, None));
+        if restart.is_none() {
+            // The slot lost its WAL (max_slot_wal_keep_size): what it held
+            // is gone from the primary. Say so, start over from now, and
+            // have a base backup taken so the archive is restorable past
+            // the gap.
+            tracing::error!(slot = %self.o.slot, "the replication slot was invalidated (it held more WAL than max_slot_wal_keep_size while offsite could not ship): the archive has a gap; recreating the slot and taking a new base backup");
+            conn.simple_query(&format!("DROP_REPLICATION_SLOT {}", self.o.slot))
+                .await
+                .context("cannot drop the invalidated replication slot")?;
+            conn.ensure_physical_slot(&self.o.slot).await?;
+            (restart, slot_tli) = conn.read_slot(&self.o.slot).await?.unwrap_or((None, None));
+            self.status.add(&self.status.lineage_breaks, 1);
+        }
         let mut timeline = slot_tli.unwrap_or(sys.timeline);
         let from = restart.unwrap_or(sys.xlogpos);
         if sys.timeline > 1 {
@@ -289,15 +315,23 @@ impl<'a> Streamer<'a> {
         let mut tick = tokio::time::interval(self.o.sync_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_status = Instant::now();
+        let mut sync_rx = self.status.sync_requests();
+        self.status.running.store(true, Relaxed);
+        self.status.set_state(ReplicaState::Shipping);
         loop {
             tokio::select! {
                 m = stream.next() => match m? {
                     WalMsg::Data { start, data } => self.receive(start, &data).await?,
-                    WalMsg::Keepalive { reply, .. } => {
+                    WalMsg::Keepalive { reply, wal_end } => {
+                        self.status.pg_slot_lag_bytes.store(wal_end.saturating_sub(self.progress.flushed), Relaxed);
+                        for s in self.syncs.iter_mut().filter(|s| s.1.is_none()) {
+                            s.1 = Some(wal_end);
+                        }
                         if reply {
                             self.status(&mut stream, true).await?;
                             last_status = Instant::now();
                         }
+                        self.settle_syncs();
                     }
                     WalMsg::End { next_timeline } => {
                         self.ship().await?;
@@ -307,9 +341,21 @@ impl<'a> Streamer<'a> {
                         });
                     }
                 },
+                r = sync_rx.changed() => {
+                    if r.is_ok() {
+                        // Where the server's WAL ends now: ask it (a
+                        // keepalive answers), then ship up to there.
+                        let n = *sync_rx.borrow_and_update();
+                        self.syncs.push((n, None));
+                        self.ship().await?;
+                        self.status(&mut stream, true).await?;
+                        last_status = Instant::now();
+                    }
+                }
                 _ = tick.tick() => {
                     let before = self.progress.flushed;
                     self.ship().await?;
+                    self.settle_syncs();
                     if self.progress.flushed != before || last_status.elapsed() >= Duration::from_secs(10) {
                         self.status(&mut stream, false).await?;
                         last_status = Instant::now();
@@ -321,6 +367,22 @@ impl<'a> Streamer<'a> {
                     return Ok(Ended::Stopped);
                 }
             }
+        }
+    }
+
+    /// Satisfy the `sync --wait` requests whose WAL is all in the store.
+    fn settle_syncs(&mut self) {
+        let shipped = self.shipped;
+        let mut done: Option<u64> = None;
+        self.syncs.retain(|(n, end)| match end {
+            Some(e) if *e <= shipped => {
+                done = Some(done.map_or(*n, |d| d.max(*n)));
+                false
+            }
+            _ => true,
+        });
+        if let Some(n) = done {
+            self.status.sync_satisfied(n);
         }
     }
 
@@ -354,6 +416,9 @@ impl<'a> Streamer<'a> {
             let room = (sp.seg.end_lsn() - end) as usize;
             let n = room.min(data.len());
             sp.append(&data[..n])?;
+            if self.status.pending_since_us.load(Relaxed) == 0 {
+                self.status.pending_since_us.store(super::now_us(), Relaxed);
+            }
             data = &data[n..];
             at += n as u64;
             self.progress.received = at;
@@ -380,9 +445,15 @@ impl<'a> Streamer<'a> {
         let seg = sp.seg;
         let from = (self.shipped - seg.start_lsn()) as usize;
         let bytes = sp.data[from..].to_vec();
+        let raw = bytes.len() as u64;
         self.put_piece(seg, self.shipped, end, bytes).await?;
         self.shipped = end;
         self.pieces_in_segment += 1;
+        self.status.add(&self.status.raw_bytes, raw);
+        self.status.add(&self.status.segments, 1);
+        self.status.last_upload_us.store(super::now_us(), Relaxed);
+        self.status.pending_since_us.store(0, Relaxed);
+        self.status.pg_lag_bytes.store(0, Relaxed);
         self.progress.shipped = end;
         self.progress.pieces += 1;
         self.progress.last_ship_us = super::now_us();
@@ -415,6 +486,7 @@ impl<'a> Streamer<'a> {
         .await
         .context("sealing task failed")??;
         let mut delay = Duration::from_millis(200);
+        let stored = sealed.len() as u64;
         loop {
             match archive::put_once(
                 self.w.store.as_ref(),
@@ -425,9 +497,16 @@ impl<'a> Streamer<'a> {
             )
             .await
             {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    self.status.add(&self.status.stored_bytes, stored);
+                    return Ok(());
+                }
                 Err(e) if format!("{e:#}").contains("different content") => return Err(e),
                 Err(e) => {
+                    self.status.add(&self.status.upload_errors, 1);
+                    self.status
+                        .pg_lag_bytes
+                        .store(self.progress.received.saturating_sub(self.shipped), Relaxed);
                     // The store is down: the slot keeps the WAL on the
                     // primary meanwhile (nothing is reported flushed).
                     tracing::warn!(key = %key, "upload failed, retrying in {delay:?}: {e:#}");

@@ -1,0 +1,167 @@
+//! The PostgreSQL streamer as a sidecar: metrics, readiness and
+//! `sync --wait` over its HTTP listener, and an invalidated slot (the
+//! store was away longer than max_slot_wal_keep_size allows).
+
+use std::time::Duration;
+
+use crate::pg_support::*;
+use crate::support::harness::offsite;
+use crate::support::pgcluster::PgCluster;
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+#[test]
+fn metrics_readiness_and_sync_wait() {
+    if !PgCluster::available() {
+        return;
+    }
+    let tmp = tempdir();
+    let url = file_archive(tmp.path());
+    let (_ident, rcpt) = pg_keygen(tmp.path());
+    let c = PgCluster::start(&[]);
+    create_markers(&c);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    // A long sync interval: only `sync --wait` ships promptly.
+    let s = Streamer::start(
+        &c.dsn(),
+        &url,
+        &rcpt,
+        tmp.path(),
+        &[
+            "--listen",
+            &addr,
+            "--sync-interval",
+            "30s",
+            "--name",
+            "main-db",
+        ],
+    );
+    s.wait_log("scheduled base backup complete", Duration::from_secs(60));
+    crate::support::harness::wait_for("ready", Duration::from_secs(30), || {
+        get(&addr, "/readyz").0 == 200
+    });
+    add_marker(&c, 1);
+    let (lsn, _) = current_lsn(&c);
+    let o = offsite()
+        .args([
+            "sync",
+            "main-db",
+            "--wait",
+            "--listen",
+            &addr,
+            "--timeout",
+            "20s",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "sync --wait: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let b = backups(&url);
+    let reach = archive_reach(&url, 1, b.last().unwrap().start_lsn);
+    assert!(reach >= lsn - 1, "sync --wait returned before the commit's WAL ({lsn:#x}) was stored (archive reaches {reach:#x})");
+    let (code, m) = get(&addr, "/metrics");
+    assert_eq!(code, 200);
+    for name in [
+        "offsite_pg_slot_lag_bytes",
+        "offsite_pg_lag_bytes",
+        "offsite_pg_last_base_backup_timestamp_seconds",
+        "offsite_replication_lag_seconds",
+    ] {
+        assert!(
+            m.contains(&format!("{name}{{db=\"main-db\"")),
+            "{name} missing:\n{m}"
+        );
+    }
+    let last_backup: f64 = m
+        .lines()
+        .find(|l| l.starts_with("offsite_pg_last_base_backup_timestamp_seconds{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(last_backup > 1.0e9, "{m}");
+    assert!(!m.contains("postgres://"), "metrics carry the DSN: {m}");
+    s.stop();
+}
+
+/// The streamer was away while more WAL than max_slot_wal_keep_size was
+/// written: the slot is invalidated. offsite says so, recreates the slot
+/// and takes a new base backup, so the latest state restores again.
+#[test]
+fn invalidated_slot_gets_a_new_slot_and_backup() {
+    if !PgCluster::available() {
+        return;
+    }
+    let tmp = tempdir();
+    let url = file_archive(tmp.path());
+    let (ident, rcpt) = pg_keygen(tmp.path());
+    let c = PgCluster::start(&[
+        "max_slot_wal_keep_size = 32MB",
+        "max_wal_size = 64MB",
+        "min_wal_size = 32MB",
+    ]);
+    create_markers(&c);
+    let s = Streamer::start(&c.dsn(), &url, &rcpt, tmp.path(), &[]);
+    s.wait_log("scheduled base backup complete", Duration::from_secs(60));
+    add_marker(&c, 1);
+    wait_archived(&c, &url, Duration::from_secs(30));
+    s.kill9();
+    for k in 1..=4 {
+        c.psql(&format!(
+            "insert into markers select g from generate_series({0}, {0} + 300000) g",
+            k * 1_000_000
+        ));
+        c.psql("select pg_switch_wal()");
+        c.psql("checkpoint");
+    }
+    assert_eq!(
+        c.psql("select wal_status from pg_replication_slots where slot_name = 'offsite'"),
+        "lost"
+    );
+    add_marker(&c, 2);
+    let s = Streamer::start(&c.dsn(), &url, &rcpt, tmp.path(), &[]);
+    s.wait_log("invalidated", Duration::from_secs(30));
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while s
+        .log_text()
+        .matches("scheduled base backup complete")
+        .count()
+        < 1
+    {
+        assert!(
+            std::time::Instant::now() < end,
+            "no new base backup after the gap:\n{}",
+            s.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(backups(&url).len(), 2);
+    add_marker(&c, 3);
+    wait_archived(&c, &url, Duration::from_secs(30));
+    s.stop();
+    let want = c
+        .psql("select count(*) from markers")
+        .parse::<i64>()
+        .unwrap();
+    let r = restore_started(&url, &ident, &tmp.path().join("r"), &[]);
+    assert_eq!(r.markers().0, want, "{}", r.stderr);
+}
