@@ -536,6 +536,7 @@ mod tests {
     fn query(db: &str, wait: bool, timeout: Option<&str>) -> Query<SyncQuery> {
         Query(SyncQuery {
             db: db.into(),
+            name: None,
             wait: wait.then(|| "1".into()),
             timeout: timeout.map(str::to_string),
         })

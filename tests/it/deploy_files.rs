@@ -1370,7 +1370,7 @@ fn compose_postgres_services_stream_with_a_replication_role_and_restore_with_the
         Some("/run/secrets/offsite-signing-key")
     );
     assert_eq!(strs(&side["secrets"]), ["offsite-signing-key"]);
-    for (k, _) in &se {
+    for k in se.keys() {
         assert!(
             !k.contains("IDENTITY") && !k.contains("SIGNING_KEY"),
             "{k}: the sidecar gets its key as a secret file, and no identity"
