@@ -361,8 +361,15 @@ mod tests {
                 .unwrap_err()
         );
         assert!(e.contains("postgres") && e.contains("refusing"), "{e}");
+        assert_eq!(engine(&store).await.unwrap(), Engine::Postgres);
+        // An engine this offsite does not know: every command refuses, naming it.
+        let other = br#"{"format": 3, "engine": "mysql"}"#;
+        store
+            .put(RECORD_KEY, Body::Bytes(other[..].into()))
+            .await
+            .unwrap();
         let e = format!("{:#}", engine(&store).await.unwrap_err());
-        assert!(e.contains("postgres") && e.contains(RECORD_KEY), "{e}");
+        assert!(e.contains("mysql") && e.contains(RECORD_KEY), "{e}");
         // Not a record at all.
         store
             .put(RECORD_KEY, Body::Bytes(b"<html>"[..].into()))

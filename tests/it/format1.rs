@@ -189,7 +189,7 @@ fn an_engine_the_replica_record_names_otherwise_is_refused() {
     let url = replica_copy(tmp.path());
     std::fs::write(
         tmp.path().join("replica/replica.json"),
-        r#"{"format": 2, "engine": "postgres"}"#,
+        r#"{"format": 2, "engine": "mysql"}"#,
     )
     .unwrap();
     let id = identity();
@@ -197,7 +197,7 @@ fn an_engine_the_replica_record_names_otherwise_is_refused() {
     let r = restore(&url, &out, &["--age-identity", &id]);
     assert!(!r.ok());
     assert!(
-        r.stderr().contains("postgres") && r.stderr().contains("replica.json"),
+        r.stderr().contains("mysql") && r.stderr().contains("replica.json"),
         "{}",
         r.stderr()
     );
@@ -206,7 +206,7 @@ fn an_engine_the_replica_record_names_otherwise_is_refused() {
         let o = support::harness::offsite().args(&args).output().unwrap();
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(
-            !o.status.success() && e.contains("postgres"),
+            !o.status.success() && e.contains("mysql"),
             "{args:?}: {e}"
         );
     }
@@ -215,7 +215,7 @@ fn an_engine_the_replica_record_names_otherwise_is_refused() {
         .output()
         .unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("postgres"), "prune: {e}");
+    assert!(!o.status.success() && e.contains("mysql"), "prune: {e}");
     // A shipper refuses to write into it, and writes nothing.
     let db = tmp.path().join("app.db");
     {
@@ -233,7 +233,7 @@ fn an_engine_the_replica_record_names_otherwise_is_refused() {
         .unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(
-        !o.status.success() && e.contains("postgres") && e.contains("refusing"),
+        !o.status.success() && e.contains("mysql") && e.contains("refusing"),
         "{e}"
     );
     assert_eq!(before, list_json_raw(tmp.path()), "nothing was written");

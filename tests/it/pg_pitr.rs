@@ -249,3 +249,48 @@ fn store_outage_while_streaming_catches_up() {
     let r = restore_started(&t.url, &ident, &tmp.path().join("r"), &[]);
     assert_eq!(r.markers(), (10, 10));
 }
+
+/// A table in its own tablespace: the base backup carries the tablespace's
+/// archive, and a restore moves it with --tablespace OLD=NEW (the original
+/// location is still the running primary's).
+#[test]
+fn tablespaces_are_backed_up_and_moved_at_restore() {
+    if !PgCluster::available() {
+        return;
+    }
+    let tmp = tempdir();
+    let url = file_archive(tmp.path());
+    let (ident, rcpt) = pg_keygen(tmp.path());
+    let ts = tmp.path().join("ts");
+    std::fs::create_dir_all(&ts).unwrap();
+    assert!(std::process::Command::new("chown").arg("postgres").arg(&ts).status().unwrap().success());
+    let c = PgCluster::start(&[]);
+    c.psql(&format!("create tablespace elsewhere location '{}'", ts.display()));
+    c.psql("create table far(i int) tablespace elsewhere");
+    c.psql("insert into far select generate_series(1, 5000)");
+    create_markers(&c);
+    let s = Streamer::start(&c.dsn(), &url, &rcpt, tmp.path(), &[]);
+    s.wait_log("scheduled base backup complete", Duration::from_secs(60));
+    let b = backups(&url);
+    assert!(
+        b[0].archives.iter().any(|a| a.tablespace.as_ref().is_some_and(|t| t.path == ts.display().to_string())),
+        "the backup has no archive of the tablespace: {:?}",
+        b[0].archives
+    );
+    c.psql("insert into far select generate_series(5001, 6000)");
+    add_marker(&c, 1);
+    wait_archived(&c, &url, Duration::from_secs(30));
+    s.stop();
+    let moved = tmp.path().join("ts-restored");
+    let r = restore_started(
+        &url,
+        &ident,
+        &tmp.path().join("r"),
+        &["--tablespace", &format!("{}={}", ts.display(), moved.display())],
+    );
+    assert_eq!(r.psql("select count(*), max(i) from far"), "6000|6000", "{}", r.stderr);
+    assert_eq!(
+        r.psql("select pg_tablespace_location(oid) from pg_tablespace where spcname = 'elsewhere'"),
+        moved.display().to_string()
+    );
+}
