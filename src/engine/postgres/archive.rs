@@ -586,7 +586,7 @@ mod tests {
             system_id: "1".into(),
         };
         let key = meta.key().unwrap();
-        let obj = seal(&seal, &meta, 5, &data).unwrap();
+        let obj = super::seal(&seal, &meta, 5, &data).unwrap();
         let (m, back) = decode(&obj, &key, &trust, None).unwrap();
         assert_eq!((m, back), (meta, data));
         let other = wal_key(seg, seg.start_lsn(), seg.start_lsn() + 999);
