@@ -20,6 +20,7 @@ mod format1;
 mod local_files;
 mod mutation_fuzz;
 mod object_lock;
+mod pg_maintenance;
 mod pg_wire;
 mod request_counts;
 mod retention_compaction;

@@ -242,6 +242,7 @@ async fn drill_one(
     o: &DrillOptions,
     res: &mut DrillResult,
 ) -> anyhow::Result<()> {
+    let t0 = Instant::now();
     let b = restore::pick_backup(&inv.backups, target, None)?.clone();
     // Tablespaces go into the drill's directory, never their real places.
     let tablespace_map = b
@@ -276,6 +277,7 @@ async fn drill_one(
         },
     )
     .await?;
+    tracing::debug!(secs = t0.elapsed().as_secs_f64(), "drill: restored");
     let bin = restore::pg_bin(o.bin.as_deref(), &b.pg_version)?;
     // The copy against its own manifest, before the server changes it.
     res.verifybackup = Some(if b.manifest {
@@ -302,6 +304,10 @@ async fn drill_one(
     } else {
         "skipped (the backup has no manifest)".into()
     });
+    tracing::debug!(
+        secs = t0.elapsed().as_secs_f64(),
+        "drill: pg_verifybackup done"
+    );
     // Only local connections, without a password: the socket is in the
     // copy's own directory (mode 0700), reachable by its owner alone.
     std::fs::write(
@@ -325,6 +331,7 @@ async fn drill_one(
     tokio::task::spawn_blocking(move || restore::start_and_wait(&d, &so))
         .await
         .context("drill task failed")??;
+    tracing::debug!(secs = t0.elapsed().as_secs_f64(), "drill: recovered");
     let dsn = Dsn::parse(&format!(
         "host='{}' port={port} user='{}' dbname=postgres sslmode=disable",
         dir.display().to_string().replace('\'', "\\'"),
@@ -349,6 +356,7 @@ async fn drill_one(
             .unwrap_or_default(),
     );
     conn.close().await;
+    tracing::debug!(secs = t0.elapsed().as_secs_f64(), "drill: queried");
     let reached = replayed.as_deref().map(parse_lsn).transpose()?.unwrap_or(0);
     let want = match target {
         PgTarget::Lsn(l) => *l,

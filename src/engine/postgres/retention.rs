@@ -244,8 +244,8 @@ pub fn plan(inv: &Inventory, policy: &Policy, now_us: i64) -> anyhow::Result<Pla
                 key: p.key.clone(),
                 size: p.size,
                 reason: format!(
-                    "WAL before segment {} where the oldest kept backup {} starts (LSN {})",
-                    segno_name(&seg),
+                    "WAL before LSN {} (on every timeline), the start of the segment where the oldest kept backup {} starts (LSN {})",
+                    format_lsn(seg.start_lsn()),
                     oldest.id,
                     format_lsn(oldest.start_lsn)
                 ),
@@ -300,12 +300,6 @@ fn check(inv: &Inventory, kept: &[&BackupInfo], plan: &Plan) -> anyhow::Result<(
         }
     }
     Ok(())
-}
-
-/// A segment's name without its timeline (`XXXXXXXXYYYYYYYY`): the cut
-/// applies to every timeline.
-fn segno_name(seg: &SegmentName) -> String {
-    seg.to_string()[8..].to_string()
 }
 
 /// What pruning did.

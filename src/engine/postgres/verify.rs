@@ -184,10 +184,13 @@ impl VerifyReport {
     }
 }
 
+/// A finding about `key`; the text does not repeat the key.
 fn problem(v: &mut Vec<Problem>, key: &str, text: impl Into<String>) {
+    let text: String = text.into();
+    let text = text.replace(&format!("object {key}: "), "");
     v.push(Problem {
         key: key.to_string(),
-        problem: text.into(),
+        problem: text,
     });
 }
 
@@ -197,6 +200,8 @@ pub struct Pages {
     pub checked: u64,
     /// All-zero pages from this LSN to the object's end.
     pub zero_tail_from: Option<u64>,
+    /// Every byte is zero.
+    pub all_zero: bool,
     pub problem: Option<String>,
 }
 
@@ -205,7 +210,10 @@ pub struct Pages {
 /// segment's; the segment's first page's long header (cluster, sizes).
 /// All-zero pages are allowed only as a tail (nothing but zeros after them).
 pub fn check_pages(seg: SegmentName, start: u64, data: &[u8], system_id: Option<u64>) -> Pages {
-    let mut out = Pages::default();
+    let mut out = Pages {
+        all_zero: data.iter().all(|b| *b == 0),
+        ..Default::default()
+    };
     let end = start + data.len() as u64;
     let mut p = start.div_ceil(PAGE_SIZE) * PAGE_SIZE;
     while p + SHORT_HEADER <= end {
@@ -214,11 +222,13 @@ pub fn check_pages(seg: SegmentName, start: u64, data: &[u8], system_id: Option<
         if h[..SHORT_HEADER as usize].iter().all(|b| *b == 0) {
             match h.iter().position(|b| *b != 0) {
                 None => out.zero_tail_from = Some(p),
-                Some(i) => out.problem = Some(format!(
+                Some(i) => {
+                    out.problem = Some(format!(
                     "the page at LSN {} is all zeros but WAL bytes follow it (at LSN {}): damaged",
                     format_lsn(p),
                     format_lsn(p + i as u64)
-                )),
+                ))
+                }
             }
             return out;
         }
@@ -455,13 +465,8 @@ async fn contents(
     decode: bool,
     rep: &mut VerifyReport,
 ) {
-    // WAL: the newest segment of each timeline may end in zeros (a partial
-    // segment); elsewhere zeros mean WAL is missing.
-    let mut last_seg: BTreeMap<u32, u64> = BTreeMap::new();
-    for p in &inv.wal {
-        let e = last_seg.entry(p.seg.timeline).or_default();
-        *e = (*e).max(p.seg.segno);
-    }
+    // WAL: pages may end in zeros (after a WAL switch, or in a partial
+    // segment); zeros with WAL after them are damage.
     let results: Vec<(WalPiece, anyhow::Result<Option<Pages>>)> =
         futures::stream::iter(inv.wal.iter().cloned().map(|p| async move {
             let res = fetch(r, &p.key, decode).await.map(|data| {
@@ -478,6 +483,7 @@ async fn contents(
         .buffer_unordered(parallel)
         .collect()
         .await;
+    let mut by_seg: BTreeMap<SegmentName, Vec<(WalPiece, Pages)>> = BTreeMap::new();
     for (p, res) in results {
         rep.wal_objects_checked += 1;
         match res {
@@ -489,28 +495,60 @@ async fn contents(
             Ok(None) => {}
             Ok(Some(pages)) => {
                 rep.pages_checked += pages.checked;
-                if let Some(e) = pages.problem {
-                    problem(&mut rep.problems, &p.key, e);
+                if let Some(e) = &pages.problem {
+                    problem(&mut rep.problems, &p.key, e.clone());
                 }
-                if let Some(z) = pages.zero_tail_from {
-                    let tail = last_seg.get(&p.seg.timeline) == Some(&p.seg.segno);
-                    let n = (p.end - z).div_ceil(PAGE_SIZE);
-                    if tail || !p.is_whole() {
-                        rep.notices.push(format!(
-                            "{}: {n} all-zero pages from LSN {} after the last WAL of a partial segment (ignored)",
-                            p.key,
-                            format_lsn(z)
-                        ));
-                    } else {
-                        problem(
-                            &mut rep.problems,
-                            &p.key,
-                            format!("whole segment {} is all zeros from LSN {} ({n} pages) although later segments exist: archived before it was complete", p.seg, format_lsn(z)),
-                        );
-                    }
-                }
+                by_seg.entry(p.seg).or_default().push((p, pages));
             }
         }
+    }
+    let mut switched = 0usize;
+    for (seg, mut pieces) in by_seg {
+        pieces.sort_by_key(|(p, _)| (p.start, std::cmp::Reverse(p.end)));
+        let all: Vec<WalPiece> = pieces.iter().map(|(p, _)| p.clone()).collect();
+        // Zeros are judged along the pieces a restore reads.
+        let (chain, reach) = archive::cover(&all, seg.start_lsn());
+        let mut zero_since: Option<(u64, String)> = None;
+        for c in &chain {
+            let Some((p, pages)) = pieces.iter().find(|(p, _)| p.key == c.key) else {
+                continue;
+            };
+            if let Some((z, zkey)) = &zero_since {
+                if !pages.all_zero {
+                    problem(
+                        &mut rep.problems,
+                        &p.key,
+                        format!(
+                            "segment {seg} is all zeros from LSN {} ({zkey}) but WAL follows in this object: damaged",
+                            format_lsn(*z)
+                        ),
+                    );
+                    zero_since = None;
+                }
+                continue;
+            }
+            if let Some(z) = pages.zero_tail_from {
+                zero_since = Some((z, p.key.clone()));
+            } else if pages.all_zero && pages.problem.is_none() && p.start > seg.start_lsn() {
+                zero_since = Some((p.start, p.key.clone()));
+            }
+        }
+        let Some((z, _)) = zero_since else { continue };
+        if reach == seg.end_lsn() {
+            // PostgreSQL zero-fills the rest of a segment after a WAL switch.
+            switched += 1;
+        } else {
+            rep.notices.push(format!(
+                "segment {seg}: {} all-zero pages from LSN {} after the last WAL of a partial segment (ignored)",
+                (reach - z).div_ceil(PAGE_SIZE),
+                format_lsn(z)
+            ));
+        }
+    }
+    if switched > 0 {
+        rep.notices.push(format!(
+            "{switched} segments end in all-zero pages (PostgreSQL zero-fills a segment after a WAL switch): expected"
+        ));
     }
     for (name, obj) in &inv.files {
         rep.files_checked += 1;
