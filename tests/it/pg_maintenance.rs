@@ -188,6 +188,7 @@ fn pg_list_prune_verify_and_drills() {
     assert!(wal[0]["gaps"].as_array().unwrap().is_empty(), "{v:#}");
     assert!(v["refused"].as_array().unwrap().is_empty(), "{v:#}");
     let human = ok(&["list", &url]);
+    eprintln!("$ offsite list\n{human}");
     assert!(
         human.contains("window   ") && human.contains(old["id"].as_str().unwrap()),
         "{human}"
@@ -195,6 +196,7 @@ fn pg_list_prune_verify_and_drills() {
 
     // verify --deep on a healthy archive: every check and three drills pass.
     let out = ok(&["verify", &url, "--age-identity", &id, "--deep"]);
+    eprintln!("$ offsite verify --age-identity --deep\n{out}");
     assert!(
         out.contains("contents checked") && out.contains(": continuous"),
         "{out}"
@@ -229,6 +231,7 @@ fn pg_list_prune_verify_and_drills() {
         "--dry-run",
     ]);
     assert_eq!(objects(&arch), before, "a dry run deletes nothing");
+    eprintln!("$ offsite prune --retention 1s --backup-retention 1 --dry-run\n{dry}");
     assert!(
         dry.contains("would delete") && dry.contains(&format!("refused  {planted}")),
         "{dry}"
@@ -370,6 +373,7 @@ fn pg_list_prune_verify_and_drills() {
     std::fs::write(&p, &b).unwrap();
     let o = run(&["verify", &url, "--age-identity", &id]);
     let t = text(&o);
+    eprintln!("$ offsite verify --age-identity (a flipped byte)\n{t}");
     assert!(!o.status.success(), "{t}");
     assert!(t.contains(&format!("PROBLEM  {victim}: ")), "{t}");
     assert!(t.contains("verify found 1 problems"), "{t}");

@@ -148,10 +148,10 @@ impl Inventory {
                     if let Name::Record(id) = &n {
                         inv.dirs.entry(id.clone()).or_default().record_refused = true;
                     }
-                    inv.refused.push(Refusal {
-                        key: m.key,
-                        reason: format!("{e:#}").replace('\n', " "),
-                    });
+                    let reason = format!("{e:#}")
+                        .replace('\n', " ")
+                        .replace(&format!("object {}: ", m.key), "");
+                    inv.refused.push(Refusal { key: m.key, reason });
                     continue;
                 }
             };

@@ -547,7 +547,7 @@ async fn contents(
     }
     if switched > 0 {
         rep.notices.push(format!(
-            "{switched} segments end in all-zero pages (PostgreSQL zero-fills a segment after a WAL switch): expected"
+            "{switched} segment(s) end in all-zero pages (PostgreSQL zero-fills a segment after a WAL switch): expected"
         ));
     }
     for (name, obj) in &inv.files {
