@@ -2,6 +2,7 @@
 //! `replicate`'s flags become the config file's structure in `replicate`.
 
 mod pg;
+mod pg_maint;
 mod replicate;
 mod trust;
 
@@ -174,6 +175,8 @@ pub struct PruneArgs {
     pub keys: KeyArgs,
     #[command(flatten)]
     pub reader: ReaderArgs,
+    #[command(flatten)]
+    pub pg: pg_maint::PgPruneArgs,
 }
 
 #[derive(Args, Debug)]
@@ -279,6 +282,8 @@ pub struct VerifyArgs {
     pub keys: KeyArgs,
     #[command(flatten)]
     pub reader: ReaderArgs,
+    #[command(flatten)]
+    pub pg: pg_maint::PgVerifyArgs,
 }
 
 #[derive(Args, Debug)]
@@ -598,6 +603,9 @@ async fn list(a: ListArgs) -> anyhow::Result<()> {
     let reader = with_database(a.reader.clone(), &a.config, &a.source);
     let mut trust = trust::trust(&a.keys, Some(&reader), &[], cfg.as_ref())?;
     let engine = crate::record::open(store.as_ref(), &mut trust).await?;
+    if engine == crate::engine::Engine::Postgres {
+        return pg_maint::list(&url, store.as_ref(), &trust, a.json).await;
+    }
     let listed = Catalog::load(store.as_ref()).await?;
     // Only snapshots whose signed envelopes prove out make a restore point.
     let (catalog, refused) =
@@ -673,6 +681,10 @@ async fn list(a: ListArgs) -> anyhow::Result<()> {
 }
 
 async fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
+    if let Some(url) = pg_maint::postgres_url(&a.source, &a.config).await? {
+        return pg_maint::prune(a, url).await;
+    }
+    pg_maint::refuse_for_sqlite(Some(&a.pg), None)?;
     let (mut rs, _) = resolve_replicas(&a.source, &a.config, &[], a.replica.as_deref())?;
     let r = rs.remove(0);
     let mut policy = match (&a.config, &r.retention) {
@@ -743,6 +755,10 @@ async fn prune_cmd(a: PruneArgs) -> anyhow::Result<()> {
 }
 
 async fn verify_cmd(a: VerifyArgs) -> anyhow::Result<()> {
+    if let Some(url) = pg_maint::postgres_url(&a.source, &a.config).await? {
+        return pg_maint::verify(a, url).await;
+    }
+    pg_maint::refuse_for_sqlite(None, Some(&a.pg))?;
     let (url, id_files) = resolve_source(&a.source, &a.config, &a.age_identity)?;
     let identities = if id_files.is_empty() {
         None

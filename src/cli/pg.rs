@@ -501,7 +501,7 @@ fn describe(t: &crate::engine::postgres::restore::PgTarget, exclusive: bool) -> 
 /// The restore_command written into the restored cluster: this offsite's
 /// wal-fetch for the same archive, with the same identities and pinned
 /// keys (no secret in it: identity files are named, not copied).
-fn restore_command(
+pub(super) fn restore_command(
     url: &ReplicaUrl,
     id_files: &[PathBuf],
     r: &Reader,

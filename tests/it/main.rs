@@ -21,6 +21,7 @@ mod local_files;
 mod mutation_fuzz;
 mod object_lock;
 mod pg_archive;
+mod pg_maintenance;
 mod pg_pitr;
 mod pg_sidecar;
 mod pg_support;

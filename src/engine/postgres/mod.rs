@@ -13,11 +13,15 @@
 
 pub mod archive;
 pub mod backup;
+pub mod drill;
 pub mod dsn;
 pub mod fetch;
+pub mod inventory;
 pub mod push;
 pub mod restore;
+pub mod retention;
 pub mod stream;
+pub mod verify;
 pub mod walname;
 pub mod wire;
 
