@@ -10,7 +10,7 @@
 use anyhow::{bail, ensure, Context};
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{fmt_time_us, Catalog, Plan, Target};
+use crate::layout::{fmt_time_us, Plan, Target};
 use crate::sign::{Signer, Trust};
 use crate::storage::{Body, Storage, StorageError};
 
@@ -110,19 +110,24 @@ pub async fn read(store: &dyn Storage, trust: &Trust) -> anyhow::Result<Option<H
     Ok(Some(rec))
 }
 
-/// The rollback check of a restore to the newest state: the signed head
-/// record must not name a newer state than the plan reaches.
-pub async fn check_restore(
+/// The head record a restore to the newest state checks against (read
+/// before the listing); `None` for other targets or without a replica id.
+pub async fn for_restore(
     store: &dyn Storage,
-    _catalog: &Catalog,
-    plan: &Plan,
     target: Target,
     trust: &Trust,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<HeadRecord>> {
     if !matches!(target, Target::Latest) || trust.replica.is_none() {
-        return Ok(());
+        return Ok(None);
     }
-    let Some(h) = read(store, trust).await? else {
+    read(store, trust).await
+}
+
+/// The rollback check of a restore to the newest state: the signed head
+/// record (read before the listing) must not name a newer state than the
+/// plan reaches.
+pub fn check_restore(head: Option<&HeadRecord>, plan: &Plan) -> anyhow::Result<()> {
+    let Some(h) = head else {
         return Ok(());
     };
     if h.txid > plan.stop_txid {

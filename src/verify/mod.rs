@@ -257,7 +257,6 @@ fn problem(v: &mut Vec<Problem>, key: &str, text: impl Into<String>) {
 /// Verify a replica. Fails only when the replica cannot be listed; every
 /// finding about its objects is in the report.
 pub async fn verify(store: &dyn Storage, opts: &VerifyOptions) -> anyhow::Result<VerifyReport> {
-    let catalog = Catalog::load(store).await?;
     let mut trust = opts.trust.clone();
     // A record that does not prove out is a problem of its own; without a
     // proven replica id every signed object is then refused too.
@@ -265,6 +264,10 @@ pub async fn verify(store: &dyn Storage, opts: &VerifyOptions) -> anyhow::Result
         Ok(e) => (e, None),
         Err(e) => (crate::record::engine(store).await?, Some(err_text(&e))),
     };
+    // The head record before the listing: a shipper that runs meanwhile
+    // moves the head only to states the later listing already holds.
+    let head = crate::head::read(store, &trust).await;
+    let catalog = Catalog::load(store).await?;
     let keys = crate::replay::Keys {
         ids: opts.identities.clone(),
         trust,
@@ -352,7 +355,7 @@ pub async fn verify(store: &dyn Storage, opts: &VerifyOptions) -> anyhow::Result
         }
     }
     // Rollback: the signed head record names the newest state shipped.
-    match crate::head::read(store, &keys.trust).await {
+    match head {
         Ok(Some(h)) => {
             let newest = catalog.max_txid().unwrap_or(0);
             if h.txid > newest {

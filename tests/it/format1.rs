@@ -205,10 +205,7 @@ fn an_engine_the_replica_record_names_otherwise_is_refused() {
     for args in [vec!["list", &url], vec!["verify", &url]] {
         let o = support::harness::offsite().args(&args).output().unwrap();
         let e = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            !o.status.success() && e.contains("mysql"),
-            "{args:?}: {e}"
-        );
+        assert!(!o.status.success() && e.contains("mysql"), "{args:?}: {e}");
     }
     let o = support::harness::offsite()
         .args(["prune", &url, "--retention", "1s"])

@@ -263,9 +263,17 @@ fn tablespaces_are_backed_up_and_moved_at_restore() {
     let (ident, rcpt) = pg_keygen(tmp.path());
     let ts = tmp.path().join("ts");
     std::fs::create_dir_all(&ts).unwrap();
-    assert!(std::process::Command::new("chown").arg("postgres").arg(&ts).status().unwrap().success());
+    assert!(std::process::Command::new("chown")
+        .arg("postgres")
+        .arg(&ts)
+        .status()
+        .unwrap()
+        .success());
     let c = PgCluster::start(&[]);
-    c.psql(&format!("create tablespace elsewhere location '{}'", ts.display()));
+    c.psql(&format!(
+        "create tablespace elsewhere location '{}'",
+        ts.display()
+    ));
     c.psql("create table far(i int) tablespace elsewhere");
     c.psql("insert into far select generate_series(1, 5000)");
     create_markers(&c);
@@ -273,7 +281,10 @@ fn tablespaces_are_backed_up_and_moved_at_restore() {
     s.wait_log("scheduled base backup complete", Duration::from_secs(60));
     let b = backups(&url);
     assert!(
-        b[0].archives.iter().any(|a| a.tablespace.as_ref().is_some_and(|t| t.path == ts.display().to_string())),
+        b[0].archives.iter().any(|a| a
+            .tablespace
+            .as_ref()
+            .is_some_and(|t| t.path == ts.display().to_string())),
         "the backup has no archive of the tablespace: {:?}",
         b[0].archives
     );
@@ -286,9 +297,17 @@ fn tablespaces_are_backed_up_and_moved_at_restore() {
         &url,
         &ident,
         &tmp.path().join("r"),
-        &["--tablespace", &format!("{}={}", ts.display(), moved.display())],
+        &[
+            "--tablespace",
+            &format!("{}={}", ts.display(), moved.display()),
+        ],
     );
-    assert_eq!(r.psql("select count(*), max(i) from far"), "6000|6000", "{}", r.stderr);
+    assert_eq!(
+        r.psql("select count(*), max(i) from far"),
+        "6000|6000",
+        "{}",
+        r.stderr
+    );
     assert_eq!(
         r.psql("select pg_tablespace_location(oid) from pg_tablespace where spcname = 'elsewhere'"),
         moved.display().to_string()

@@ -269,13 +269,15 @@ async fn unpack_all(
                 std::fs::create_dir_all(&to).with_context(|| {
                     format!("cannot create tablespace directory {}", to.display())
                 })?;
-                if let Some(u) = &o.os_user {
-                    chown_tree(&to, u)?;
-                }
                 to
             }
         };
         unpack_archive(r, b, a, &dest, o.parallel).await?;
+        // The tablespace's files, unpacked, belong to PostgreSQL's user
+        // (the data directory is given to it as a whole later).
+        if let (Some(_), Some(u)) = (&a.tablespace, &o.os_user) {
+            chown_tree(&dest, u)?;
+        }
     }
     if !o.tablespace_map.is_empty() {
         remap_tablespaces(tmp, b, &o.tablespace_map)?;
