@@ -351,7 +351,11 @@ class Cluster:
     def start(self, data=None, port=None):
         data = data or self.data
         o = f"-p {port}" if port else ""
-        run([self.pg("pg_ctl"), "-D", data, "-l", self.logf, "-w", "-t", "600", "-o", o, "start"], user="postgres")
+        try:
+            run([self.pg("pg_ctl"), "-D", data, "-l", self.logf, "-w", "-t", "600", "-o", o, "start"],
+                user="postgres")
+        except BenchError as e:
+            raise BenchError(f"{e}\n--- {self.logf}:\n{tail(self.logf, 25)}") from None
 
     def stop(self, data=None, mode="fast", check=True):
         data = data or self.data
@@ -760,7 +764,9 @@ class Markers:
     def acked_at(self, mid):
         if mid is None or mid < 1:
             return self.start_t
-        return self.acks[mid - 1][1]
+        # a commit can be durable (and restored) while its acknowledgement
+        # was lost with the server: newer than the last acknowledged one
+        return self.acks[min(mid, len(self.acks)) - 1][1]
 
     def newest_before(self, t):
         best = 0
@@ -823,6 +829,22 @@ def fig_kill(env, S, results):
         name = f"k{n}-{key}"
         cl = new_cluster(env, name, tool, opt, 1)
         try:
+            kill_run(env, S, out, cl, key, tool, target, opt, rep)
+        except BenchError as e:
+            # one failed restore must not end the run: record it with the server's log
+            log(f"  FAILED: {e}\n{tail(cl.logf, 25)}")
+            out.setdefault("failures", []).append(dict(config=key, rep=rep, error=str(e)[-3000:],
+                                                       postgres_log=tail(cl.logf, 25)))
+        finally:
+            cl.stop(mode="immediate", check=False)
+            cl.remove()
+        env.save(results)
+
+
+def kill_run(env, S, out, cl, key, tool, target, opt, rep):
+    t = None
+    if True:
+        try:
             mk = Markers(cl, S["marker_interval"])  # the table is in the base backup
             t = attach(env, cl, tool, target, opt)
             bg = PROCS.popen([env.pgbin / "pgbench", "-h", "127.0.0.1", "-p", cl.port, "-U", "postgres", "-n",
@@ -841,6 +863,8 @@ def fig_kill(env, S, results):
             acked = len(mk.acks)
             last_ack = mk.acks[-1][1] if mk.acks else mk.start_t
             shutil.rmtree(cl.data)
+            for f in cl.sock.iterdir():
+                f.unlink()
             t0 = time.time()
             if tool == "offsite":
                 t.restore(cl.data, cl.port)
@@ -850,7 +874,7 @@ def fig_kill(env, S, results):
                 t.restore(cl.data, cl.port)
             restore_s = time.time() - t0
             newest, count = cl.sql("select coalesce(max(id), 0), count(*) from marker")[0]
-            lost = acked - newest
+            lost = max(0, acked - newest)
             holes = newest - count
             window = last_ack - mk.acked_at(newest)
             run_ = dict(config=key, tool=tool, target=target, setting=str(opt), rep=rep, kill_after_s=round(delay, 3),
@@ -863,12 +887,9 @@ def fig_kill(env, S, results):
             if holes:
                 log(f"  WARNING: {holes} markers below the newest restored one are missing")
             cl.stop(mode="fast", check=False)
-            if tool == "offsite":
-                t.stop()
         finally:
-            cl.stop(mode="immediate", check=False)
-            cl.remove()
-        env.save(results)
+            if tool == "offsite" and t is not None:
+                t.stop()
 
 
 # ------------------------------------------------------------------ figure 2: tps
@@ -1009,13 +1030,21 @@ def fig_big(env, S, results):
             log(f"big: restore rep {rep + 1}: {name} {target_kind} to {target}")
             shutil.rmtree(rdir, ignore_errors=True)
             t0 = time.time()
-            if name == "offsite":
-                t.restore(rdir, rport, timestamp=target)
-                cl.wait_recovered(rport, data=rdir)
-            else:
-                if name == "pgbackrest":
-                    mkdata(rdir)
-                t.restore(rdir, rport, timestamp=target)
+            try:
+                if name == "offsite":
+                    t.restore(rdir, rport, timestamp=target)
+                    cl.wait_recovered(rport, data=rdir)
+                else:
+                    if name == "pgbackrest":
+                        mkdata(rdir)
+                    t.restore(rdir, rport, timestamp=target)
+            except BenchError as e:
+                log(f"  FAILED: {e}")
+                out.setdefault("failures", []).append(dict(what=f"restore {name} {target_kind}", rep=rep,
+                                                           error=str(e)[-3000:]))
+                cl.stop(data=rdir, mode="immediate", check=False)
+                env.save(results)
+                continue
             wall = time.time() - t0
             got = cl.one("select coalesce(max(id), 0) from marker", port=rport)
             out["restores"].append(dict(tool=name, target=target_kind, rep=rep, wall_s=round(wall, 2),
