@@ -450,9 +450,10 @@ class Cluster:
 
     def server_cpu_s(self, data=None):
         """CPU of every postgres process of this server so far (live ones +
-        the postmaster's reaped children)."""
+        the postmaster's reaped children), with what they reaped themselves:
+        the archiver's archive_command processes count here."""
         pid = self.postmaster_pid(data)
-        return proc_cpu_s(pid, children=True) + sum(proc_cpu_s(c) for c in children_of(pid))
+        return proc_cpu_s(pid, children=True) + sum(proc_cpu_s(c, children=True) for c in children_of(pid))
 
     def remove(self):
         if not self.env.args.keep:
@@ -899,6 +900,8 @@ TPS_CONFIGS = [
     ("offsite-sync-file", "offsite", "file", True),
     ("pgbackrest-at0", "pgbackrest", "file", "0"),
     ("barman-at0", "barman", "s3", "0"),
+    ("pgbackrest-at1s", "pgbackrest", "file", "1s"),
+    ("barman-at1s", "barman", "s3", "1s"),
 ]
 
 
@@ -961,6 +964,7 @@ def fig_big(env, S, results):
     db_bytes = cl.one("select pg_database_size('postgres')")
     out["db_bytes"] = db_bytes
     out["cluster_bytes"] = tree_size(cl.data)
+    out["cluster_bytes_without_wal"] = out["cluster_bytes"] - tree_size(cl.data / "pg_wal")
     log(f"big: pgbench -i -s {S['big_scale']} in {time.time() - t0:.0f} s, database {db_bytes / MB:.0f} MB, "
         f"data directory {out['cluster_bytes'] / MB:.0f} MB")
     # every tool attached from here on: the same history for all

@@ -31,6 +31,8 @@ TPS_LABELS = {
     "offsite-sync-file": "offsite --synchronous (+ synchronous_standby_names), file",
     "pgbackrest-at0": "pgBackRest archive-push (aes-256-cbc, gz)",
     "barman-at0": "barman-cloud-wal-archive -z, S3",
+    "pgbackrest-at1s": "pgBackRest archive-push, archive_timeout=1s",
+    "barman-at1s": "barman-cloud-wal-archive -z, archive_timeout=1s, S3",
 }
 
 
@@ -132,8 +134,9 @@ def md_tps(R):
         by.setdefault(r["config"], []).append(r)
     none = med([r["tps"] for r in by.get("none", [])])
     out = ["#### 2. pgbench tps with the tool attached (pgbench -i -s 10, then -c 4 -j 2 -T 20; fresh cluster each)", "",
-           "| configuration | runs | tps p50 | latency p50 ms | ÷ no tool | offsite defaults ÷ this | sidecar CPU s |",
-           "|---|---|---|---|---|---|---|"]
+           "| configuration | runs | tps p50 | latency p50 ms | ÷ no tool | offsite defaults ÷ this | sidecar CPU s | "
+           "PostgreSQL + archive_command CPU s |",
+           "|---|---|---|---|---|---|---|---|"]
     off = med([r["tps"] for r in by.get("offsite-default-file", [])])
     for k in TPS_LABELS:
         if k not in by:
@@ -142,7 +145,8 @@ def md_tps(R):
         t = med([r["tps"] for r in rs])
         cpu = med([r.get("sidecar_cpu_s") for r in rs])
         out.append(f"| {TPS_LABELS[k]} | {len(rs)} | {f(t, 0)} | {f(med([r['latency_ms'] for r in rs]), 2)} | "
-                   f"{ratio(t, none)} | {ratio(off, t) if k != 'none' else '–'} | {f(cpu, 1)} |")
+                   f"{ratio(t, none)} | {ratio(off, t) if k != 'none' else '–'} | {f(cpu, 1)} | "
+                   f"{f(med([r.get('server_cpu_s') for r in rs]), 1)} |")
     return out + [""]
 
 
@@ -151,10 +155,12 @@ def md_big(R):
     if not B:
         return []
     out = []
-    cb = B["cluster_bytes"]
-    out += [f"#### 3. Base backup of a {cb / GB:.2f} GB data directory (database {B['db_bytes'] / GB:.2f} GB; "
-            "pgbench -i -s " + str(R["sizes"]["big_scale"]) + "), encryption on where the tool has it", "",
-            "| tool | target | runs | wall p50 s | MB/s of data dir | tool CPU s | CPU s per GB | PostgreSQL CPU s "
+    # what a base backup copies: the data directory without pg_wal (older results: the database size)
+    cb = B.get("cluster_bytes_without_wal") or B["db_bytes"]
+    what = "data directory without pg_wal" if "cluster_bytes_without_wal" in B else "database"
+    out += [f"#### 3. Base backup of a {cb / GB:.2f} GB {what} (pgbench -i -s " + str(R["sizes"]["big_scale"]) +
+            "), encryption on where the tool has it; MB/s and per GB are of that size", "",
+            "| tool | target | runs | wall p50 s | MB/s | tool CPU s | CPU s per GB | PostgreSQL CPU s "
             "| peak RSS MB | stored per backup MB | offsite (same target) ÷ this, wall | ÷ CPU |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     by = {}
