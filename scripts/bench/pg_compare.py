@@ -6,7 +6,7 @@ Run through scripts/bench/pg_compare.sh, which installs what is missing
 (PostgreSQL 15, pgbackrest, barman-cli-cloud, a venv with matplotlib), builds
 the release binary and starts the S3 test servers. See docs/BENCHMARKS-postgres.md.
 
-    scripts/bench/pg_compare.sh --quick           # small sizes, 1-2 repetitions (~8 min)
+    scripts/bench/pg_compare.sh --quick           # small sizes, 1 repetition (~6 min)
     scripts/bench/pg_compare.sh                   # the full run behind the doc (~45 min)
 
 Figures (each config gets a fresh cluster unless said otherwise):

@@ -2,8 +2,8 @@
 # offsite vs pgBackRest 2.45 vs Barman cloud 3.4 on PostgreSQL 15, on this
 # machine (see docs/BENCHMARKS-postgres.md).
 #
-#   scripts/bench/pg_compare.sh --quick                    # small sizes, 1 repetition (~10 min)
-#   scripts/bench/pg_compare.sh --out docs/benchmarks/pg-results.json   # the full run (~60 min)
+#   scripts/bench/pg_compare.sh --quick                    # small sizes, 1 repetition (~6 min)
+#   scripts/bench/pg_compare.sh --out docs/benchmarks/pg-results.json   # the full run (~45 min)
 #   scripts/bench/pg_compare.sh --figures kill --only offsite-default-file --kill-runs 10
 #   scripts/bench/pg_compare.sh --help                     # every option of pg_compare.py
 #

@@ -134,18 +134,32 @@ def md_tps(R):
         by.setdefault(r["config"], []).append(r)
     none = med([r["tps"] for r in by.get("none", [])])
     out = ["#### 2. pgbench tps with the tool attached (pgbench -i -s 10, then -c 4 -j 2 -T 20; fresh cluster each)", "",
-           "| configuration | runs | tps p50 | latency p50 ms | ÷ no tool | offsite defaults ÷ this | sidecar CPU s | "
-           "PostgreSQL + archive_command CPU s |",
+           "| configuration | runs | tps p50 | latency p50 ms | ÷ no tool (p50 of per-round ratios) | "
+           "offsite defaults ÷ this (p50 of per-round ratios) | sidecar CPU s | PostgreSQL + archive_command CPU s |",
            "|---|---|---|---|---|---|---|---|"]
+    rounds = {}
+    for r in runs:
+        rounds.setdefault((r.get("src", 0), r["rep"]), {})[r["config"]] = r["tps"]
+
+    def paired(a, b):
+        xs = [v[a] / v[b] for v in rounds.values() if a in v and b in v and v[b]]
+        return f"{med(xs):.2f}" if xs else "–"
+
     off = med([r["tps"] for r in by.get("offsite-default-file", [])])
+    rows = []
     for k in TPS_LABELS:
         if k not in by:
             continue
-        rs = by[k]
+        srcs = sorted({r.get("src", 0) for r in by[k]})
+        if k == "none" and len(srcs) > 1:  # one baseline per results file (run)
+            rows += [(k, [r for r in by[k] if r.get("src", 0) == s_], f" (results file {s_ + 1})") for s_ in srcs]
+        else:
+            rows.append((k, by[k], f" (results file {srcs[0] + 1})" if len(by.get("none", [])) > len(by[k]) else ""))
+    for k, rs, suffix in rows:
         t = med([r["tps"] for r in rs])
         cpu = med([r.get("sidecar_cpu_s") for r in rs])
-        out.append(f"| {TPS_LABELS[k]} | {len(rs)} | {f(t, 0)} | {f(med([r['latency_ms'] for r in rs]), 2)} | "
-                   f"{ratio(t, none)} | {ratio(off, t) if k != 'none' else '–'} | {f(cpu, 1)} | "
+        out.append(f"| {TPS_LABELS[k]}{suffix} | {len(rs)} | {f(t, 0)} | {f(med([r['latency_ms'] for r in rs]), 2)} | "
+                   f"{paired(k, 'none')} | {paired('offsite-default-file', k) if k != 'none' else '–'} | {f(cpu, 1)} | "
                    f"{f(med([r.get('server_cpu_s') for r in rs]), 1)} |")
     return out + [""]
 
@@ -274,8 +288,10 @@ def main():
     ap.add_argument("--csv", type=Path)
     a = ap.parse_args()
     R = {}
-    for p in a.results:
+    for i, p in enumerate(a.results):
         r = json.loads(p.read_text())
+        for x in r.get("tps", {}).get("runs", []):
+            x["src"] = i  # a repetition's "none" belongs to the same file's run
         for k, v in r.items():
             if k in ("kill", "tps") and k in R:
                 R[k]["runs"] += v["runs"]
