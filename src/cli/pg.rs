@@ -238,7 +238,13 @@ async fn wal_fetch(a: WalFetchArgs) -> anyhow::Result<()> {
 
 async fn wal_fetch_inner(a: &WalFetchArgs) -> anyhow::Result<Fetched> {
     let url: ReplicaUrl = a.replica_url.parse().context("--replica")?;
-    let t = trust::trust(&a.keys, Some(&a.reader), &a.age_identity, None)?;
+    // A reader: the shipper's signing key file (perhaps set in the
+    // environment PostgreSQL inherited) is not needed and not read.
+    let keys = KeyArgs {
+        signing_key_file: None,
+        ..a.keys.clone()
+    };
+    let t = trust::trust(&keys, Some(&a.reader), &a.age_identity, None)?;
     let ids = if a.age_identity.is_empty() {
         None
     } else {
@@ -606,6 +612,7 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| std::env::temp_dir().join(format!("offsite-pg-{system_id}-spool"))),
         consolidate_after: 8,
+        synchronous: a.synchronous,
     };
     let mut lease = crate::lease::Lease::new(
         &crate::engine::postgres::database_name(system_id),
@@ -615,11 +622,16 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
     lease
         .ensure(w.store.as_ref(), crate::engine::postgres::now_us())
         .await?;
+    let lease = std::sync::Arc::new(tokio::sync::Mutex::new(lease));
     let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        crate::engine::postgres::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
+    let stop_tx = std::sync::Arc::new(stop_tx);
+    {
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            crate::engine::postgres::shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+    }
     let w = std::sync::Arc::new(w);
     let max_lag = crate::config::parse_duration(&a.max_lag, "--max-lag")?;
     let registry = crate::status::Registry::new(crate::clock::Clock::system());
@@ -642,6 +654,36 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
         stop.clone(),
         status.clone(),
     ));
+    // The lease is renewed while streaming; another shipper holding it
+    // stops this one (one shipper per archive).
+    let renew = {
+        let (lease, store, stop_tx, status) = (
+            lease.clone(),
+            w.store.clone(),
+            stop_tx.clone(),
+            status.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(20)).await;
+                let r = lease
+                    .lock()
+                    .await
+                    .ensure(store.as_ref(), crate::engine::postgres::now_us())
+                    .await;
+                match r {
+                    Ok(()) => {}
+                    Err(e) if crate::lease::is_held(&e) => {
+                        tracing::error!("lost the replica's lease, stopping: {e:#}");
+                        *status.failed.lock().unwrap() = Some(format!("{e:#}"));
+                        let _ = stop_tx.send(true);
+                        return;
+                    }
+                    Err(e) => tracing::warn!("cannot renew the replica's lease (retrying): {e:#}"),
+                }
+            }
+        })
+    };
     let mut streamer = Streamer::new(&w, &o, status.clone());
     let mut delay = std::time::Duration::from_millis(500);
     let result = loop {
@@ -666,15 +708,28 @@ async fn stream(a: StreamArgs) -> anyhow::Result<()> {
             }
         }
         if let Err(e) = lease
+            .lock()
+            .await
             .ensure(w.store.as_ref(), crate::engine::postgres::now_us())
             .await
         {
             break Err(e);
         }
     };
+    renew.abort();
     backups.abort();
     status.set_state(crate::status::ReplicaState::Stopped);
-    lease.release(w.store.as_ref()).await;
+    let lost = status.failed.lock().unwrap().clone();
+    let result = match (result, lost) {
+        (Ok(()), Some(why)) if why.contains("another offsite") => Err(anyhow::anyhow!(why)),
+        (r, _) => r,
+    };
+    if !result
+        .as_ref()
+        .is_err_and(|e| crate::lease::is_held(e) || format!("{e:#}").contains("another offsite"))
+    {
+        lease.lock().await.release(w.store.as_ref()).await;
+    }
     if let Some(h) = http {
         h.abort();
     }

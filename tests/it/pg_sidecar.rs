@@ -165,3 +165,43 @@ fn invalidated_slot_gets_a_new_slot_and_backup() {
     let r = restore_started(&url, &ident, &tmp.path().join("r"), &[]);
     assert_eq!(r.markers().0, want, "{}", r.stderr);
 }
+
+/// One streamer per archive: a second one (another slot, same archive) is
+/// refused by the lease and writes nothing.
+#[test]
+fn a_second_streamer_on_the_same_archive_is_refused() {
+    if !PgCluster::available() {
+        return;
+    }
+    let tmp = tempdir();
+    let url = file_archive(tmp.path());
+    let (_ident, rcpt) = pg_keygen(tmp.path());
+    let c = PgCluster::start(&[]);
+    let s = Streamer::start(&c.dsn(), &url, &rcpt, tmp.path(), &[]);
+    s.wait_log("streaming WAL", Duration::from_secs(30));
+    let o = offsite()
+        .args([
+            "pg",
+            "stream",
+            "--dsn",
+            &c.dsn(),
+            "--replica",
+            &url,
+            "--age-recipient",
+            &rcpt,
+            "--slot",
+            "second",
+        ])
+        .arg("--spool-dir")
+        .arg(tmp.path().join("spool2"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a second streamer ran: {e}");
+    assert!(e.contains("another offsite is shipping"), "{e}");
+    assert_eq!(
+        c.psql("select count(*) from pg_replication_slots where slot_name = 'second'"),
+        "0"
+    );
+    s.stop();
+}

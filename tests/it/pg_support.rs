@@ -272,9 +272,32 @@ impl Drop for Restored {
     }
 }
 
-/// `offsite restore URL -o OUT --start ARGS…`; panics with its output on failure.
+/// The shipper's signing key in a file only root can read, as a shipper
+/// host would have it in its environment (OFFSITE_SIGNING_KEY_FILE).
+fn root_only_signing_key() -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    static KEY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let p =
+            std::env::temp_dir().join(format!("offsite-test-signing-{}.key", std::process::id()));
+        std::fs::write(
+            &p,
+            format!("{}\n", crate::support::harness::TEST_SIGNING_KEY),
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    })
+    .clone()
+}
+
+/// `offsite restore URL -o OUT --start ARGS…`; panics with its output on
+/// failure. Run with the shipper's signing key file in the environment,
+/// unreadable by PostgreSQL's user: the started server's restore_command
+/// must neither inherit nor need it.
 pub fn restore_started(url: &str, identity: &Path, out: &Path, args: &[&str]) -> Restored {
     let o = offsite()
+        .env("OFFSITE_SIGNING_KEY_FILE", root_only_signing_key())
         .args(["restore", url, "-o"])
         .arg(out)
         .arg("--age-identity")

@@ -582,6 +582,11 @@ fn run_pg(
         }
         None => std::process::Command::new(bin.join(prog)),
     };
+    // The restored server runs restore_command with this environment: the
+    // shipper's signing key is none of its business (and may not be
+    // readable by PostgreSQL's user).
+    cmd.env_remove("OFFSITE_SIGNING_KEY")
+        .env_remove("OFFSITE_SIGNING_KEY_FILE");
     cmd.args(args).stdin(std::process::Stdio::null());
     cmd.output()
         .with_context(|| format!("cannot run {}", bin.join(prog).display()))

@@ -54,6 +54,9 @@ pub struct StreamOptions {
     /// A completed segment shipped in more pieces than this is stored again
     /// whole and its pieces deleted.
     pub consolidate_after: usize,
+    /// Ship (and report flushed) every piece of WAL as soon as it arrives,
+    /// for a synchronous standby: a commit waits for one upload, not a tick.
+    pub synchronous: bool,
 }
 
 /// What the streamer has done (for logs, metrics and tests).
@@ -321,7 +324,14 @@ impl<'a> Streamer<'a> {
         loop {
             tokio::select! {
                 m = stream.next() => match m? {
-                    WalMsg::Data { start, data } => self.receive(start, &data).await?,
+                    WalMsg::Data { start, data } => {
+                        self.receive(start, &data).await?;
+                        if self.o.synchronous {
+                            self.ship().await?;
+                            self.status(&mut stream, false).await?;
+                            last_status = Instant::now();
+                        }
+                    }
                     WalMsg::Keepalive { reply, wal_end } => {
                         self.status.pg_slot_lag_bytes.store(wal_end.saturating_sub(self.progress.flushed), Relaxed);
                         for s in self.syncs.iter_mut().filter(|s| s.1.is_none()) {
