@@ -14,9 +14,13 @@ unset OFFSITE_TEST_ALLOW_NO_S3
 test -n "${OFFSITE_TEST_S3_TARGETS:-}" || { echo "no S3 test targets" >&2; exit 1; }
 test -n "${OFFSITE_TEST_S3_LOCK_TARGET:-}" || { echo "no S3 Object Lock test target (moto)" >&2; exit 1; }
 
-# PostgreSQL 15 server binaries for the PostgreSQL tests (clusters are
-# started per test, as the postgres OS user, on free ports): installed by
-# .ci/run when missing; here the suite must not skip them.
+# PostgreSQL 15 (Debian's packages) for the PostgreSQL tests: server
+# binaries in /usr/lib/postgresql/15/bin and the postgres OS user the tests
+# run initdb/pg_ctl as (clusters are started per test on free ports).
+# Installed only when missing; the suite must not skip them.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! id postgres >/dev/null 2>&1; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 postgresql-client-15
+fi
 export OFFSITE_TEST_REQUIRE_PG=1
 
 cargo test --features testing --no-fail-fast "$@"
