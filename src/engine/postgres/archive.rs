@@ -360,10 +360,15 @@ pub async fn read(
     trust: &Trust,
     ids: Option<&Identities>,
 ) -> anyhow::Result<(PgMeta, Vec<u8>)> {
-    let bytes = store.get(key).await.map_err(|e| match e {
-        StorageError::NotFound { .. } => anyhow::Error::new(Missing(key.to_string())),
-        e => anyhow::Error::new(e).context(format!("cannot download {key}")),
-    })?;
+    // One ranged read capped just past the largest object offsite writes:
+    // a hostile, huge object is refused without being downloaded.
+    let bytes = store
+        .get_range(key, 0, MAX_OBJECT_BYTES + 1)
+        .await
+        .map_err(|e| match e {
+            StorageError::NotFound { .. } => anyhow::Error::new(Missing(key.to_string())),
+            e => anyhow::Error::new(e).context(format!("cannot download {key}")),
+        })?;
     ensure!(
         bytes.len() as u64 <= MAX_OBJECT_BYTES,
         "object {key} is {} bytes, larger than any object offsite writes: refused",
