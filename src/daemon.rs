@@ -127,6 +127,10 @@ async fn restore_if_missing(
     ids: &[PathBuf],
     trust: &crate::sign::Trust,
 ) -> anyhow::Result<()> {
+    if d.postgres.is_some() {
+        tracing::info!(db = %d.path.display(), "--restore-if-db-not-exists does not apply to a PostgreSQL cluster (restore one with `offsite restore URL -o DATADIR`)");
+        return Ok(());
+    }
     if std::fs::symlink_metadata(&d.path).is_ok() {
         tracing::info!(db = %d.path.display(), "database exists; nothing to restore");
         return Ok(());
@@ -220,6 +224,7 @@ impl Daemon {
         let mut ctx = Spawner {
             registry: registry.clone(),
             spool: spool.path().to_path_buf(),
+            spool_base: self.spool_base.clone(),
             clock: self.clock.clone(),
             shutdown_timeout: self.shutdown_timeout,
             signer: self.signer.clone(),
@@ -376,6 +381,8 @@ impl Daemon {
 struct Spawner {
     registry: Arc<Registry>,
     spool: PathBuf,
+    /// Where PostgreSQL spools go (stable across restarts, unlike `spool`).
+    spool_base: Option<PathBuf>,
     clock: Clock,
     shutdown_timeout: Duration,
     signer: Option<Arc<crate::sign::Signer>>,
@@ -391,6 +398,9 @@ impl Spawner {
         tasks: &mut BTreeMap<usize, Task>,
         next_id: &mut usize,
     ) -> anyhow::Result<()> {
+        if let Some(pg) = &d.postgres {
+            return self.spawn_pg(d, pg, stop, set, tasks, next_id).await;
+        }
         for r in &d.replicas {
             let mut o = options_for(d, r)?;
             o.signer = self.signer.clone();
@@ -432,6 +442,97 @@ impl Spawner {
             let stop = stop.clone();
             set.spawn(
                 async move { (id, Replicator::new(o, store, enc).run(stop).await) }
+                    .instrument(span),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Spawner {
+    /// A PostgreSQL cluster: one sidecar (slot, streamer, backups, pruning,
+    /// drills) per replica.
+    async fn spawn_pg(
+        &mut self,
+        d: &DatabaseConfig,
+        pg: &crate::config::PgDatabase,
+        stop: watch::Receiver<bool>,
+        set: &mut tokio::task::JoinSet<(usize, anyhow::Result<()>)>,
+        tasks: &mut BTreeMap<usize, Task>,
+        next_id: &mut usize,
+    ) -> anyhow::Result<()> {
+        use crate::engine::postgres::{retention, sidecar};
+        let signer = self.signer.clone().context(crate::sign::NO_SIGNER)?;
+        for (i, r) in d.replicas.iter().enumerate() {
+            let url = r.url.to_string();
+            let status = Arc::new(ReplicaStatus::new(
+                &pg.name,
+                &r.name,
+                &url,
+                d.max_lag,
+                self.clock.now_us(),
+            ));
+            if matches!(r.encryption, crate::codec::Encryption::None) {
+                tracing::warn!(db = %pg.name, replica = %r.name, %url, "encryption is off: backups are stored in plaintext, as requested");
+            }
+            let store = storage::open(&r.url)
+                .await
+                .with_context(|| format!("replica {} of {}", r.name, pg.name))?;
+            self.registry.register(status.clone(), store);
+            let drills = match r.verify_interval {
+                None => None,
+                Some(interval) => Some(sidecar::DrillSchedule {
+                    interval,
+                    identity_files: r
+                        .verify_identity_file
+                        .iter()
+                        .map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone()))
+                        .collect(),
+                    check_query: pg.check_query.clone(),
+                    check_user: pg.check_user.clone(),
+                    pg_bin: pg.pg_bin.clone(),
+                    os_user: pg.pg_user.clone(),
+                    timeout: pg.drill_timeout,
+                }),
+            };
+            let o = sidecar::SidecarOptions {
+                dsn: pg.dsn.clone(),
+                url: r.url.clone(),
+                encryption: r.encryption.clone(),
+                slot: pg.slot_for(i, &r.name),
+                sync_interval: d.sync_interval,
+                flush_after: pg.flush_after,
+                synchronous: pg.synchronous,
+                spool_base: self.spool_base.clone(),
+                base_backup_interval: pg.base_backup_interval,
+                retention: r.retention.as_ref().map(|p| retention::Policy {
+                    retention: p.retention,
+                    backup_retention: r.backup_retention,
+                }),
+                prune_interval: r.prune_interval,
+                drills,
+            };
+            let trust = crate::sign::Trust::with_keys(
+                std::iter::once(signer.public())
+                    .chain(self.verify_keys.iter().copied())
+                    .collect(),
+            );
+            let id = *next_id;
+            *next_id += 1;
+            tasks.insert(
+                id,
+                Task {
+                    db: d.path.clone(),
+                    replica: r.name.clone(),
+                    url,
+                    status: status.clone(),
+                },
+            );
+            let span = tracing::info_span!("replica", db = %pg.name, replica = %r.name);
+            let signer = signer.clone();
+            let stop = stop.clone();
+            set.spawn(
+                async move { (id, sidecar::run(o, signer, trust, status, stop).await) }
                     .instrument(span),
             );
         }

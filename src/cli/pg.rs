@@ -11,7 +11,7 @@ use crate::daemon::ExitStatus;
 use crate::engine::postgres::dsn::Dsn;
 use crate::engine::postgres::fetch::{self, FetchOptions, Fetched};
 use crate::engine::postgres::push::{self, PushOptions};
-use crate::engine::postgres::{walname, wire, Reader, Writer};
+use crate::engine::postgres::{walname, Reader, Writer};
 use crate::keys::Identities;
 use crate::storage::ReplicaUrl;
 
@@ -94,6 +94,14 @@ pub struct StreamArgs {
     /// /readyz fails when WAL waits longer than this to reach the store.
     #[arg(long, value_name = "DURATION", default_value = "1m")]
     pub max_lag: String,
+    /// The point-in-time window pruning keeps (default 24h; "off": never
+    /// prune). WAL a kept base backup needs is never deleted.
+    #[arg(long, value_name = "DURATION|off")]
+    pub retention: Option<String>,
+    /// Base backups kept besides the window's: the newest N or all that
+    /// ended within a duration (default 2).
+    #[arg(long, value_name = "N|DURATION")]
+    pub backup_retention: Option<String>,
 }
 
 /// Where and how a PostgreSQL archive is written.
@@ -504,62 +512,23 @@ fn describe(t: &crate::engine::postgres::restore::PgTarget, exclusive: bool) -> 
     }
 }
 
-/// The restore_command written into the restored cluster: this offsite's
-/// wal-fetch for the same archive, with the same identities and pinned
-/// keys (no secret in it: identity files are named, not copied).
+/// The restore_command written into the restored cluster (see
+/// `restore::restore_command`).
 pub(super) fn restore_command(
     url: &ReplicaUrl,
     id_files: &[PathBuf],
     r: &Reader,
     reader: &ReaderArgs,
 ) -> anyhow::Result<String> {
-    let exe = std::env::current_exe().context("cannot find offsite's own executable")?;
-    let mut words = vec![
-        exe.display().to_string(),
-        "pg".into(),
-        "wal-fetch".into(),
-        "%f".into(),
-        "%p".into(),
-        "--replica".into(),
-        url.to_string(),
-    ];
-    for f in id_files {
-        words.push("--age-identity".into());
-        words.push(f.display().to_string());
-    }
-    for k in &r.trust.keys {
-        words.push("--verify-key".into());
-        words.push(k.to_string());
-    }
-    if let Some(id) = &r.trust.replica {
-        words.push("--replica-id".into());
-        words.push(id.clone());
-    }
-    if reader.allow_plaintext {
-        words.push("--allow-plaintext".into());
-    }
-    Ok(words
-        .iter()
-        .map(|w| {
-            if w == "%f" || w == "%p" {
-                w.clone()
-            } else {
-                shell_words::quote(w).into_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" "))
+    crate::engine::postgres::restore::restore_command(
+        url,
+        id_files,
+        &r.trust,
+        reader.allow_plaintext,
+    )
 }
 
-/// The system identifier of the cluster at `dsn` (IDENTIFY_SYSTEM).
-async fn system_id(dsn: &Dsn) -> anyhow::Result<u64> {
-    let mut c = wire::Conn::connect(dsn, true).await?;
-    let sys = c.identify_system().await?;
-    c.close().await;
-    sys.system_id
-        .parse()
-        .with_context(|| format!("PostgreSQL sent system identifier {:?}", sys.system_id))
-}
+use crate::engine::postgres::sidecar::system_id;
 
 async fn backup(a: BackupArgs) -> anyhow::Result<()> {
     use crate::engine::postgres::backup::{base_backup, BackupOptions};
@@ -590,221 +559,76 @@ async fn backup(a: BackupArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `offsite pg stream`: the flags fill one `[[database]] engine =
+/// "postgres"` entry and run the daemon (one settings path with the config
+/// file; the defaults are the same).
 async fn stream(a: StreamArgs) -> anyhow::Result<()> {
-    use crate::engine::postgres::stream::{StreamOptions, Streamer};
-    let dsn = a.conn.dsn()?.with_application_name("offsite");
-    let system_id = system_id(&dsn).await?;
-    let w = writer(&a.write, system_id).await?;
-    let mut sync_interval = crate::config::parse_duration(&a.sync_interval, "--sync-interval")?;
-    if a.synchronous {
-        sync_interval = std::time::Duration::from_millis(5);
-    }
-    let backup_interval = match a.base_backup_interval.as_str() {
-        "off" => None,
-        s => Some(crate::config::parse_duration(s, "--base-backup-interval")?),
-    };
-    let o = StreamOptions {
-        slot: a.slot.clone(),
-        sync_interval,
-        flush_after: a.flush_after.parse()?,
-        spool_dir: a
-            .spool_dir
-            .clone()
-            .unwrap_or_else(|| std::env::temp_dir().join(format!("offsite-pg-{system_id}-spool"))),
-        consolidate_after: 8,
-        synchronous: a.synchronous,
-    };
-    let mut lease = crate::lease::Lease::new(
-        &crate::engine::postgres::database_name(system_id),
-        std::time::Duration::from_secs(300),
-        std::time::Duration::from_secs(60),
-    );
-    lease
-        .ensure(w.store.as_ref(), crate::engine::postgres::now_us())
-        .await?;
-    let lease = std::sync::Arc::new(tokio::sync::Mutex::new(lease));
-    let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
-    let stop_tx = std::sync::Arc::new(stop_tx);
-    {
-        let stop_tx = stop_tx.clone();
-        tokio::spawn(async move {
-            crate::engine::postgres::shutdown_signal().await;
-            let _ = stop_tx.send(true);
-        });
-    }
-    let w = std::sync::Arc::new(w);
-    let max_lag = crate::config::parse_duration(&a.max_lag, "--max-lag")?;
-    let registry = crate::status::Registry::new(crate::clock::Clock::system());
-    let status = std::sync::Arc::new(crate::status::ReplicaStatus::new(
-        &a.name,
-        "replica1",
-        &a.write.replica_url.parse::<ReplicaUrl>()?.to_string(),
-        max_lag,
-        crate::engine::postgres::now_us(),
-    ));
-    registry.register(status.clone(), w.store.clone());
-    let http = match &a.listen {
-        Some(addr) => Some(crate::http::serve(addr, registry.clone(), stop.clone()).await?),
-        None => None,
-    };
-    let backups = tokio::spawn(scheduled_backups(
-        w.clone(),
-        dsn.clone(),
-        backup_interval,
-        stop.clone(),
-        status.clone(),
-    ));
-    // The lease is renewed while streaming; another shipper holding it
-    // stops this one (one shipper per archive).
-    let renew = {
-        let (lease, store, stop_tx, status) = (
-            lease.clone(),
-            w.store.clone(),
-            stop_tx.clone(),
-            status.clone(),
-        );
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(std::time::Duration::from_secs(20)).await;
-                let r = lease
-                    .lock()
-                    .await
-                    .ensure(store.as_ref(), crate::engine::postgres::now_us())
-                    .await;
-                match r {
-                    Ok(()) => {}
-                    Err(e) if crate::lease::is_held(&e) => {
-                        tracing::error!("lost the replica's lease, stopping: {e:#}");
-                        *status.failed.lock().unwrap() = Some(format!("{e:#}"));
-                        let _ = stop_tx.send(true);
-                        return;
-                    }
-                    Err(e) => tracing::warn!("cannot renew the replica's lease (retrying): {e:#}"),
-                }
-            }
-        })
-    };
-    let mut streamer = Streamer::new(&w, &o, status.clone());
-    let mut delay = std::time::Duration::from_millis(500);
-    let result = loop {
-        match streamer.run(&dsn, &mut stop).await {
-            Ok(()) => break Ok(()),
-            Err(e) if *stop.borrow() => break Err(e),
-            Err(e) if is_fatal(&e) => {
-                *status.failed.lock().unwrap() = Some(format!("{e:#}"));
-                break Err(e);
-            }
-            Err(e) => {
-                status
-                    .running
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
-                status.set_state(crate::status::ReplicaState::Restarting);
-                tracing::warn!("streaming stopped, reconnecting in {delay:?}: {e:#}");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stop.changed() => break Ok(()),
-                }
-                delay = (delay * 2).min(std::time::Duration::from_secs(30));
-            }
-        }
-        if let Err(e) = lease
-            .lock()
-            .await
-            .ensure(w.store.as_ref(), crate::engine::postgres::now_us())
-            .await
-        {
-            break Err(e);
-        }
-    };
-    renew.abort();
-    backups.abort();
-    status.set_state(crate::status::ReplicaState::Stopped);
-    let lost = status.failed.lock().unwrap().clone();
-    let result = match (result, lost) {
-        (Ok(()), Some(why)) if why.contains("another offsite") => Err(anyhow::anyhow!(why)),
-        (r, _) => r,
-    };
-    if !result
-        .as_ref()
-        .is_err_and(|e| crate::lease::is_held(e) || format!("{e:#}").contains("another offsite"))
-    {
-        lease.lock().await.release(w.store.as_ref()).await;
-    }
-    if let Some(h) = http {
-        h.abort();
-    }
-    result
+    let (raw, write) = stream_config(&a);
+    run_daemon(raw, &write).await
 }
 
-/// Errors no reconnect fixes: the user must act.
-fn is_fatal(e: &anyhow::Error) -> bool {
-    let t = format!("{e:#}");
-    [
-        "give each cluster its own replica URL",
-        "password authentication failed",
-        "REPLICATION",
-        "different content",
-        "wal_level",
-        "replication slots",
-    ]
-    .iter()
-    .any(|k| t.contains(k))
+/// The config `pg stream`'s flags describe.
+fn stream_config(a: &StreamArgs) -> (crate::config::RawConfig, PgWriteArgs) {
+    use crate::config::{RawConfig, RawDatabase, RawReplica};
+    let raw = RawConfig {
+        listen: a.listen.clone(),
+        spool_dir: a.spool_dir.as_ref().map(|p| p.display().to_string()),
+        database: vec![RawDatabase {
+            engine: Some("postgres".into()),
+            dsn: Some(a.conn.dsn.clone()),
+            name: Some(a.name.clone()),
+            slot: Some(a.slot.clone()),
+            flush_after: Some(a.flush_after.clone()),
+            synchronous: Some(a.synchronous),
+            base_backup_interval: Some(a.base_backup_interval.clone()),
+            sync_interval: Some(a.sync_interval.clone()),
+            max_lag: Some(a.max_lag.clone()),
+            replica: vec![RawReplica {
+                url: a.write.replica_url.clone(),
+                encryption: a.write.no_encryption.then(|| "none".to_string()),
+                age_recipients: a.write.age_recipient.clone(),
+                age_recipients_file: a
+                    .write
+                    .age_recipients_file
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+                retention: a.retention.clone(),
+                backup_retention: a.backup_retention.clone(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    (raw, a.write.clone())
 }
 
-/// Base backups in the daemon: one at start when the archive holds none,
-/// then every `interval`.
-async fn scheduled_backups(
-    w: std::sync::Arc<Writer>,
-    dsn: Dsn,
-    interval: Option<std::time::Duration>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-    status: std::sync::Arc<crate::status::ReplicaStatus>,
-) {
-    use crate::engine::postgres::{archive, backup};
-    let mut last: Option<i64> = match archive::list_backups(w.store.as_ref(), &w.trust).await {
-        Ok((b, _)) => b.last().map(|b| b.end_time_us),
-        Err(_) => None,
-    };
-    let publish = |t: Option<i64>| {
-        status
-            .pg_last_base_backup_us
-            .store(t.unwrap_or(0), std::sync::atomic::Ordering::Relaxed)
-    };
-    publish(last);
-    let mut seen_breaks = status
-        .lineage_breaks
-        .load(std::sync::atomic::Ordering::Relaxed);
-    loop {
-        // A gap in the WAL (an invalidated slot) needs a new backup now.
-        let breaks = status
-            .lineage_breaks
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let due = match (last, interval) {
-            _ if breaks != seen_breaks => true,
-            (None, _) => true,
-            (Some(t), Some(i)) => crate::engine::postgres::now_us() - t >= i.as_micros() as i64,
-            (Some(_), None) => false,
-        };
-        if due {
-            let o = backup::BackupOptions {
-                label: "offsite scheduled".into(),
-                wal_timeout: std::time::Duration::from_secs(600),
-            };
-            match backup::base_backup(&w, &dsn, &o).await {
-                Ok(b) => {
-                    seen_breaks = breaks;
-                    tracing::info!(backup = %b.id, "scheduled base backup complete");
-                    last = Some(b.end_time_us);
-                    publish(last);
-                }
-                Err(e) => tracing::error!("scheduled base backup failed (retried in 1 min): {e:#}"),
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_secs(if due { 60 } else { 5 })) => {}
-            _ = stop.changed() => return,
-        }
+/// Validate `raw` as the config file is validated, then run the daemon.
+async fn run_daemon(raw: crate::config::RawConfig, w: &PgWriteArgs) -> anyhow::Result<()> {
+    let config = crate::config::Config::from_raw(&raw, &crate::config::Origin::CommandLine)?;
+    let signer = trust::signer(&w.keys, None)?.context(crate::sign::NO_SIGNER)?;
+    let verify_keys = w
+        .keys
+        .verify_key
+        .iter()
+        .filter(|k| !k.trim().is_empty())
+        .map(|k| crate::sign::PublicKey::parse(k).context("--verify-key"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    crate::daemon::Daemon {
+        signer: Some(signer),
+        verify_keys,
+        databases: config.databases,
+        listen: config.listen,
+        exec: None,
+        shutdown_timeout: config.shutdown_timeout,
+        restore_if_db_not_exists: false,
+        restore_identities: Vec::new(),
+        spool_base: config.spool_dir,
+        clock: crate::clock::Clock::system(),
+        discover_interval: std::time::Duration::from_secs(1),
     }
+    .run()
+    .await
 }
 
 /// A PostgreSQL connection string given where a database path goes.
@@ -818,7 +642,6 @@ pub async fn replicate_dsn(dsn: String, a: super::ReplicateArgs) -> anyhow::Resu
     let sqlite_only = [
         ("--config", a.config.is_some()),
         ("--checkpoint-frames", a.checkpoint_frames.is_some()),
-        ("--retention", a.retention.is_some()),
         ("--snapshot-retention", a.snapshot_retention.is_some()),
         ("--snapshot-interval", a.snapshot_interval.is_some()),
         ("--compaction-levels", a.compaction_levels.is_some()),
@@ -835,7 +658,7 @@ pub async fn replicate_dsn(dsn: String, a: super::ReplicateArgs) -> anyhow::Resu
         .replica_url
         .clone()
         .context("replicate postgres://… needs the REPLICA_URL too")?;
-    stream(StreamArgs {
+    let (raw, write) = stream_config(&StreamArgs {
         conn: PgConnArgs { dsn },
         write: PgWriteArgs {
             replica_url,
@@ -853,6 +676,8 @@ pub async fn replicate_dsn(dsn: String, a: super::ReplicateArgs) -> anyhow::Resu
         listen: a.listen.clone(),
         name: "postgres".into(),
         max_lag: a.max_lag.clone().unwrap_or_else(|| "1m".into()),
-    })
-    .await
+        retention: a.retention.clone(),
+        backup_retention: None,
+    });
+    run_daemon(raw, &write).await
 }

@@ -149,15 +149,21 @@ pub(crate) fn replicate_plan(a: &ReplicateArgs) -> anyhow::Result<ReplicatePlan>
                     .iter_mut()
                     .for_each(|d| d.max_lag = Some(lit(v)));
             }
+            // SQLite's WAL settings go to the SQLite databases only.
+            let is_sqlite = |d: &&mut crate::config::RawDatabase| {
+                d.engine.as_deref().is_none_or(|e| e == "sqlite")
+            };
             if let Some(v) = &a.max_wal_size {
                 crate::config::parse_size(v, "--max-wal-size")?;
                 raw.database
                     .iter_mut()
+                    .filter(is_sqlite)
                     .for_each(|d| d.max_wal_size = Some(lit(v)));
             }
             if let Some(v) = a.checkpoint_frames {
                 raw.database
                     .iter_mut()
+                    .filter(is_sqlite)
                     .for_each(|d| d.checkpoint_frames = Some(v));
             }
             if let Some(v) = &a.shutdown_timeout {

@@ -21,6 +21,17 @@ pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 pub const RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// `snapshot-retention`: this many newest snapshots kept beyond the window.
 pub const SNAPSHOT_RETENTION_COUNT: usize = 2;
+/// PostgreSQL `backup-retention`: this many newest base backups kept
+/// beyond the window.
+pub const BACKUP_RETENTION_COUNT: usize = 2;
+/// PostgreSQL `base-backup-interval`: a base backup this often.
+pub const BASE_BACKUP_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// PostgreSQL `slot`: the replication slot's name.
+pub const PG_SLOT: &str = "offsite";
+/// PostgreSQL `name`: the cluster's label in metrics and `offsite sync`.
+pub const PG_NAME: &str = "postgres";
+/// PostgreSQL `drill-timeout`: one restore drill gives up after this long.
+pub const DRILL_TIMEOUT: Duration = Duration::from_secs(600);
 /// `snapshot-interval`: a fresh snapshot inside the lineage this often.
 pub const SNAPSHOT_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// `compaction-levels`: window lengths of compaction levels 1, 2, 3.

@@ -55,6 +55,22 @@ pub(crate) struct RawDatabase {
     pub(crate) max_wal_size: Option<String>,
     pub(crate) sync_interval: Option<String>,
     pub(crate) checkpoint_frames: Option<u32>,
+    /// `sqlite` (default) or `postgres`.
+    pub(crate) engine: Option<String>,
+    /// PostgreSQL: the connection string (`postgres://user@host:port/db`).
+    pub(crate) dsn: Option<String>,
+    /// PostgreSQL: the name in metrics, logs and `offsite sync NAME`.
+    pub(crate) name: Option<String>,
+    pub(crate) slot: Option<String>,
+    pub(crate) flush_after: Option<String>,
+    pub(crate) synchronous: Option<bool>,
+    pub(crate) base_backup_interval: Option<String>,
+    /// PostgreSQL restore drills: the query each restored server must answer.
+    pub(crate) check_query: Option<String>,
+    pub(crate) check_user: Option<String>,
+    pub(crate) pg_bin: Option<String>,
+    pub(crate) pg_user: Option<String>,
+    pub(crate) drill_timeout: Option<String>,
     #[serde(default)]
     pub(crate) replica: Vec<RawReplica>,
 }
@@ -67,6 +83,8 @@ pub(crate) struct RawReplica {
     pub(crate) retention: Option<String>,
     pub(crate) snapshot_interval: Option<String>,
     pub(crate) snapshot_retention: Option<String>,
+    /// PostgreSQL: base backups kept besides the window's (N or a duration).
+    pub(crate) backup_retention: Option<String>,
     pub(crate) compaction_levels: Option<Vec<String>>,
     pub(crate) prune_interval: Option<String>,
     pub(crate) object_lock: Option<String>,
@@ -201,6 +219,49 @@ pub struct DatabaseConfig {
     pub checkpoint_frames: u32,
     /// One or more replicas, each shipped independently.
     pub replicas: Vec<ReplicaConfig>,
+    /// `engine = "postgres"`: the cluster streamed (then `path` is its
+    /// `name`, a label, not a file).
+    pub postgres: Option<PgDatabase>,
+}
+
+/// A PostgreSQL cluster's settings (`[[database]] engine = "postgres"`).
+#[derive(Debug, Clone)]
+pub struct PgDatabase {
+    pub dsn: crate::engine::postgres::dsn::Dsn,
+    pub name: String,
+    /// The first replica's slot; further replicas add `_<replica name>`.
+    pub slot: String,
+    pub flush_after: crate::engine::postgres::stream::FlushAfter,
+    pub synchronous: bool,
+    /// `None`: `base-backup-interval = "off"`.
+    pub base_backup_interval: Option<Duration>,
+    pub check_query: String,
+    pub check_user: String,
+    pub pg_bin: Option<PathBuf>,
+    pub pg_user: Option<String>,
+    pub drill_timeout: Duration,
+}
+
+impl PgDatabase {
+    /// The replication slot replica number `index` streams through (one
+    /// slot per replica: each holds the WAL its replica has not stored).
+    pub fn slot_for(&self, index: usize, replica: &str) -> String {
+        if index == 0 {
+            self.slot.clone()
+        } else {
+            let r: String = replica
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() {
+                        c.to_ascii_lowercase()
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            format!("{}_{r}", self.slot)
+        }
+    }
 }
 
 impl DatabaseConfig {
@@ -237,6 +298,8 @@ pub struct ReplicaConfig {
     /// Restore drills in the daemon (with their own identity file).
     pub verify_interval: Option<Duration>,
     pub verify_identity_file: Option<PathBuf>,
+    /// PostgreSQL: base backups kept besides the window's (default 2).
+    pub backup_retention: crate::engine::postgres::retention::BackupRetention,
     pub url: ReplicaUrl,
     pub encryption: Encryption,
     pub age_identity_files: Vec<PathBuf>,
@@ -257,6 +320,9 @@ impl ReplicaConfig {
             object_lock_margin: defaults::OBJECT_LOCK_MARGIN,
             verify_interval: None,
             verify_identity_file: None,
+            backup_retention: crate::engine::postgres::retention::BackupRetention::Count(
+                defaults::BACKUP_RETENTION_COUNT,
+            ),
             url,
             encryption: Encryption::None,
             age_identity_files: Vec::new(),
@@ -336,6 +402,19 @@ impl Config {
         }
         let mut dbs = Vec::new();
         for (i, d) in raw.database.iter().enumerate() {
+            let engine = d.engine.as_deref().map(|e| x(e, "engine")).transpose()?;
+            match engine.as_deref() {
+                None | Some("sqlite") => refuse_pg_keys(d, i, file)?,
+                Some("postgres" | "postgresql") => {
+                    let pg = pg_database(d, i, origin, default_sync, default_max_lag)?;
+                    if dbs.iter().any(|o: &DatabaseConfig| o.path == pg.path) {
+                        bail!("{file}: database #{}: two PostgreSQL databases are named {:?}; give each its own `name`", i + 1, pg.path.display());
+                    }
+                    dbs.push(pg);
+                    continue;
+                }
+                Some(o) => bail!("{file}: database #{}: engine = {o:?} is not known; use \"sqlite\" (the default) or \"postgres\"", i + 1),
+            }
             let (raw_path, discover) = match (&d.path, &d.dir) {
                 (Some(p), None) => {
                     if d.pattern.is_some() || d.recursive.is_some() {
@@ -375,33 +454,12 @@ impl Config {
                 size(&d.max_wal_size, &what, "max-wal-size")?.unwrap_or(default_max_wal);
             let sync_interval =
                 dur(&d.sync_interval, &what, "sync-interval")?.unwrap_or(default_sync);
-            if d.replica.is_empty() {
-                bail!("{file}: {what}: no [[database.replica]]; add one with `url = \"s3://bucket/prefix\"` or `url = \"file:///backups/app\"`");
-            }
-            let mut replicas: Vec<ReplicaConfig> = Vec::new();
-            for (j, r) in d.replica.iter().enumerate() {
-                let name = match &r.name {
-                    Some(n) => x(n, &what)?,
-                    None => defaults::replica_name(j),
-                };
-                if name.is_empty()
-                    || !name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                {
-                    bail!("{file}: {what}: replica name {name:?} must be non-empty and use only letters, digits, `-`, `_` and `.`");
-                }
-                if replicas.iter().any(|o| o.name == name) {
-                    bail!("{file}: {what}: two replicas are named {name:?}; give each a unique `name`");
-                }
-                let rwhat = format!("{what}, replica {name}");
-                replicas.push(replica_config(r, name, &rwhat, origin)?);
-            }
-            for (a, ra) in replicas.iter().enumerate() {
-                if replicas[..a].iter().any(|rb| rb.url.same_location(&ra.url)) {
-                    bail!("{file}: {what}: two replicas use the same URL {}; each replica needs its own location", ra.url);
+            for r in &d.replica {
+                if r.backup_retention.is_some() {
+                    bail!("{file}: {what}: `backup-retention` is for PostgreSQL databases (engine = \"postgres\"); SQLite replicas keep snapshots by `snapshot-retention`");
                 }
             }
+            let replicas = replicas_of(d, &what, origin)?;
             dbs.push(DatabaseConfig {
                 path,
                 discover,
@@ -410,6 +468,7 @@ impl Config {
                 sync_interval,
                 checkpoint_frames: d.checkpoint_frames.unwrap_or(defaults::CHECKPOINT_FRAMES),
                 replicas,
+                postgres: None,
             });
         }
         let listen = raw.listen.as_deref().map(|s| x(s, "listen")).transpose()?;
@@ -447,6 +506,200 @@ impl Config {
             databases: dbs,
         })
     }
+}
+
+/// A database's `[[database.replica]]` entries: named, unique, checked.
+fn replicas_of(d: &RawDatabase, what: &str, origin: &Origin) -> anyhow::Result<Vec<ReplicaConfig>> {
+    let file = origin.label();
+    let x = |s: &str| origin.expand(s, what);
+    if d.replica.is_empty() {
+        bail!("{file}: {what}: no [[database.replica]]; add one with `url = \"s3://bucket/prefix\"` or `url = \"file:///backups/app\"`");
+    }
+    let mut replicas: Vec<ReplicaConfig> = Vec::new();
+    for (j, r) in d.replica.iter().enumerate() {
+        let name = match &r.name {
+            Some(n) => x(n)?,
+            None => defaults::replica_name(j),
+        };
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            bail!("{file}: {what}: replica name {name:?} must be non-empty and use only letters, digits, `-`, `_` and `.`");
+        }
+        if replicas.iter().any(|o| o.name == name) {
+            bail!("{file}: {what}: two replicas are named {name:?}; give each a unique `name`");
+        }
+        let rwhat = format!("{what}, replica {name}");
+        replicas.push(replica_config(r, name, &rwhat, origin)?);
+    }
+    for (a, ra) in replicas.iter().enumerate() {
+        if replicas[..a].iter().any(|rb| rb.url.same_location(&ra.url)) {
+            bail!("{file}: {what}: two replicas use the same URL {}; each replica needs its own location", ra.url);
+        }
+    }
+    Ok(replicas)
+}
+
+/// A SQLite database given PostgreSQL settings: say which and why.
+fn refuse_pg_keys(d: &RawDatabase, i: usize, file: &str) -> anyhow::Result<()> {
+    let given = [
+        ("dsn", d.dsn.is_some()),
+        ("name", d.name.is_some()),
+        ("slot", d.slot.is_some()),
+        ("flush-after", d.flush_after.is_some()),
+        ("synchronous", d.synchronous.is_some()),
+        ("base-backup-interval", d.base_backup_interval.is_some()),
+        ("check-query", d.check_query.is_some()),
+        ("check-user", d.check_user.is_some()),
+        ("pg-bin", d.pg_bin.is_some()),
+        ("pg-user", d.pg_user.is_some()),
+        ("drill-timeout", d.drill_timeout.is_some()),
+    ];
+    if let Some((k, _)) = given.iter().find(|(_, set)| *set) {
+        bail!("{file}: database #{}: `{k}` is a PostgreSQL setting; add `engine = \"postgres\"` to this [[database]] (with `dsn = \"postgres://…\"`), or remove it", i + 1);
+    }
+    Ok(())
+}
+
+/// A `[[database]] engine = "postgres"` entry.
+fn pg_database(
+    d: &RawDatabase,
+    i: usize,
+    origin: &Origin,
+    default_sync: Duration,
+    default_max_lag: Duration,
+) -> anyhow::Result<DatabaseConfig> {
+    use crate::engine::postgres::dsn::Dsn;
+    let file = origin.label();
+    let sqlite_only = [
+        ("path", d.path.is_some()),
+        ("dir", d.dir.is_some()),
+        ("pattern", d.pattern.is_some()),
+        ("recursive", d.recursive.is_some()),
+        ("max-wal-size", d.max_wal_size.is_some()),
+        ("checkpoint-frames", d.checkpoint_frames.is_some()),
+    ];
+    if let Some((k, _)) = sqlite_only.iter().find(|(_, set)| *set) {
+        let fix = if *k == "path" {
+            "give the cluster's connection string as `dsn = \"postgres://user@host:5432/postgres\"` instead"
+        } else {
+            "remove it (PostgreSQL keeps its own WAL; see docs/POSTGRES.md)"
+        };
+        bail!(
+            "{file}: database #{} (engine = \"postgres\"): `{k}` is a SQLite setting; {fix}",
+            i + 1
+        );
+    }
+    let name = match &d.name {
+        Some(n) => origin.expand(n, "name")?,
+        None => defaults::PG_NAME.to_string(),
+    };
+    let what = format!("database #{} ({name})", i + 1);
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        bail!("{file}: {what}: name {name:?} must be non-empty and use only letters, digits, `-`, `_` and `.`");
+    }
+    let x = |s: &str| origin.expand(s, &what);
+    let key = |k: &str| origin.key(&what, k);
+    let Some(raw_dsn) = &d.dsn else {
+        bail!("{file}: {what}: missing `dsn = \"postgres://user@host:5432/postgres\"` (the password goes in PGPASSWORD or a passfile, not here)");
+    };
+    let dsn = Dsn::parse(&x(raw_dsn)?).with_context(|| key("dsn"))?;
+    let dur = |v: &Option<String>, k: &str| -> anyhow::Result<Option<Duration>> {
+        v.as_deref()
+            .map(|s| parse_duration(&x(s)?, &key(k)))
+            .transpose()
+    };
+    let slot = match &d.slot {
+        Some(s) => x(s)?,
+        None => defaults::PG_SLOT.to_string(),
+    };
+    if slot.is_empty()
+        || slot.len() > 50
+        || !slot
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        bail!("{}: slot {slot:?}: PostgreSQL slot names use lower-case letters, digits and `_` (up to 63 characters; offsite keeps 50 for per-replica suffixes)", key("slot"));
+    }
+    let flush_after = match &d.flush_after {
+        Some(f) => x(f)?.parse().with_context(|| key("flush-after"))?,
+        None => crate::engine::postgres::stream::FlushAfter::Store,
+    };
+    let base_backup_interval = match d.base_backup_interval.as_deref().map(str::trim) {
+        Some("off") => None,
+        _ => Some(
+            dur(&d.base_backup_interval, "base-backup-interval")?
+                .unwrap_or(defaults::BASE_BACKUP_INTERVAL),
+        ),
+    };
+    let replicas = replicas_of(d, &what, origin)?;
+    for r in &d.replica {
+        let sqlite_only = [
+            ("snapshot-interval", r.snapshot_interval.is_some()),
+            ("snapshot-retention", r.snapshot_retention.is_some()),
+            ("compaction-levels", r.compaction_levels.is_some()),
+            ("object-lock", r.object_lock.is_some()),
+            ("object-lock-margin", r.object_lock_margin.is_some()),
+        ];
+        if let Some((k, _)) = sqlite_only.iter().find(|(_, set)| *set) {
+            let fix = if *k == "snapshot-retention" {
+                "keep base backups with `backup-retention = N` (or a duration)"
+            } else if *k == "snapshot-interval" {
+                "set `base-backup-interval` on the [[database]]"
+            } else {
+                "remove it"
+            };
+            bail!("{file}: {what}: replica setting `{k}` is for SQLite replicas; {fix}");
+        }
+    }
+    let drill_timeout = dur(&d.drill_timeout, "drill-timeout")?.unwrap_or(defaults::DRILL_TIMEOUT);
+    if replicas.iter().all(|r| r.verify_interval.is_none())
+        && (d.check_query.is_some() || d.check_user.is_some() || d.drill_timeout.is_some())
+    {
+        bail!("{file}: {what}: check-query, check-user and drill-timeout are for restore drills; set `verify-interval` on a replica, or remove them");
+    }
+    Ok(DatabaseConfig {
+        path: PathBuf::from(&name),
+        discover: None,
+        max_lag: dur(&d.max_lag, "max-lag")?.unwrap_or(default_max_lag),
+        max_wal_bytes: defaults::MAX_WAL_BYTES,
+        sync_interval: dur(&d.sync_interval, "sync-interval")?.unwrap_or(default_sync),
+        checkpoint_frames: defaults::CHECKPOINT_FRAMES,
+        replicas,
+        postgres: Some(PgDatabase {
+            dsn,
+            name,
+            slot,
+            flush_after,
+            synchronous: d.synchronous.unwrap_or(false),
+            base_backup_interval,
+            check_query: d
+                .check_query
+                .as_deref()
+                .map(x)
+                .transpose()?
+                .unwrap_or_else(|| "select 1".into()),
+            check_user: d
+                .check_user
+                .as_deref()
+                .map(x)
+                .transpose()?
+                .unwrap_or_else(|| "postgres".into()),
+            pg_bin: d
+                .pg_bin
+                .as_deref()
+                .map(|s| x(s).map(PathBuf::from))
+                .transpose()?,
+            pg_user: d.pg_user.as_deref().map(x).transpose()?,
+            drill_timeout,
+        }),
+    })
 }
 
 fn replica_config(
@@ -563,9 +816,17 @@ fn replica_config(
     {
         bail!("{file}: {what}: verify-interval needs verify-identity-file (an identity that can decrypt this replica, used only for restore drills) because the replica is encrypted");
     }
+    let backup_retention = match &r.backup_retention {
+        Some(b) => crate::engine::postgres::retention::BackupRetention::parse(&x(b)?)
+            .with_context(|| key("backup-retention"))?,
+        None => crate::engine::postgres::retention::BackupRetention::Count(
+            defaults::BACKUP_RETENTION_COUNT,
+        ),
+    };
     Ok(ReplicaConfig {
         verify_interval,
         verify_identity_file,
+        backup_retention,
         object_lock_margin,
         name,
         retention,
@@ -646,6 +907,89 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("contradicts"));
+    }
+
+    #[test]
+    fn shipped_postgres_example_config_is_valid() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/offsite-postgres.toml");
+        let rcpt = r();
+        let vars = [
+            ("OFFSITE_BUCKET", "backups"),
+            ("OFFSITE_S3_ENDPOINT", "http://127.0.0.1:9000"),
+            ("OFFSITE_AGE_RECIPIENT", rcpt.as_str()),
+            ("OFFSITE_PG_HOST", "db"),
+        ];
+        let c = units::with_vars(&vars, || Config::load(&p)).unwrap();
+        let d = &c.databases[0];
+        let pg = d.postgres.as_ref().unwrap();
+        assert_eq!(pg.name, "main");
+        assert_eq!(d.path, PathBuf::from("main"));
+        assert_eq!(pg.dsn.display(), "offsite@db:5432/postgres");
+        assert_eq!(
+            pg.base_backup_interval,
+            Some(Duration::from_secs(24 * 3600))
+        );
+        let rc = &d.replicas[0];
+        assert_eq!(
+            rc.backup_retention,
+            crate::engine::postgres::retention::BackupRetention::Count(2)
+        );
+        assert_eq!(rc.verify_interval, Some(Duration::from_secs(24 * 3600)));
+        assert_eq!(pg.slot_for(0, &rc.name), "offsite");
+        assert_eq!(pg.slot_for(1, "Off-site.2"), "offsite_off_site_2");
+    }
+
+    #[test]
+    fn postgres_and_sqlite_settings_stay_with_their_engine() {
+        let rcpt = r();
+        let rep =
+            format!("[[database.replica]]\nurl = \"file:///b\"\nage-recipients = [\"{rcpt}\"]\n");
+        let err = |body: &str| {
+            format!(
+                "{:#}",
+                Config::parse(&format!("{body}\n{rep}"), "f.toml").unwrap_err()
+            )
+        };
+        let e = err("[[database]]\npath = \"/d/a.db\"\ndsn = \"postgres://u@h/db\"");
+        assert!(
+            e.contains("`dsn` is a PostgreSQL setting") && e.contains("engine = \"postgres\""),
+            "{e}"
+        );
+        let e = err("[[database]]\nengine = \"postgres\"\npath = \"/d/a.db\"");
+        assert!(
+            e.contains("`path` is a SQLite setting") && e.contains("dsn ="),
+            "{e}"
+        );
+        let e = err("[[database]]\nengine = \"postgres\"");
+        assert!(e.contains("missing `dsn"), "{e}");
+        let e = err("[[database]]\nengine = \"mysql\"\npath = \"/d/a.db\"");
+        assert!(e.contains("engine = \"mysql\" is not known"), "{e}");
+        let e = err(
+            "[[database]]\nengine = \"postgres\"\ndsn = \"postgres://u@h/db\"\nslot = \"Bad-Slot\"",
+        );
+        assert!(e.contains("slot \"Bad-Slot\""), "{e}");
+        let e = err("[[database]]\nengine = \"postgres\"\ndsn = \"postgres://u@h/db\"\nflush-after = \"disk\"");
+        assert!(e.contains("flush-after"), "{e}");
+        let e = err("[[database]]\nengine = \"postgres\"\ndsn = \"postgres://u@h/db\"\ncheck-query = \"select 1\"");
+        assert!(e.contains("verify-interval"), "{e}");
+        // Replica settings of the other engine.
+        let e = format!("{:#}", Config::parse(&format!("[[database]]\nengine = \"postgres\"\ndsn = \"postgres://u@h/db\"\n{rep}snapshot-retention = \"3\"\n"), "f.toml").unwrap_err());
+        assert!(e.contains("backup-retention"), "{e}");
+        let e = format!(
+            "{:#}",
+            Config::parse(
+                &format!("[[database]]\npath = \"/d/a.db\"\n{rep}backup-retention = \"3\"\n"),
+                "f.toml"
+            )
+            .unwrap_err()
+        );
+        assert!(e.contains("snapshot-retention"), "{e}");
+        let e = format!("{:#}", Config::parse(&format!("[[database]]\nengine = \"postgres\"\ndsn = \"postgres://u@h/db\"\n{rep}backup-retention = \"0\"\n"), "f.toml").unwrap_err());
+        assert!(e.contains("backup-retention"), "{e}");
+        // Two clusters under one name.
+        let two = format!("[[database]]\nengine = \"postgres\"\ndsn = \"postgres://u@h/db\"\n{rep}[[database]]\nengine = \"postgres\"\ndsn = \"postgres://u@h2/db\"\n[[database.replica]]\nurl = \"file:///c\"\nage-recipients = [\"{rcpt}\"]\n");
+        let e = format!("{:#}", Config::parse(&two, "f.toml").unwrap_err());
+        assert!(e.contains("give each its own `name`"), "{e}");
     }
 
     #[test]

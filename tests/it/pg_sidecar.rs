@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::pg_support::*;
-use crate::support::harness::offsite;
+use crate::support::harness::{offsite, sigterm, wait_timeout};
 use crate::support::pgcluster::PgCluster;
 
 fn get(addr: &str, path: &str) -> (u16, String) {
@@ -204,4 +204,263 @@ fn a_second_streamer_on_the_same_archive_is_refused() {
         "0"
     );
     s.stop();
+}
+
+/// The value of metric `name` for database `db` in a /metrics page.
+fn metric(m: &str, name: &str, db: &str) -> Option<f64> {
+    m.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) && l.contains(&format!("db=\"{db}\"")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// One daemon, one config file, both engines: a SQLite database and a
+/// PostgreSQL cluster (`engine = "postgres"`) on one listener. The cluster
+/// is streamed, backed up, pruned by its window and drilled on schedule (a
+/// real restore started and queried), and publishes the verified point;
+/// both restore exactly.
+#[test]
+fn a_config_file_runs_sqlite_and_postgres_in_one_daemon() {
+    if !PgCluster::available() {
+        return;
+    }
+    let tmp = tempdir();
+    let pg_url = file_archive(tmp.path());
+    let (ident, rcpt) = pg_keygen(tmp.path());
+    let c = PgCluster::start(&[]);
+    create_markers(&c);
+    for i in 1..=5 {
+        add_marker(&c, i);
+    }
+    let db = tmp.path().join("app.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.pragma_update(None, "journal_mode", "wal").unwrap();
+    conn.execute_batch("create table t(i integer primary key, v text)")
+        .unwrap();
+    let sq_url = format!("file://{}", tmp.path().join("sqlite-replica").display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let cfg = tmp.path().join("offsite.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"listen = "{addr}"
+spool-dir = "{spool}"
+
+[[database]]
+path = "{db}"
+sync-interval = "200ms"
+[[database.replica]]
+url = "{sq_url}"
+age-recipients = ["{rcpt}"]
+
+[[database]]
+engine = "postgres"
+name = "pgmain"
+dsn = "{dsn}"
+sync-interval = "200ms"
+check-query = "select count(*) from markers"
+[[database.replica]]
+url = "{pg_url}"
+age-recipients = ["{rcpt}"]
+retention = "1h"
+backup-retention = "1"
+verify-interval = "2s"
+verify-identity-file = "{ident}"
+"#,
+            spool = tmp.path().join("spool").display(),
+            db = db.display(),
+            dsn = c.dsn(),
+            ident = ident.display(),
+        ),
+    )
+    .unwrap();
+    let log = tmp.path().join("daemon.log");
+    let mut d = offsite()
+        .args(["replicate", "--config"])
+        .arg(&cfg)
+        .args(["--log-format", "text"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    for i in 0..100 {
+        conn.execute("insert into t(v) values (?1)", [format!("row {i}")])
+            .unwrap();
+    }
+    // The drill ran, passed, and published the point it verified.
+    crate::support::harness::wait_for("a passed restore drill", Duration::from_secs(180), || {
+        if std::net::TcpStream::connect(&addr).is_err() {
+            return false;
+        }
+        let (_, m) = get(&addr, "/metrics");
+        assert_eq!(
+            metric(&m, "offsite_drill_failures_total", "pgmain"),
+            Some(0.0),
+            "a drill failed:\n{}",
+            log_text()
+        );
+        metric(
+            &m,
+            "offsite_verified_restore_point_timestamp_seconds",
+            "pgmain",
+        )
+        .is_some_and(|v| v > 1.0e9)
+    });
+    let (_, m) = get(&addr, "/metrics");
+    assert!(
+        metric(
+            &m,
+            "offsite_pg_last_base_backup_timestamp_seconds",
+            "pgmain"
+        )
+        .is_some_and(|v| v > 1.0e9),
+        "{m}"
+    );
+    assert!(
+        metric(&m, "offsite_last_drill_timestamp_seconds", "pgmain").is_some_and(|v| v > 1.0e9),
+        "{m}"
+    );
+    assert!(!m.contains("postgres://"), "metrics carry the DSN: {m}");
+    // `offsite sync NAME --wait` reaches the cluster's sidecar.
+    add_marker(&c, 6);
+    let (lsn, _) = current_lsn(&c);
+    let o = offsite()
+        .args([
+            "sync",
+            "pgmain",
+            "--wait",
+            "--listen",
+            &addr,
+            "--timeout",
+            "30s",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "sync: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let b = backups(&pg_url);
+    assert!(archive_reach(&pg_url, 1, b.last().unwrap().start_lsn) >= lsn - 1);
+    let o = offsite()
+        .args(["sync"])
+        .arg(&db)
+        .args(["--wait", "--listen", &addr, "--timeout", "30s"])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "sync: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    sigterm(&d);
+    let st = wait_timeout(&mut d, Duration::from_secs(60));
+    assert!(st.success(), "daemon exited with {st}: {}", log_text());
+    let text = log_text();
+    assert!(text.contains("restore drill passed"), "{text}");
+
+    // Both restore exactly.
+    let out = tmp.path().join("restored.db");
+    let r = crate::support::harness::restore(
+        &sq_url,
+        &out,
+        &["--age-identity", &ident.display().to_string()],
+    );
+    assert!(r.ok(), "{}", r.stderr());
+    let n: i64 = rusqlite::Connection::open(&out)
+        .unwrap()
+        .query_row("select count(*) from t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 100);
+    let r = restore_started(&pg_url, &ident, &tmp.path().join("pgdata"), &[]);
+    assert_eq!(r.markers().0, 6, "{}", r.stderr);
+}
+
+/// A drill whose check query fails is counted as failed, logged, and
+/// publishes no verified point.
+#[test]
+fn a_failing_restore_drill_is_reported() {
+    if !PgCluster::available() {
+        return;
+    }
+    let tmp = tempdir();
+    let pg_url = file_archive(tmp.path());
+    let (ident, rcpt) = pg_keygen(tmp.path());
+    let c = PgCluster::start(&[]);
+    create_markers(&c);
+    add_marker(&c, 1);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let cfg = tmp.path().join("offsite.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"listen = "{addr}"
+spool-dir = "{spool}"
+[[database]]
+engine = "postgres"
+name = "pgfail"
+dsn = "{dsn}"
+check-query = "select * from no_such_table"
+[[database.replica]]
+url = "{pg_url}"
+age-recipients = ["{rcpt}"]
+verify-interval = "1s"
+verify-identity-file = "{ident}"
+"#,
+            spool = tmp.path().join("spool").display(),
+            dsn = c.dsn(),
+            ident = ident.display(),
+        ),
+    )
+    .unwrap();
+    let log = tmp.path().join("daemon.log");
+    let mut d = offsite()
+        .args(["replicate", "--config"])
+        .arg(&cfg)
+        .args(["--log-format", "text"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    crate::support::harness::wait_for("a failed restore drill", Duration::from_secs(180), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+            && metric(
+                &get(&addr, "/metrics").1,
+                "offsite_drill_failures_total",
+                "pgfail",
+            )
+            .is_some_and(|v| v >= 1.0)
+    });
+    let (_, m) = get(&addr, "/metrics");
+    assert_eq!(
+        metric(
+            &m,
+            "offsite_verified_restore_point_timestamp_seconds",
+            "pgfail"
+        ),
+        Some(0.0),
+        "{m}"
+    );
+    sigterm(&d);
+    let st = wait_timeout(&mut d, Duration::from_secs(60));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(st.success(), "{text}");
+    assert!(
+        text.contains("restore drill FAILED") && text.contains("no_such_table"),
+        "{text}"
+    );
 }

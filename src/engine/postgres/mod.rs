@@ -20,6 +20,7 @@ pub mod inventory;
 pub mod push;
 pub mod restore;
 pub mod retention;
+pub mod sidecar;
 pub mod stream;
 pub mod verify;
 pub mod walname;
@@ -135,14 +136,4 @@ pub(crate) fn now_us() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
-}
-
-/// SIGINT or SIGTERM.
-pub(crate) async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

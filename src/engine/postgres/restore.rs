@@ -691,6 +691,53 @@ pub fn start_and_wait(dir: &Path, s: &StartOptions) -> anyhow::Result<Reached> {
     }
 }
 
+/// The restore_command written into a restored cluster: this offsite's
+/// wal-fetch for the same archive, with the same identities and pinned
+/// keys (no secret in it: identity files are named, not copied).
+pub fn restore_command(
+    url: &crate::storage::ReplicaUrl,
+    id_files: &[PathBuf],
+    trust: &crate::sign::Trust,
+    allow_plaintext: bool,
+) -> anyhow::Result<String> {
+    let exe = std::env::current_exe().context("cannot find offsite's own executable")?;
+    let mut words = vec![
+        exe.display().to_string(),
+        "pg".into(),
+        "wal-fetch".into(),
+        "%f".into(),
+        "%p".into(),
+        "--replica".into(),
+        url.to_string(),
+    ];
+    for f in id_files {
+        words.push("--age-identity".into());
+        words.push(f.display().to_string());
+    }
+    for k in &trust.keys {
+        words.push("--verify-key".into());
+        words.push(k.to_string());
+    }
+    if let Some(id) = &trust.replica {
+        words.push("--replica-id".into());
+        words.push(id.clone());
+    }
+    if allow_plaintext {
+        words.push("--allow-plaintext".into());
+    }
+    Ok(words
+        .iter()
+        .map(|w| {
+            if w == "%f" || w == "%p" {
+                w.clone()
+            } else {
+                shell_words::quote(w).into_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
