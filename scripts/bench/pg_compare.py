@@ -501,7 +501,7 @@ class Offsite:
         self.proc = None
 
     def label(self):
-        return f"offsite {'synchronous' if self.synchronous else 'defaults (1 s)'} {self.target}"
+        return f"offsite {'synchronous' if self.synchronous else 'defaults (250 ms)'} {self.target}"
 
     def start_stream(self, wait_backup=True, timeout=1200):
         args = [self.env.offsite, "pg", "stream", "--dsn", self.cl.dsn(), "--replica", self.url,

@@ -67,9 +67,9 @@ pub struct StreamArgs {
     /// The physical replication slot (created if missing).
     #[arg(long, value_name = "NAME", default_value = "offsite")]
     pub slot: String,
-    /// How often received WAL is shipped (default 1s).
-    #[arg(long, value_name = "DURATION", default_value = "1s")]
-    pub sync_interval: String,
+    /// How often received WAL is shipped (default 250ms).
+    #[arg(long, value_name = "DURATION")]
+    pub sync_interval: Option<String>,
     /// Tell PostgreSQL WAL is flushed once it is in the store ("store",
     /// the default) or once it is fsynced in the local spool ("spool").
     #[arg(long, value_name = "store|spool", default_value = "store")]
@@ -165,9 +165,14 @@ pub struct WalFetchArgs {
         env = "OFFSITE_AGE_IDENTITY_FILE"
     )]
     pub age_identity: Vec<PathBuf>,
-    /// Fetch up to N following segments in parallel into the spool.
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    /// Fetch up to N following segments into the spool, in a detached
+    /// process, while PostgreSQL replays this one (0: off).
+    #[arg(long, value_name = "N", default_value_t = 8)]
     pub prefetch: usize,
+    /// Internal: be the detached prefetcher (fetch the segments after NAME
+    /// into the spool and exit).
+    #[arg(long, hide = true)]
+    pub prefetch_only: bool,
     /// Where prefetched segments wait (default: the system temp dir).
     #[arg(long, value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
@@ -230,8 +235,20 @@ async fn archive_push(a: ArchivePushArgs) -> anyhow::Result<()> {
 async fn wal_fetch(a: WalFetchArgs) -> anyhow::Result<()> {
     // Every failure but "not in the archive" must stop PostgreSQL's
     // recovery, not end it early (see fetch::FATAL_EXIT).
+    if a.prefetch_only {
+        // Best effort: the calls that need a segment fetch it themselves.
+        if let Err(e) = wal_fetch_inner(&a).await {
+            tracing::debug!("prefetch after {}: {e:#}", a.name);
+        }
+        return Ok(());
+    }
     match wal_fetch_inner(&a).await {
-        Ok(Fetched::Written { .. }) => Ok(()),
+        Ok(Fetched::Written { .. }) => {
+            if a.prefetch > 0 && walname::SegmentName::parse(&a.name).is_some() {
+                start_prefetcher();
+            }
+            Ok(())
+        }
         Ok(Fetched::Missing) => {
             eprintln!("offsite: {} is not in the archive", a.name);
             Err(ExitStatus(1).into())
@@ -241,6 +258,28 @@ async fn wal_fetch(a: WalFetchArgs) -> anyhow::Result<()> {
             eprintln!("offsite: error: cannot fetch {}: {msg}", a.name);
             Err(ExitStatus(fetch::FATAL_EXIT).into())
         }
+    }
+}
+
+/// Run this same command again, detached, as the prefetcher: it outlives
+/// this call, so PostgreSQL replays while the next segments arrive.
+fn start_prefetcher() {
+    use std::os::unix::process::CommandExt;
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let r = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .arg("--prefetch-only")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        // Its own process group: signals meant for the restore_command
+        // call (PostgreSQL's shutdown) do not reach it.
+        .process_group(0)
+        .spawn();
+    if let Err(e) = r {
+        tracing::debug!("cannot start the WAL prefetcher: {e}");
     }
 }
 
@@ -265,16 +304,15 @@ async fn wal_fetch_inner(a: &WalFetchArgs) -> anyhow::Result<Fetched> {
             r.trust.replica.as_deref().unwrap_or("unknown")
         ))
     });
-    fetch::wal_fetch(
-        &r,
-        &a.name,
-        &a.dest,
-        &FetchOptions {
-            prefetch: a.prefetch,
-            spool_dir: spool,
-        },
-    )
-    .await
+    let opts = FetchOptions {
+        prefetch: a.prefetch,
+        spool_dir: spool,
+    };
+    if a.prefetch_only {
+        fetch::prefetch_after(&r, &a.name, &opts).await?;
+        return Ok(Fetched::Missing);
+    }
+    fetch::wal_fetch(&r, &a.name, &a.dest, &opts).await
 }
 
 /// `offsite restore` flags that only a PostgreSQL archive takes.
@@ -581,7 +619,7 @@ fn stream_config(a: &StreamArgs) -> (crate::config::RawConfig, PgWriteArgs) {
             flush_after: Some(a.flush_after.clone()),
             synchronous: Some(a.synchronous),
             base_backup_interval: Some(a.base_backup_interval.clone()),
-            sync_interval: Some(a.sync_interval.clone()),
+            sync_interval: a.sync_interval.clone(),
             max_lag: Some(a.max_lag.clone()),
             replica: vec![RawReplica {
                 url: a.write.replica_url.clone(),
@@ -668,7 +706,7 @@ pub async fn replicate_dsn(dsn: String, a: super::ReplicateArgs) -> anyhow::Resu
             keys: a.keys.clone(),
         },
         slot: "offsite".into(),
-        sync_interval: a.sync_interval.clone().unwrap_or_else(|| "1s".into()),
+        sync_interval: a.sync_interval.clone(),
         flush_after: "store".into(),
         synchronous: false,
         spool_dir: a.spool_dir.clone(),

@@ -26,6 +26,11 @@ pub const SNAPSHOT_RETENTION_COUNT: usize = 2;
 pub const BACKUP_RETENTION_COUNT: usize = 2;
 /// PostgreSQL `base-backup-interval`: a base backup this often.
 pub const BASE_BACKUP_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// PostgreSQL `sync-interval`: received WAL is shipped this often. Shorter
+/// than SQLite's: the data-loss window's p99 is about this plus one upload
+/// (docs/BENCHMARKS-postgres.md), and requests are made only while WAL
+/// arrives (docs/COSTS.md).
+pub const PG_SYNC_INTERVAL: Duration = Duration::from_millis(250);
 /// PostgreSQL `slot`: the replication slot's name.
 pub const PG_SLOT: &str = "offsite";
 /// PostgreSQL `name`: the cluster's label in metrics and `offsite sync`.

@@ -392,8 +392,8 @@ impl Config {
                 })
                 .transpose()
         };
-        let default_sync =
-            dur(&raw.sync_interval, "", "sync-interval")?.unwrap_or(defaults::SYNC_INTERVAL);
+        let top_sync = dur(&raw.sync_interval, "", "sync-interval")?;
+        let default_sync = top_sync.unwrap_or(defaults::SYNC_INTERVAL);
         let default_max_lag = dur(&raw.max_lag, "", "max-lag")?.unwrap_or(defaults::MAX_LAG);
         let default_max_wal =
             size(&raw.max_wal_size, "", "max-wal-size")?.unwrap_or(defaults::MAX_WAL_BYTES);
@@ -406,7 +406,7 @@ impl Config {
             match engine.as_deref() {
                 None | Some("sqlite") => refuse_pg_keys(d, i, file)?,
                 Some("postgres" | "postgresql") => {
-                    let pg = pg_database(d, i, origin, default_sync, default_max_lag)?;
+                    let pg = pg_database(d, i, origin, top_sync, default_max_lag)?;
                     if dbs.iter().any(|o: &DatabaseConfig| o.path == pg.path) {
                         bail!("{file}: database #{}: two PostgreSQL databases are named {:?}; give each its own `name`", i + 1, pg.path.display());
                     }
@@ -568,7 +568,7 @@ fn pg_database(
     d: &RawDatabase,
     i: usize,
     origin: &Origin,
-    default_sync: Duration,
+    top_sync: Option<Duration>,
     default_max_lag: Duration,
 ) -> anyhow::Result<DatabaseConfig> {
     use crate::engine::postgres::dsn::Dsn;
@@ -669,7 +669,9 @@ fn pg_database(
         discover: None,
         max_lag: dur(&d.max_lag, "max-lag")?.unwrap_or(default_max_lag),
         max_wal_bytes: defaults::MAX_WAL_BYTES,
-        sync_interval: dur(&d.sync_interval, "sync-interval")?.unwrap_or(default_sync),
+        sync_interval: dur(&d.sync_interval, "sync-interval")?
+            .or(top_sync)
+            .unwrap_or(defaults::PG_SYNC_INTERVAL),
         checkpoint_frames: defaults::CHECKPOINT_FRAMES,
         replicas,
         postgres: Some(PgDatabase {

@@ -113,6 +113,64 @@ fn archive_command_mode_and_its_contract() {
     assert_eq!(r.markers(), (8, 8), "{}", r.stderr);
     drop(r);
 
+    // The prefetcher: a wal-fetch returns with its segment and leaves a
+    // detached process fetching the next ones into the spool, byte for byte
+    // what a direct fetch gives; the next call takes its segment from there.
+    let mut whole: Vec<_> = wal_pieces(&url)
+        .into_iter()
+        .filter(|p| p.is_whole())
+        .map(|p| p.seg)
+        .collect();
+    whole.sort();
+    whole.dedup();
+    let (first, second) = whole
+        .windows(2)
+        .map(|w| (w[0], w[1]))
+        .find(|(a, b)| a.next() == *b)
+        .unwrap_or_else(|| panic!("no two consecutive whole segments: {whole:?}"));
+    let pspool = tmp.path().join("prefetch-spool");
+    let o = offsite()
+        .args(["pg", "wal-fetch", &first.to_string()])
+        .arg(tmp.path().join("first"))
+        .args(["--replica", &url, "--age-identity"])
+        .arg(&ident)
+        .args(["--prefetch", "3", "--spool-dir"])
+        .arg(&pspool)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let spooled = pspool.join(second.to_string());
+    crate::support::harness::wait_for("the prefetched segment", Duration::from_secs(60), || {
+        std::fs::metadata(&spooled).is_ok_and(|m| m.len() == 16 << 20)
+    });
+    let direct = tmp.path().join("second-direct");
+    assert!(fetch(&url, &ident, &second.to_string(), &direct)
+        .status
+        .success());
+    assert_eq!(
+        std::fs::read(&spooled).unwrap(),
+        std::fs::read(&direct).unwrap(),
+        "the prefetched segment differs from the archive's"
+    );
+    let o = offsite()
+        .args(["pg", "wal-fetch", &second.to_string()])
+        .arg(tmp.path().join("second"))
+        .args(["--replica", &url, "--age-identity"])
+        .arg(&ident)
+        .args(["--prefetch", "0", "--spool-dir"])
+        .arg(&pspool)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        !spooled.exists(),
+        "the spooled segment was not taken from the spool"
+    );
+    assert_eq!(
+        std::fs::read(tmp.path().join("second")).unwrap(),
+        std::fs::read(&direct).unwrap()
+    );
+
     // Re-push of identical content: 0, nothing rewritten.
     let name = seg.to_string();
     let fetched = tmp.path().join("fetched");

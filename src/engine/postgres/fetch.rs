@@ -12,8 +12,10 @@
 //! from archive-push, or the partial pieces streaming shipped), checked
 //! against its name, and zero-filled after the last byte the archive holds
 //! (as a streamed `.partial` file is). The next `prefetch` whole segments
-//! are fetched in parallel into the spool directory, where the next calls
-//! find them.
+//! are fetched into the spool directory by a detached prefetcher
+//! ([`prefetch_after`], started by the CLI once the asked-for file is
+//! written), where the next calls find them: PostgreSQL replays one
+//! segment while the following ones download and decrypt.
 
 use std::path::{Path, PathBuf};
 
@@ -69,15 +71,13 @@ pub async fn wal_fetch(
         if data.len() as u64 == SEGMENT_SIZE {
             write_durably(dest, &data)?;
             let _ = std::fs::remove_file(&cached);
-            prefetch(r, seg, opts).await;
             return Ok(Fetched::Written {
                 bytes: SEGMENT_SIZE,
                 complete: true,
             });
         }
     }
-    let (main, _) = tokio::join!(assemble(r, seg), prefetch(r, seg, opts));
-    match main? {
+    match assemble(r, seg).await? {
         None => Ok(Fetched::Missing),
         Some((data, reach)) => {
             write_durably(dest, &data)?;
@@ -131,15 +131,33 @@ async fn assemble(r: &Reader, seg: SegmentName) -> anyhow::Result<Option<(Vec<u8
     Ok(Some((out, reach)))
 }
 
-/// Fetch the next `prefetch` segments after `seg` into the spool, whole
-/// segments only (a partial one may still grow). Failures are left for the
-/// call that needs the segment.
-async fn prefetch(r: &Reader, seg: SegmentName, opts: &FetchOptions) {
+/// Segments fetched at once by the prefetcher.
+const PREFETCH_PARALLEL: usize = 4;
+
+/// The prefetcher: fetch the `prefetch` whole segments after `name` (a
+/// segment name) that the spool lacks, then return. One runs per spool at
+/// a time (an advisory lock; a second returns at once). Failures are left
+/// for the call that needs the segment; a partial segment (it may still
+/// grow) is not spooled.
+pub async fn prefetch_after(r: &Reader, name: &str, opts: &FetchOptions) -> anyhow::Result<()> {
+    let WalFile::Segment(seg) = WalFile::parse(name)? else {
+        return Ok(());
+    };
     if opts.prefetch == 0 {
-        return;
+        return Ok(());
     }
-    if std::fs::create_dir_all(&opts.spool_dir).is_err() {
-        return;
+    std::fs::create_dir_all(&opts.spool_dir)
+        .with_context(|| format!("cannot create {}", opts.spool_dir.display()))?;
+    let lock = std::fs::File::create(opts.spool_dir.join(".prefetch.lock"))?;
+    // SAFETY: flock on an open descriptor; released when `lock` closes.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&lock),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        return Ok(());
     }
     let mut next = Vec::new();
     let mut s = seg;
@@ -156,9 +174,11 @@ async fn prefetch(r: &Reader, seg: SegmentName, opts: &FetchOptions) {
             }
         }
     }))
-    .buffer_unordered(opts.prefetch)
+    .buffer_unordered(PREFETCH_PARALLEL)
     .collect::<Vec<()>>()
     .await;
+    drop(lock);
+    Ok(())
 }
 
 /// Write temp, fsync, rename: PostgreSQL must never see a partial file.

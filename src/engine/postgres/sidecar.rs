@@ -76,7 +76,7 @@ pub async fn run(
     signer: Arc<Signer>,
     trust: Trust,
     status: Arc<ReplicaStatus>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let dsn = o.dsn.clone().with_application_name("offsite");
     // The cluster's identity binds every object. A server that cannot be
