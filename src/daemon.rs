@@ -224,6 +224,7 @@ impl Daemon {
             shutdown_timeout: self.shutdown_timeout,
             signer: self.signer.clone(),
             verify_keys: self.verify_keys.clone(),
+            s3_clients: storage::S3Clients::default(),
         };
         for d in &statics {
             let (tx, rx) = watch::channel(false);
@@ -380,6 +381,9 @@ struct Spawner {
     shutdown_timeout: Duration,
     signer: Option<Arc<crate::sign::Signer>>,
     verify_keys: Vec<crate::sign::PublicKey>,
+    /// One S3 client per endpoint, region and addressing style for every
+    /// replicator (each still counts its own requests).
+    s3_clients: storage::S3Clients,
 }
 
 impl Spawner {
@@ -412,7 +416,7 @@ impl Spawner {
             if matches!(r.encryption, crate::codec::Encryption::None) {
                 tracing::warn!(%db, replica = %r.name, %url, "encryption is off: backups are stored in plaintext, as requested");
             }
-            let store = storage::open(&r.url)
+            let store = storage::open_shared(&r.url, &self.s3_clients)
                 .await
                 .with_context(|| format!("replica {} of {db}", r.name))?;
             self.registry.register(status.clone(), store.clone());
