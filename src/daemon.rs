@@ -301,7 +301,10 @@ impl Daemon {
                 _ = discover.tick(), if !dirs.is_empty() && !shutting_down => {
                     let mut seen = std::collections::BTreeSet::new();
                     for d in &dirs {
-                        for f in d.discover_files() {
+                        // Files already replicated are not opened again
+                        // (that would drop our SQLite locks on them).
+                        let known = |f: &Path| discovered.contains_key(f) || db_stops.contains_key(f);
+                        for f in d.discover_files_known(known) {
                             seen.insert(f.clone());
                             if discovered.contains_key(&f) || db_stops.contains_key(&f) {
                                 continue;

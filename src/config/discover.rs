@@ -35,7 +35,21 @@ impl DatabaseConfig {
 
     /// The database files a directory entry covers now (SQLite files only,
     /// sorted). Unreadable directories are skipped with a warning.
+    #[cfg(test)]
     pub fn discover_files(&self) -> Vec<PathBuf> {
+        self.discover_files_known(|_| false)
+    }
+
+    /// Like [`discover_files`](Self::discover_files), but files for which
+    /// `known` holds are not opened to check their header: they are
+    /// databases this process already replicates. Opening and closing a
+    /// database file releases every POSIX lock the process holds on it
+    /// (fcntl locks belong to the process and the file, not to the
+    /// descriptor), among them the shared lock of offsite's own read
+    /// transaction; without it, an application closing its last
+    /// connection checkpoints and deletes the WAL under offsite, and every
+    /// such close starts a new lineage.
+    pub fn discover_files_known(&self, known: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
         let mut out = Vec::new();
         let Some(d) = &self.discover else {
             return out;
@@ -56,7 +70,7 @@ impl DatabaseConfig {
                     if d.recursive {
                         dirs.push(p);
                     }
-                } else if ft.is_file() && self.covers(&p) && is_sqlite_file(&p) {
+                } else if ft.is_file() && self.covers(&p) && (known(&p) || is_sqlite_file(&p)) {
                     out.push(p);
                 }
             }
