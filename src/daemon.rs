@@ -233,6 +233,7 @@ impl Daemon {
                 .await?;
         }
         let mut discovered: BTreeMap<PathBuf, usize> = BTreeMap::new();
+        let mut scans: Vec<crate::config::DirScan> = dirs.iter().map(|_| Default::default()).collect();
         let mut discover = tokio::time::interval(self.discover_interval);
         discover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -299,12 +300,17 @@ impl Daemon {
                     }
                 }
                 _ = discover.tick(), if !dirs.is_empty() && !shutting_down => {
+                    // Nothing created, removed or renamed since the last
+                    // search: nothing to do (see DirScan).
+                    if dirs.iter().zip(&scans).all(|(d, s)| s.unchanged(d)) {
+                        continue;
+                    }
                     let mut seen = std::collections::BTreeSet::new();
-                    for d in &dirs {
+                    for (d, scan) in dirs.iter().zip(scans.iter_mut()) {
                         // Files already replicated are not opened again
                         // (that would drop our SQLite locks on them).
                         let known = |f: &Path| discovered.contains_key(f) || db_stops.contains_key(f);
-                        for f in d.discover_files_known(known) {
+                        for f in scan.search(d, known) {
                             seen.insert(f.clone());
                             if discovered.contains_key(&f) || db_stops.contains_key(&f) {
                                 continue;
