@@ -10,6 +10,8 @@
 #   cargo test --features testing
 #   scripts/test-servers.sh stop
 #   scripts/test-servers.sh status
+#   scripts/test-servers.sh start-cluster   # a 3-node Garage cluster too (replication factor 3)
+#   scripts/test-servers.sh cluster-node stop|start N   # kill / restart node N (1-3)
 #
 # Environment:
 #   OFFSITE_SERVERS_ROOT   install prefix (binaries in $ROOT/bin)  [/opt/offsite-test-servers]
@@ -17,6 +19,14 @@
 #   OFFSITE_GARAGE_PORT    Garage S3 port; RPC = +1, admin = +3    [39000]
 #   OFFSITE_S3S_PORT       s3s-fs port                             [39010]
 #   OFFSITE_MOTO_PORT      moto server port                        [39020]
+#   OFFSITE_GARAGE_CLUSTER_PORT  node 1's S3 port; node N uses +10*(N-1),
+#                          RPC = +1, admin = +3                    [29100]
+#
+# The cluster (three Garage processes on 127.0.0.1, one zone each, every
+# object on all three) is only for the test that stops a node while shipping
+# and restoring (tests/it/cluster.rs); it reuses the garage binary and is
+# started by scripts/test.sh, or by hand with start-cluster. Its S3 URL is
+# exported as OFFSITE_TEST_GARAGE_CLUSTER (node 1's endpoint).
 #
 # moto is installed with pip into a venv at $ROOT/moto. Its Object Lock
 # bucket is exported separately as OFFSITE_TEST_S3_LOCK_TARGET (it is not in
@@ -25,6 +35,7 @@
 # The access key below is a fixed, throwaway test key for servers bound to
 # 127.0.0.1 only. Never use it anywhere else.
 set -euo pipefail
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 
 ROOT=${OFFSITE_SERVERS_ROOT:-/opt/offsite-test-servers}
 STATE=${OFFSITE_SERVERS_STATE:-/tmp/offsite-test-servers}
@@ -54,6 +65,11 @@ SECRET_KEY=6f6666736974652d746573742d7365637265742d6e6f742d612d7265616c2d31
 RPC_SECRET=6f6666736974652d746573742d7270632d7365637265742d6e6f742d7265616c
 ADMIN_TOKEN=offsite-test-admin-token
 REGION=garage
+
+# Below Linux's ephemeral port range (32768-60999), so no outgoing
+# connection holds a port a restarted node needs.
+CLUSTER_PORT=${OFFSITE_GARAGE_CLUSTER_PORT:-29100}
+CLUSTER_DIR="$STATE/garage-cluster"
 
 GARAGE_DIR="$STATE/garage"
 GARAGE_CONF="$GARAGE_DIR/garage.toml"
@@ -364,6 +380,16 @@ export OFFSITE_TEST_S3_LOCK_TARGET="moto=$lock_url"
 # For tests that start (and stop) a private S3 server of their own.
 export OFFSITE_TEST_S3S_BIN=$S3S_BIN
 EOF
+        if cluster_running; then
+            cat >>"$ENV_FILE.tmp" <<EOF
+# 3-node Garage cluster (replication factor 3) for the test that stops a
+# node; OFFSITE_TEST_GARAGE_CLUSTER_CTL cluster-node stop|start N.
+export OFFSITE_TEST_GARAGE_CLUSTER="s3://$BUCKET?endpoint=http://$HOST:$CLUSTER_PORT&region=$REGION&force-path-style=true"
+export OFFSITE_TEST_GARAGE_CLUSTER_CTL=$SELF
+export OFFSITE_SERVERS_STATE=$STATE
+export OFFSITE_GARAGE_CLUSTER_PORT=$CLUSTER_PORT
+EOF
+        fi
         mv "$ENV_FILE.tmp" "$ENV_FILE"
     )
 }
@@ -377,6 +403,156 @@ cmd_start() {
     start_moto
     write_env
     log "ready. Now run: source $ENV_FILE"
+}
+
+# ---------------------------------------------------------------- 3-node cluster
+
+node_port() { echo $((CLUSTER_PORT + 10 * ($1 - 1))); }
+node_conf() { echo "$CLUSTER_DIR/node$1/garage.toml"; }
+node_garage() {
+    local n=$1
+    shift
+    "$GARAGE_BIN" -c "$(node_conf "$n")" "$@"
+}
+
+write_node_config() {
+    local n=$1 port d
+    port=$(node_port "$n")
+    d="$CLUSTER_DIR/node$n"
+    mkdir -p "$d/meta" "$d/data"
+    (
+        umask 077
+        cat >"$d/garage.toml" <<EOF
+metadata_dir = "$d/meta"
+data_dir = "$d/data"
+db_engine = "lmdb"
+replication_factor = 3
+
+rpc_bind_addr = "$HOST:$((port + 1))"
+rpc_public_addr = "$HOST:$((port + 1))"
+rpc_secret = "$RPC_SECRET"
+
+[s3_api]
+s3_region = "$REGION"
+api_bind_addr = "$HOST:$port"
+
+[admin]
+api_bind_addr = "$HOST:$((port + 3))"
+admin_token = "$ADMIN_TOKEN"
+EOF
+    )
+}
+
+node_pid() { pid_of "garage-node$1" "$(node_conf "$1")"; }
+
+# start_node N -> starts node N if it is not running (keeps its data).
+start_node() {
+    local n=$1 pid port logfile
+    port=$(node_port "$n")
+    logfile="$CLUSTER_DIR/node$n/garage.log"
+    pid=$(node_pid "$n")
+    if [[ -n $pid ]]; then
+        return 0
+    fi
+    check_port_free "garage cluster node $n" "$port"
+    check_port_free "garage cluster node $n RPC" "$((port + 1))"
+    [[ -f $(node_conf "$n") ]] || write_node_config "$n"
+    pid=$(spawn "$logfile" "$STATE/garage-node$n.pid" "$GARAGE_BIN" -c "$(node_conf "$n")" server)
+    log "garage cluster node $n started (pid $pid, S3 http://$HOST:$port)"
+    wait_for "garage cluster node $n S3 API" "$logfile" "$pid" port_open "$port"
+}
+
+node_connect() { node_garage "$1" node connect "$2" >/dev/null 2>&1; }
+node_healthy() { [[ $(http_status "$(($(node_port "$1") + 3))" /health) == 200 ]]; }
+cluster_rpc_ready() { node_garage 1 status >/dev/null 2>&1; }
+
+cluster_running() {
+    local n
+    for n in 1 2 3; do
+        [[ -n $(node_pid "$n") ]] || return 1
+    done
+}
+
+cmd_start_cluster() {
+    [[ -x $GARAGE_BIN ]] || die "garage is not installed in $ROOT; run: $0 install"
+    mkdir -p "$STATE"
+    local n
+    local any=0
+    for n in 1 2 3; do
+        [[ -n $(node_pid "$n") ]] && any=1
+    done
+    # Fresh data unless some node still runs (then the others rejoin it).
+    ((any)) || rm -rf "$CLUSTER_DIR"
+    for n in 1 2 3; do start_node "$n"; done
+    wait_for "garage cluster RPC" "$CLUSTER_DIR/node1/garage.log" "$(node_pid 1)" cluster_rpc_ready
+    local version
+    version=$(node_garage 1 layout show 2>/dev/null | sed -n 's/^Current cluster layout version: *\([0-9]*\).*/\1/p')
+    if [[ ${version:-0} == 0 ]]; then
+        local ids=()
+        for n in 1 2 3; do
+            ids+=("$(node_garage "$n" node id -q)")
+            [[ -n ${ids[-1]} ]] || die "could not read the id of garage cluster node $n"
+        done
+        node_garage 1 node connect "${ids[1]}" >/dev/null
+        node_garage 1 node connect "${ids[2]}" >/dev/null
+        for n in 1 2 3; do
+            node_garage 1 layout assign -z "dc$n" -c 1G "${ids[$((n - 1))]%@*}" >/dev/null
+        done
+        node_garage 1 layout apply --version 1 >/dev/null
+    fi
+    for n in 1 2 3; do
+        wait_for "garage cluster node $n health" "$CLUSTER_DIR/node$n/garage.log" "$(node_pid "$n")" node_healthy "$n"
+    done
+    if ! node_garage 1 key info "$KEY_NAME" >/dev/null 2>&1; then
+        node_garage 1 key import --yes -n "$KEY_NAME" "$ACCESS_KEY" "$SECRET_KEY" >/dev/null
+    fi
+    if ! node_garage 1 bucket info "$BUCKET" >/dev/null 2>&1; then
+        node_garage 1 bucket create "$BUCKET" >/dev/null
+    fi
+    node_garage 1 bucket allow --read --write --owner "$BUCKET" --key "$KEY_NAME" >/dev/null
+    write_env
+    log "garage cluster ready (3 nodes, replication factor 3, S3 http://$HOST:$CLUSTER_PORT)"
+}
+
+cmd_stop_cluster() {
+    local n
+    for n in 1 2 3; do stop_one "garage-node$n" "$(node_conf "$n")"; done
+}
+
+# cluster-node stop|start N: a crash (SIGKILL) of node N, or its restart
+# with the data it had.
+cmd_cluster_node() {
+    local what=${1:-} n=${2:-} pid
+    [[ $n =~ ^[123]$ ]] || die "cluster-node: give a node number 1, 2 or 3"
+    case $what in
+    stop)
+        pid=$(node_pid "$n")
+        if [[ -n $pid ]]; then
+            kill -9 "$pid" 2>/dev/null || true
+            while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+        fi
+        rm -f "$STATE/garage-node$n.pid"
+        log "garage cluster node $n killed"
+        ;;
+    start)
+        start_node "$n"
+        # A restarted node does not always find its peers again by itself
+        # (Garage 2.5 kept one isolated, answering 503 "quorum not
+        # available", with both peers up): connect it to each.
+        local m id
+        for m in 1 2 3; do
+            [[ $m != "$n" && -n $(node_pid "$m") ]] || continue
+            id=$(node_garage "$m" node id -q 2>/dev/null) || continue
+            wait_for "garage cluster node $n connecting to node $m" "$CLUSTER_DIR/node$n/garage.log" \
+                "$(node_pid "$n")" node_connect "$n" "$id"
+        done
+        for m in 1 2 3; do
+            [[ -n $(node_pid "$m") ]] || continue
+            wait_for "garage cluster node $m health" "$CLUSTER_DIR/node$m/garage.log" "$(node_pid "$m")" node_healthy "$m"
+        done
+        ;;
+    *) die "cluster-node: stop or start" ;;
+    esac
 }
 
 # ---------------------------------------------------------------- stop / status
@@ -407,6 +583,9 @@ cmd_stop() {
     stop_one garage "$GARAGE_BIN"
     stop_one s3s "$S3S_BIN"
     stop_one moto "$MOTO_BIN"
+    if [[ -d $CLUSTER_DIR ]]; then
+        cmd_stop_cluster
+    fi
 }
 
 cmd_status() {
@@ -432,6 +611,17 @@ cmd_status() {
         echo "moto: stopped"
         rc=3
     fi
+    if [[ -d $CLUSTER_DIR ]]; then
+        local n
+        for n in 1 2 3; do
+            pid=$(node_pid "$n")
+            if [[ -n $pid ]]; then
+                echo "garage cluster node $n: running (pid $pid), S3 http://$HOST:$(node_port "$n")"
+            else
+                echo "garage cluster node $n: stopped"
+            fi
+        done
+    fi
     if [[ -f $ENV_FILE ]]; then
         echo "env file: $ENV_FILE"
     fi
@@ -439,7 +629,7 @@ cmd_status() {
 }
 
 usage() {
-    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 case "${1:-}" in
@@ -451,6 +641,12 @@ restart)
     cmd_start
     ;;
 status) cmd_status ;;
+start-cluster) cmd_start_cluster ;;
+stop-cluster) cmd_stop_cluster ;;
+cluster-node)
+    shift
+    cmd_cluster_node "$@"
+    ;;
 env) echo "$ENV_FILE" ;;
 -h | --help | help) usage ;;
 *)

@@ -7,12 +7,17 @@ cd "$(dirname "$0")/.."
 
 scripts/test-servers.sh install
 scripts/test-servers.sh start
+# Three more Garage processes (replication factor 3) for the test that stops
+# a node while shipping and restoring (tests/it/fleet.rs); ~2 s, no build.
+scripts/test-servers.sh start-cluster
 # shellcheck disable=SC1091
 source "${OFFSITE_SERVERS_STATE:-/tmp/offsite-test-servers}/env"
 # The suite must not skip S3: fail if the servers' targets are missing.
 unset OFFSITE_TEST_ALLOW_NO_S3
 test -n "${OFFSITE_TEST_S3_TARGETS:-}" || { echo "no S3 test targets" >&2; exit 1; }
 test -n "${OFFSITE_TEST_S3_LOCK_TARGET:-}" || { echo "no S3 Object Lock test target (moto)" >&2; exit 1; }
+test -n "${OFFSITE_TEST_GARAGE_CLUSTER:-}" || { echo "no Garage cluster test target" >&2; exit 1; }
+export OFFSITE_TEST_REQUIRE_CLUSTER=1
 
 # PostgreSQL 15 (Debian's packages) for the PostgreSQL tests: server
 # binaries in /usr/lib/postgresql/15/bin and the postgres OS user the tests

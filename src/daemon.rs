@@ -229,6 +229,7 @@ impl Daemon {
             shutdown_timeout: self.shutdown_timeout,
             signer: self.signer.clone(),
             verify_keys: self.verify_keys.clone(),
+            s3_clients: storage::S3Clients::default(),
         };
         for d in &statics {
             let (tx, rx) = watch::channel(false);
@@ -237,6 +238,7 @@ impl Daemon {
                 .await?;
         }
         let mut discovered: BTreeMap<PathBuf, usize> = BTreeMap::new();
+        let mut scans: Vec<crate::config::DirScan> = dirs.iter().map(|_| Default::default()).collect();
         let mut discover = tokio::time::interval(self.discover_interval);
         discover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -303,9 +305,17 @@ impl Daemon {
                     }
                 }
                 _ = discover.tick(), if !dirs.is_empty() && !shutting_down => {
+                    // Nothing created, removed or renamed since the last
+                    // search: nothing to do (see DirScan).
+                    if dirs.iter().zip(&scans).all(|(d, s)| s.unchanged(d)) {
+                        continue;
+                    }
                     let mut seen = std::collections::BTreeSet::new();
-                    for d in &dirs {
-                        for f in d.discover_files() {
+                    for (d, scan) in dirs.iter().zip(scans.iter_mut()) {
+                        // Files already replicated are not opened again
+                        // (that would drop our SQLite locks on them).
+                        let known = |f: &Path| discovered.contains_key(f) || db_stops.contains_key(f);
+                        for f in scan.search(d, known) {
                             seen.insert(f.clone());
                             if discovered.contains_key(&f) || db_stops.contains_key(&f) {
                                 continue;
@@ -387,6 +397,9 @@ struct Spawner {
     shutdown_timeout: Duration,
     signer: Option<Arc<crate::sign::Signer>>,
     verify_keys: Vec<crate::sign::PublicKey>,
+    /// One S3 client per endpoint, region and addressing style for every
+    /// replicator (each still counts its own requests).
+    s3_clients: storage::S3Clients,
 }
 
 impl Spawner {
@@ -422,7 +435,7 @@ impl Spawner {
             if matches!(r.encryption, crate::codec::Encryption::None) {
                 tracing::warn!(%db, replica = %r.name, %url, "encryption is off: backups are stored in plaintext, as requested");
             }
-            let store = storage::open(&r.url)
+            let store = storage::open_shared(&r.url, &self.s3_clients)
                 .await
                 .with_context(|| format!("replica {} of {db}", r.name))?;
             self.registry.register(status.clone(), store.clone());

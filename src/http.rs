@@ -379,6 +379,11 @@ const COUNTERS: &[(&str, &str, Count)] = &[
     ("offsite_checkpoints", "WAL checkpoints offsite ran", |s| {
         s.checkpoints.load(Relaxed)
     }),
+    (
+        "offsite_polls",
+        "Looks at the database for new commits (every poll interval while written, backing off to the sync interval while idle)",
+        |s| s.polls.load(Relaxed),
+    ),
     ("offsite_snapshots", "Snapshots uploaded", |s| {
         s.snapshots.load(Relaxed)
     }),

@@ -98,6 +98,8 @@ pub struct ReplicaStatus {
     pub last_upload_us: AtomicI64,
     pub wal_bytes: AtomicU64,
     pub checkpoints: AtomicU64,
+    /// Looks at the database for new commits (fewer while it is idle).
+    pub polls: AtomicU64,
     pub snapshots: AtomicU64,
     pub lineage_breaks: AtomicU64,
     /// Objects read back that did not prove out (planted, foreign, forged).
@@ -145,6 +147,7 @@ impl ReplicaStatus {
             last_upload_us: AtomicI64::new(0),
             wal_bytes: AtomicU64::new(0),
             checkpoints: AtomicU64::new(0),
+            polls: AtomicU64::new(0),
             snapshots: AtomicU64::new(0),
             lineage_breaks: AtomicU64::new(0),
             refused_objects: AtomicU64::new(0),

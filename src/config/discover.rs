@@ -2,6 +2,7 @@
 //! and the configuration of each database found.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 
@@ -35,10 +36,25 @@ impl DatabaseConfig {
 
     /// The database files a directory entry covers now (SQLite files only,
     /// sorted). Unreadable directories are skipped with a warning.
+    #[cfg(test)]
     pub fn discover_files(&self) -> Vec<PathBuf> {
+        self.search(|_| false).0
+    }
+
+    /// The files found, and whether a file matching the pattern had no
+    /// SQLite header (yet). Files for which `known` holds are not opened
+    /// to check their header: they are databases this process already
+    /// replicates. Opening and closing a database file releases every
+    /// POSIX lock the process holds on it (fcntl locks belong to the
+    /// process and the file, not to the descriptor), among them the shared
+    /// lock of offsite's own read transaction; without it, an application
+    /// closing its last connection checkpoints and deletes the WAL under
+    /// offsite.
+    fn search(&self, known: impl Fn(&Path) -> bool) -> (Vec<PathBuf>, bool) {
         let mut out = Vec::new();
+        let mut unfinished = false;
         let Some(d) = &self.discover else {
-            return out;
+            return (out, unfinished);
         };
         let mut dirs = vec![self.path.clone()];
         while let Some(dir) = dirs.pop() {
@@ -56,13 +72,17 @@ impl DatabaseConfig {
                     if d.recursive {
                         dirs.push(p);
                     }
-                } else if ft.is_file() && self.covers(&p) && is_sqlite_file(&p) {
-                    out.push(p);
+                } else if ft.is_file() && self.covers(&p) {
+                    if known(&p) || is_sqlite_file(&p) {
+                        out.push(p);
+                    } else {
+                        unfinished = true;
+                    }
                 }
             }
         }
         out.sort();
-        out
+        (out, unfinished)
     }
 
     /// The configuration of one database found under a directory entry:
@@ -141,6 +161,54 @@ impl Config {
     }
 }
 
+/// When a directory entry must be searched again. Searching a directory of
+/// a thousand databases every second costs more CPU than replicating them
+/// while they are idle (path comparisons, pattern matching), so a search is
+/// skipped while the directory is provably unchanged: its modification
+/// time, which every file created, removed or renamed in it moves, is the
+/// one read before the last search and was then at least 2 s old (so even
+/// a coarse timestamp moves on the next change); the last search found no
+/// file still being created (matching the pattern without an SQLite header
+/// yet); and it ran less than a minute ago. Recursive entries (whose
+/// subdirectories change without their parent) are always searched.
+#[derive(Debug, Default)]
+pub struct DirScan {
+    /// Directory mtime before the last search, when that search began.
+    last: Option<(SystemTime, SystemTime, Instant)>,
+}
+
+impl DirScan {
+    pub fn unchanged(&self, d: &DatabaseConfig) -> bool {
+        let Some((mtime, began, at)) = self.last else {
+            return false;
+        };
+        if d.discover.as_ref().is_none_or(|x| x.recursive) {
+            return false;
+        }
+        at.elapsed() < Duration::from_secs(60)
+            && mtime + Duration::from_secs(2) <= began
+            && dir_mtime(&d.path) == Some(mtime)
+    }
+
+    /// The SQLite files `d` covers now, sorted (see `DatabaseConfig::search`
+    /// for `known`), remembering what tells whether the next search can be
+    /// skipped. Unreadable directories are skipped with a warning.
+    pub fn search(&mut self, d: &DatabaseConfig, known: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
+        let began = SystemTime::now();
+        let mtime = dir_mtime(&d.path);
+        let (files, unfinished) = d.search(known);
+        self.last = match mtime {
+            Some(m) if !unfinished => Some((m, began, Instant::now())),
+            _ => None,
+        };
+        files
+    }
+}
+
+fn dir_mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
 /// Whether `p` starts with the SQLite header (a file being created, or
 /// another kind of file matching the pattern, is skipped).
 pub fn is_sqlite_file(p: &Path) -> bool {
@@ -157,6 +225,49 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_directory_is_searched_again_only_when_it_changed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::write(d.join("a.db"), b"SQLite format 3\0rest").unwrap();
+        let t = format!(
+            "[[database]]\ndir = \"{}\"\npattern = \"*.db\"\n[[database.replica]]\nurl = \"file:///backups\"\nencryption = \"none\"\n",
+            d.display()
+        );
+        let c = Config::parse(&t, "x.toml").unwrap();
+        let e = &c.databases[0];
+        let age = |secs| {
+            let dir = std::fs::File::open(d).unwrap();
+            dir.set_modified(SystemTime::now() - Duration::from_secs(secs))
+                .unwrap();
+        };
+        let mut scan = DirScan::default();
+        assert!(!scan.unchanged(e), "never searched");
+        age(10);
+        assert_eq!(scan.search(e, |_| false), vec![d.join("a.db")]);
+        assert!(scan.unchanged(e));
+        // A new database moves the directory's mtime.
+        std::fs::write(d.join("b.db"), b"SQLite format 3\0rest").unwrap();
+        assert!(!scan.unchanged(e));
+        assert_eq!(scan.search(e, |_| false).len(), 2);
+        assert!(!scan.unchanged(e), "mtime too recent to trust");
+        age(10);
+        scan.search(e, |_| false);
+        assert!(scan.unchanged(e));
+        // A file still being created is looked at again, changed or not.
+        std::fs::write(d.join("c.db"), b"").unwrap();
+        age(10);
+        assert_eq!(scan.search(e, |_| false).len(), 2);
+        assert!(!scan.unchanged(e));
+        std::fs::write(d.join("c.db"), b"SQLite format 3\0rest").unwrap();
+        age(10);
+        assert_eq!(scan.search(e, |_| false).len(), 3);
+        assert!(scan.unchanged(e));
+        // A removed database too.
+        std::fs::remove_file(d.join("a.db")).unwrap();
+        assert!(!scan.unchanged(e));
+    }
 
     #[test]
     fn directory_entries_give_each_database_its_own_replica() {

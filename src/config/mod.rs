@@ -20,7 +20,7 @@ use crate::codec::Encryption;
 use crate::keys::Recipients;
 use crate::storage::ReplicaUrl;
 
-pub use discover::Discover;
+pub use discover::{DirScan, Discover};
 pub(crate) use units::split_levels;
 pub use units::{expand_env, parse_duration, parse_size};
 

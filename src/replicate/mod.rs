@@ -11,6 +11,7 @@
 
 mod background;
 mod build;
+mod idle;
 mod options;
 mod retry;
 mod spool;
@@ -37,6 +38,7 @@ pub use options::Options;
 pub use spool::spool_dir;
 
 use build::Staged;
+use idle::IdleBackoff;
 use retry::{is_unavailable, put_object, requests_json, with_retries};
 use spool::Spool;
 use state::{Phase, Shipping};
@@ -274,19 +276,24 @@ impl Replicator {
         }
         self.opts.status.running.store(true, Relaxed);
         self.publish();
-        let mut tick = tokio::time::interval(self.opts.poll_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Every poll interval while busy, backing off to the sync interval
+        // while idle (`idle`).
+        let mut idle = IdleBackoff::new(self.opts.poll_interval, self.opts.sync_interval);
+        let mut next_look = tokio::time::Instant::now();
         let mut sync_rx = self.opts.status.sync_requests();
         let mut synced = 0u64;
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tokio::time::sleep_until(next_look) => {}
                 _ = shutdown.changed() => {}
                 _ = sync_rx.changed() => {}
             }
             if *shutdown.borrow() {
                 break;
             }
+            let looked_at = tokio::time::Instant::now();
+            let txid_before = self.next_txid;
+            self.opts.status.add(&self.opts.status.polls, 1);
             // Read before the step: the step's poll sees every commit made
             // before the request.
             // Any number of requests since the last step are one wake-up
@@ -322,6 +329,9 @@ impl Replicator {
                 }
             }
             self.publish();
+            let busy =
+                self.next_txid != txid_before || !self.caught_up() || self.retry_at.is_some();
+            next_look = looked_at + idle.next(busy);
         }
         let requested = *sync_rx.borrow();
         let r = self.shutdown().await;

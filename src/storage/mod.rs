@@ -17,9 +17,11 @@ pub mod conformance;
 pub mod counting;
 pub mod file;
 pub mod s3;
+mod s3_client;
 mod url;
 
 pub use self::counting::{RequestCounter, RequestCounts, RequestKind};
+pub use self::s3_client::S3Clients;
 pub use self::url::{
     did_you_mean, parse_file_mode, redact, ReplicaUrl, S3Config, DEFAULT_FILE_MODE,
 };
@@ -238,5 +240,16 @@ pub async fn open(url: &ReplicaUrl) -> anyhow::Result<DynStorage> {
             mode.unwrap_or(DEFAULT_FILE_MODE),
         )?)),
         ReplicaUrl::S3(cfg) => Ok(Arc::new(s3::S3Storage::new(cfg.clone()).await?)),
+    }
+}
+
+/// Like [`open`], but an S3 replica uses `clients`' client for its
+/// endpoint, region and addressing style (the daemon's replicas share them).
+pub async fn open_shared(url: &ReplicaUrl, clients: &S3Clients) -> anyhow::Result<DynStorage> {
+    match url {
+        ReplicaUrl::S3(cfg) => Ok(Arc::new(
+            s3::S3Storage::shared(cfg.clone(), clients).await?,
+        )),
+        other => open(other).await,
     }
 }

@@ -37,15 +37,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_config::meta::region::RegionProviderChain;
-use aws_config::retry::RetryConfig;
-use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef;
-use aws_sdk_s3::config::{
-    ConfigBag, Intercept, Region, RequestChecksumCalculation, ResponseChecksumValidation,
-    RuntimeComponents,
-};
+use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::{ByteStream, DateTime, Length};
 use aws_sdk_s3::types::{
@@ -58,6 +52,7 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::io::AsyncWriteExt;
 
 use super::counting::classify_s3_request;
+use super::s3_client::{self, S3Clients, SharedClient};
 use super::url::S3Config;
 use super::{
     check_key, Body, BucketObjectLock, LockMode, ObjectLock, ObjectMeta, RequestCounter,
@@ -102,7 +97,9 @@ fn upload_config(len: u64) -> aws_sdk_s3::config::Builder {
 
 #[derive(Clone)]
 pub struct S3Storage {
+    /// `shared.client`, possibly used by other stores too (see `s3_client`).
     client: Client,
+    shared: Arc<SharedClient>,
     cfg: S3Config,
     /// The endpoint actually used (URL parameter, else AWS_ENDPOINT_URL[_S3] /
     /// profile), for messages; `None` = AWS.
@@ -111,7 +108,8 @@ pub struct S3Storage {
     multipart_threshold: u64,
     part_size: u64,
     list_page_size: i32,
-    /// Every HTTP request sent, by class (shared with the SDK interceptor).
+    /// Every HTTP request this store sent, by class (shared with the
+    /// counting interceptor on each of its requests).
     counter: Arc<RequestCounter>,
     /// The bucket's Object Lock status, probed once.
     lock_status: Arc<tokio::sync::OnceCell<Option<BucketObjectLock>>>,
@@ -129,7 +127,7 @@ struct Uploads {
 }
 
 /// Counts every HTTP request the SDK transmits (each retry attempt too).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct CountingInterceptor {
     counter: Arc<RequestCounter>,
 }
@@ -170,65 +168,51 @@ impl fmt::Debug for S3Storage {
 }
 
 impl S3Storage {
+    /// A store with an SDK client of its own (commands that open one replica).
     pub async fn new(cfg: S3Config) -> anyhow::Result<Self> {
-        if cfg.bucket.is_empty() {
-            anyhow::bail!("S3 bucket name is empty");
-        }
-        let region_chain = RegionProviderChain::first_try(cfg.region.clone().map(Region::new))
-            .or_default_provider()
-            .or_else(Region::new("us-east-1"));
-        let retry = RetryConfig::standard()
-            .with_max_attempts(MAX_ATTEMPTS)
-            .with_initial_backoff(Duration::from_millis(200))
-            .with_max_backoff(Duration::from_secs(5));
-        let sdk = aws_config::defaults(BehaviorVersion::latest())
-            .region(region_chain)
-            .timeout_config(timeouts(REQUEST_TIMEOUT))
-            .retry_config(retry.clone())
-            .load()
+        check_bucket(&cfg)?;
+        let shared = s3_client::own_client(&cfg, MAX_ATTEMPTS, timeouts(REQUEST_TIMEOUT)).await;
+        Ok(Self::with_client(cfg, shared))
+    }
+
+    /// A store that uses `clients`' client for its endpoint, region and
+    /// addressing style (the daemon: one client for every replica), while
+    /// counting its own requests.
+    pub async fn shared(cfg: S3Config, clients: &S3Clients) -> anyhow::Result<Self> {
+        check_bucket(&cfg)?;
+        let shared = clients
+            .get(&cfg, MAX_ATTEMPTS, timeouts(REQUEST_TIMEOUT))
             .await;
-        let region = sdk
-            .region()
-            .map(|r| r.to_string())
-            .unwrap_or_else(|| "us-east-1".to_string());
+        Ok(Self::with_client(cfg, shared))
+    }
 
-        let endpoint = cfg
-            .endpoint
-            .clone()
-            .or_else(|| env_nonempty("AWS_ENDPOINT_URL_S3"))
-            .or_else(|| sdk.endpoint_url().map(str::to_string));
-
-        let mut b = aws_sdk_s3::config::Builder::from(&sdk)
-            .force_path_style(cfg.force_path_style)
-            .timeout_config(timeouts(REQUEST_TIMEOUT))
-            .retry_config(retry);
-        if let Some(e) = &cfg.endpoint {
-            b = b.endpoint_url(e);
-        }
-        if endpoint.is_some() {
-            // Self-hosted servers commonly reject the SDK's default
-            // streaming CRC trailers (Garage: "Invalid payload signature").
-            b = b
-                .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-                .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
-        }
-        let counter = Arc::new(RequestCounter::default());
-        b = b.interceptor(CountingInterceptor {
-            counter: counter.clone(),
-        });
-        let client = Client::from_conf(b.build());
-        Ok(Self {
-            client,
+    fn with_client(cfg: S3Config, shared: Arc<SharedClient>) -> Self {
+        Self {
+            client: shared.client.clone(),
+            endpoint: shared.endpoint.clone(),
+            region: shared.region.clone(),
+            shared,
             cfg,
-            endpoint,
-            region,
             multipart_threshold: DEFAULT_MULTIPART_THRESHOLD,
             part_size: DEFAULT_PART_SIZE,
             list_page_size: DEFAULT_LIST_PAGE_SIZE,
-            counter,
+            counter: Arc::default(),
             lock_status: Arc::default(),
             uploads: Arc::default(),
-        })
+        }
+    }
+
+    /// Whether both stores send their requests through the same SDK client.
+    pub fn shares_client_with(&self, other: &S3Storage) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    /// The interceptor that counts this store's requests; added to every
+    /// request, since the client itself may be shared by other stores.
+    fn counting(&self) -> CountingInterceptor {
+        CountingInterceptor {
+            counter: self.counter.clone(),
+        }
     }
 
     /// Bodies of at least `threshold` bytes are sent as multipart uploads
@@ -423,6 +407,7 @@ impl S3Storage {
         }
         req.customize()
             .config_override(upload_config(len))
+            .interceptor(self.counting())
             .send()
             .await
             .map_err(|e| self.map_err("PutObject", key, e))?;
@@ -439,6 +424,8 @@ impl S3Storage {
             .bucket(&self.cfg.bucket)
             .key(full)
             .upload_id(upload_id)
+            .customize()
+            .interceptor(self.counting())
             .send()
             .await;
         self.uploads.in_flight.lock().unwrap().remove(upload_id);
@@ -495,6 +482,8 @@ impl S3Storage {
                 .prefix(&prefix)
                 .set_key_marker(key_marker.take())
                 .set_upload_id_marker(id_marker.take())
+                .customize()
+                .interceptor(self.counting())
                 .send()
                 .await
                 .map_err(|e| self.map_err("ListMultipartUploads", "", e))?;
@@ -539,6 +528,8 @@ impl S3Storage {
                 .checksum_algorithm(ChecksumAlgorithm::Crc32);
         }
         let created = create
+            .customize()
+            .interceptor(self.counting())
             .send()
             .await
             .map_err(|e| self.map_err("CreateMultipartUpload", key, e))?;
@@ -555,6 +546,7 @@ impl S3Storage {
             .insert(upload_id.to_string());
         let mut guard = AbortGuard {
             client: self.client.clone(),
+            counting: self.counting(),
             bucket: self.cfg.bucket.clone(),
             key: full.to_string(),
             upload_id: upload_id.to_string(),
@@ -577,6 +569,8 @@ impl S3Storage {
                         .set_parts(Some(parts))
                         .build(),
                 )
+                .customize()
+                .interceptor(self.counting())
                 .send()
                 .await
                 .map(|out| out.version_id().map(str::to_string))
@@ -604,6 +598,8 @@ impl S3Storage {
                         .build(),
                 )
                 .checksum_algorithm(ChecksumAlgorithm::Crc32)
+                .customize()
+                .interceptor(self.counting())
                 .send()
                 .await
                 .map(|_| ())
@@ -662,6 +658,7 @@ impl S3Storage {
                 let out = req
                     .customize()
                     .config_override(upload_config(this_len))
+                    .interceptor(self.counting())
                     .send()
                     .await
                     .map_err(|e| self.map_err(&format!("UploadPart {part_number}"), key, e))?;
@@ -722,6 +719,8 @@ impl S3Storage {
             .client
             .get_object_lock_configuration()
             .bucket(&self.cfg.bucket)
+            .customize()
+            .interceptor(self.counting())
             .send()
             .await;
         let out = match res {
@@ -785,6 +784,8 @@ impl S3Storage {
                 .prefix(full)
                 .set_key_marker(key_marker.take())
                 .set_version_id_marker(version_marker.take())
+                .customize()
+                .interceptor(self.counting())
                 .send()
                 .await
                 .map_err(|e| self.map_err("ListObjectVersions", key, e))?;
@@ -850,6 +851,8 @@ impl S3Storage {
             .bucket(&self.cfg.bucket)
             .key(full)
             .version_id(vid)
+            .customize()
+            .interceptor(self.counting())
             .send()
             .await;
         let e = match res {
@@ -890,6 +893,8 @@ impl S3Storage {
             .bucket(&self.cfg.bucket)
             .key(full)
             .version_id(vid)
+            .customize()
+            .interceptor(self.counting())
             .send()
             .await
         {
@@ -911,6 +916,8 @@ impl S3Storage {
             .delete_object()
             .bucket(&self.cfg.bucket)
             .key(full)
+            .customize()
+            .interceptor(self.counting())
             .send()
             .await
         {
@@ -943,8 +950,11 @@ fn datetime_to_us(dt: &DateTime) -> i64 {
         .saturating_add(i64::from(dt.subsec_nanos() / 1000))
 }
 
-fn env_nonempty(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+fn check_bucket(cfg: &S3Config) -> anyhow::Result<()> {
+    if cfg.bucket.is_empty() {
+        anyhow::bail!("S3 bucket name is empty");
+    }
+    Ok(())
 }
 
 fn source_err(p: &Path, e: impl std::error::Error) -> StorageError {
@@ -976,6 +986,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// orphaned parts keep using storage.
 struct AbortGuard {
     client: Client,
+    counting: CountingInterceptor,
     bucket: String,
     key: String,
     upload_id: String,
@@ -994,7 +1005,9 @@ impl Drop for AbortGuard {
                 .abort_multipart_upload()
                 .bucket(&self.bucket)
                 .key(&self.key)
-                .upload_id(&self.upload_id);
+                .upload_id(&self.upload_id)
+                .customize()
+                .interceptor(self.counting.clone());
             let uploads = self.uploads.clone();
             let (key, id) = (self.key.clone(), self.upload_id.clone());
             handle.spawn(async move {
@@ -1024,6 +1037,8 @@ impl Storage for S3Storage {
             .get_object()
             .bucket(&self.cfg.bucket)
             .key(&full)
+            .customize()
+            .interceptor(self.counting())
             .send()
             .await
         {
@@ -1056,7 +1071,7 @@ impl Storage for S3Storage {
             None => req.if_none_match("*"),
             Some(tag) => req.if_match(tag),
         };
-        match req.send().await {
+        match req.customize().interceptor(self.counting()).send().await {
             Ok(_) => Ok(()),
             Err(e) => {
                 if let SdkError::ServiceError(ctx) = &e {
@@ -1080,6 +1095,8 @@ impl Storage for S3Storage {
             .get_object()
             .bucket(&self.cfg.bucket)
             .key(&full)
+            .customize()
+            .interceptor(self.counting())
             .send()
             .await
             .map_err(|e| self.map_err("GetObject", key, e))?;
@@ -1109,6 +1126,8 @@ impl Storage for S3Storage {
             .bucket(&self.cfg.bucket)
             .key(&full)
             .range(format!("bytes={start}-{end}"))
+            .customize()
+            .interceptor(self.counting())
             .send()
             .await;
         let out = match res {
@@ -1144,6 +1163,8 @@ impl Storage for S3Storage {
             .get_object()
             .bucket(&self.cfg.bucket)
             .key(&full)
+            .customize()
+            .interceptor(self.counting())
             .send()
             .await
             .map_err(|e| self.map_err("GetObject", key, e))?;
@@ -1191,6 +1212,8 @@ impl Storage for S3Storage {
             .head_object()
             .bucket(&self.cfg.bucket)
             .key(&full)
+            .customize()
+            .interceptor(self.counting())
             .send()
             .await
         {
@@ -1218,6 +1241,8 @@ impl Storage for S3Storage {
                 .prefix(&full_prefix)
                 .max_keys(self.list_page_size)
                 .set_continuation_token(token.take())
+                .customize()
+                .interceptor(self.counting())
                 .send()
                 .await
                 .map_err(|e| self.map_err("ListObjectsV2", prefix, e))?;
@@ -1287,6 +1312,8 @@ impl Storage for S3Storage {
             .head_object()
             .bucket(&self.cfg.bucket)
             .key(&full)
+            .customize()
+            .interceptor(self.counting())
             .send()
             .await
         {

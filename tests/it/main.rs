@@ -16,6 +16,7 @@ mod deploy_files;
 mod e2e_sqlite;
 mod faults;
 mod fencing;
+mod fleet;
 mod format1;
 mod local_files;
 mod mutation_fuzz;
