@@ -207,6 +207,19 @@ class Env:
         self._seq += 1
         return self._seq
 
+    def free_port(self):
+        """The next port from --port-base that nothing listens on (the machine
+        may be shared: other test clusters pick ports too)."""
+        import socket
+        while True:
+            port = self.port_base + self.seq()
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                    return port
+                except OSError:
+                    continue
+
     # keys: age identity + signing key (offsite); cipher pass (pgBackRest)
     def _keys(self):
         k = self.root / "keys"
@@ -318,7 +331,7 @@ class Cluster:
         self.data = self.dir / "data"
         self.sock = self.dir / "sock"
         self.logf = self.dir / "postgres.log"
-        self.port = env.port_base + env.seq()
+        self.port = env.free_port()
         self.conf = conf or {}
         env.clusters.append(self)
 
