@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::dsn::Dsn;
 use super::inventory::{windows, Inventory};
 use super::restore::{self, PgTarget, RestoreOptions, StartOptions};
-use super::walname::{format_lsn, parse_lsn};
+use super::walname::{format_lsn, parse_lsn, SEGMENT_SIZE};
 use super::wire::Conn;
 use super::Reader;
 
@@ -88,8 +88,11 @@ impl DrillResult {
 }
 
 /// The points to restore: the newest backup's end, the latest, and
-/// `random` LSNs inside the restore window (away from its very end, where
-/// no record may start after the target).
+/// `random` LSNs inside the restore window, before the segment the archive
+/// ends in. A target is reached when a record at or past it is read; at the
+/// archive's tail there may be none (the rest of a segment after a switch
+/// is padding), while any earlier point is followed by the records of the
+/// last segment. A window inside one segment gets no random point.
 pub fn points(
     inv: &Inventory,
     random: usize,
@@ -100,8 +103,8 @@ pub fn points(
         ("latest".to_string(), PgTarget::Latest),
     ];
     if let Some(w) = windows(inv).into_iter().max_by_key(|w| w.to) {
-        let span = w.to.saturating_sub(w.from);
-        let usable = span - (span / 2).min(1 << 20);
+        let last_segment_start = w.to.saturating_sub(1) / SEGMENT_SIZE * SEGMENT_SIZE;
+        let usable = last_segment_start.saturating_sub(w.from);
         if usable >= 8 {
             for _ in 0..random {
                 let l = (w.from + rng() % usable) & !7;
@@ -161,7 +164,20 @@ pub async fn drills(r: &Reader, inv: &Inventory, o: &DrillOptions) -> Vec<DrillR
             tokio::time::timeout(o.timeout, drill_one(r, inv, &dir, &target, o, &mut res)).await;
         let err = match run {
             Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(format!("{e:#}").replace('\n', " ")),
+            Ok(Err(e)) => {
+                // The copy goes below: keep what PostgreSQL said.
+                let log =
+                    std::fs::read_to_string(dir.join("offsite-recovery.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(12).collect();
+                if !tail.is_empty() {
+                    tracing::warn!(
+                        drill = %kind,
+                        "the drilled server's log ended with:\n{}",
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+                Some(format!("{e:#}").replace('\n', " "))
+            }
             Err(_) => Some(format!(
                 "did not finish within {} (--drill-timeout)",
                 humantime::format_duration(o.timeout)
@@ -409,10 +425,20 @@ mod tests {
         });
         assert_eq!(pts.len(), 22);
         assert_eq!(pts[0].1, PgTarget::Immediate);
+        let reach = windows(&inv)[0].to;
         for (_, p) in &pts[2..] {
             let PgTarget::Lsn(l) = p else { panic!() };
-            assert!(*l >= s + 1000 && *l < 5 * s - (1 << 20), "{l:#x}");
+            // Before the segment the archive ends in (its tail may be a
+            // switch's padding, where no record follows the target).
+            assert!(
+                *l >= s + 1000 && *l < (reach - 1) / s * s,
+                "{l:#x} reach {reach:#x}"
+            );
         }
+        // A window inside one segment: no random point.
+        let mut one = inv.clone();
+        one.wal = whole(1, 1, 1);
+        assert_eq!(points(&one, 3, || 5).len(), 2);
         // No window: the backup's end and latest only.
         inv.wal.clear();
         assert_eq!(points(&inv, 3, || 5).len(), 2);
