@@ -238,7 +238,8 @@ impl Daemon {
                 .await?;
         }
         let mut discovered: BTreeMap<PathBuf, usize> = BTreeMap::new();
-        let mut scans: Vec<crate::config::DirScan> = dirs.iter().map(|_| Default::default()).collect();
+        let mut scans: Vec<crate::config::DirScan> =
+            dirs.iter().map(|_| Default::default()).collect();
         let mut discover = tokio::time::interval(self.discover_interval);
         discover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 

@@ -59,10 +59,7 @@ mod tests {
     fn idle_waits_double_up_to_the_sync_interval_and_a_busy_look_resets_them() {
         let mut b = IdleBackoff::new(100 * MS, 1000 * MS);
         let idle: Vec<_> = (0..7).map(|_| b.next(false)).collect();
-        assert_eq!(
-            idle,
-            [100, 200, 400, 800, 1000, 1000, 1000].map(|m| m * MS)
-        );
+        assert_eq!(idle, [100, 200, 400, 800, 1000, 1000, 1000].map(|m| m * MS));
         assert_eq!(b.next(true), 100 * MS);
         assert_eq!(b.next(false), 100 * MS);
         assert_eq!(b.next(false), 200 * MS);

@@ -247,9 +247,7 @@ pub async fn open(url: &ReplicaUrl) -> anyhow::Result<DynStorage> {
 /// endpoint, region and addressing style (the daemon's replicas share them).
 pub async fn open_shared(url: &ReplicaUrl, clients: &S3Clients) -> anyhow::Result<DynStorage> {
     match url {
-        ReplicaUrl::S3(cfg) => Ok(Arc::new(
-            s3::S3Storage::shared(cfg.clone(), clients).await?,
-        )),
+        ReplicaUrl::S3(cfg) => Ok(Arc::new(s3::S3Storage::shared(cfg.clone(), clients).await?)),
         other => open(other).await,
     }
 }

@@ -39,8 +39,12 @@ async fn replicas_share_one_client_per_endpoint_and_count_their_own_requests() {
             .s3_config()
     };
     // Two replicas on one endpoint, one on another.
-    let a = S3Storage::shared(cfg(&garage.name), &clients).await.unwrap();
-    let b = S3Storage::shared(cfg(&garage.name), &clients).await.unwrap();
+    let a = S3Storage::shared(cfg(&garage.name), &clients)
+        .await
+        .unwrap();
+    let b = S3Storage::shared(cfg(&garage.name), &clients)
+        .await
+        .unwrap();
     assert_ne!(a.config().prefix, b.config().prefix);
     assert!(a.shares_client_with(&b));
     assert_eq!(clients.len().await, 1);
@@ -159,11 +163,7 @@ fn a_commit_after_a_long_idle_is_shipped_and_idle_polls_back_off() {
     let out = std::fs::read_to_string(&log).unwrap();
     assert!(st.success(), "{out}");
     let restored = dir.join("restored.db");
-    let r = restore(
-        &url,
-        &restored,
-        &["--age-identity", key.to_str().unwrap()],
-    );
+    let r = restore(&url, &restored, &["--age-identity", key.to_str().unwrap()]);
     assert!(r.ok(), "{}", r.stderr());
     assert_eq!(r.txid, Some(after));
     assert_eq!(offsite::workload::verify(&restored).unwrap(), 6);
@@ -192,7 +192,9 @@ fn cluster() -> Option<(String, PathBuf)> {
             panic!("OFFSITE_TEST_GARAGE_CLUSTER is not set: run scripts/test-servers.sh start-cluster and source its env file")
         }
         _ => {
-            eprintln!("WARNING: no Garage cluster (scripts/test-servers.sh start-cluster): skipping");
+            eprintln!(
+                "WARNING: no Garage cluster (scripts/test-servers.sh start-cluster): skipping"
+            );
             None
         }
     }
@@ -284,7 +286,13 @@ fn side_rows(db: &Path) -> u64 {
         .query_row(
             "SELECT count(*), max(k), sum(v != printf('row-%d', k)) FROM side",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, Option<i64>>(2)?.unwrap_or(0))),
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get::<_, Option<i64>>(2)?.unwrap_or(0),
+                ))
+            },
         )
         .unwrap();
     assert_eq!(bad, 0, "side rows with wrong values");
@@ -435,7 +443,11 @@ fn a_cluster_losing_a_node_while_shipping_and_restoring_loses_nothing() {
     assert!(status.success(), "restore with node 2 down: {err}");
     assert_eq!(offsite::workload::verify(&out_db).unwrap(), commits);
     assert_eq!(side_rows(&out_db), rows);
-    assert_eq!(content_digest(&out_db), want, "restore differs from the database");
+    assert_eq!(
+        content_digest(&out_db),
+        want,
+        "restore differs from the database"
+    );
 
     // A point inside the first outage, still with node 2 down: consistent.
     let mid = dir.join("mid.db");
@@ -535,7 +547,11 @@ fn discovered_databases_keep_their_wal_when_the_application_closes_its_connectio
                 .arg(k.to_string())
                 .output()
                 .expect("python3 (scripts/test-servers.sh needs it too)");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(400));
     }
@@ -563,7 +579,10 @@ fn discovered_databases_keep_their_wal_when_the_application_closes_its_connectio
             "{}: a new lineage: {l}\n{out}",
             db.display()
         );
-        let restored = dir.join(format!("restored-{}", db.file_name().unwrap().to_str().unwrap()));
+        let restored = dir.join(format!(
+            "restored-{}",
+            db.file_name().unwrap().to_str().unwrap()
+        ));
         let r = restore(&url(db), &restored, &[]);
         assert!(r.ok(), "{}", r.stderr());
         assert_eq!(offsite::workload::verify(&restored).unwrap(), 5);
