@@ -29,6 +29,40 @@ pub const LEGACY_VERSION: u16 = 1;
 /// The one engine format 1 knew.
 pub const LEGACY_ENGINE: &str = "sqlite";
 const ZSTD_LEVEL: i32 = 3;
+/// Objects whose body is expected to reach this size are compressed by
+/// zstd's worker threads (one per core, at most [`MAX_ZSTD_WORKERS`]); smaller
+/// ones on the caller's thread, which costs no thread start-up and no job
+/// buffers (a sidecar of many small databases ships many small objects).
+pub const PARALLEL_MIN_BYTES: u64 = 4 << 20;
+const MAX_ZSTD_WORKERS: usize = 4;
+/// zstd's job size in parallel mode: its default for level 3 (8 MiB, four
+/// windows) would compress a segment of a few MiB on one worker; 1 MiB jobs
+/// keep every core busy. The output is one standard frame with the same
+/// window (2^21); its size barely changes (docs/BENCHMARKS.md, issue 13).
+const ZSTD_JOB_BYTES: u32 = 1 << 20;
+
+/// zstd worker threads for a body of `expected` bytes (below 2: none, the
+/// caller's thread compresses).
+fn zstd_workers(expected: u64) -> u32 {
+    if expected < PARALLEL_MIN_BYTES {
+        return 0;
+    }
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(MAX_ZSTD_WORKERS) as u32
+}
+
+fn zstd_encoder<W: Write>(w: W, expected: u64) -> io::Result<zstd::Encoder<'static, W>> {
+    let mut z = zstd::Encoder::new(w, ZSTD_LEVEL)?;
+    z.include_checksum(true)?;
+    let workers = zstd_workers(expected);
+    if workers > 1 {
+        z.multithread(workers)?;
+        z.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_BYTES))?;
+    }
+    Ok(z)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ObjectKind {
@@ -444,28 +478,61 @@ impl Write for HashSink<'_> {
 }
 
 /// A writer that hashes (BLAKE3) everything on its way to `inner`: the
-/// payload after the envelope here, the body in `segment`.
+/// payload after the envelope here, the body in `segment`. Small writes (a
+/// 4-byte page number, then a page) are gathered into blocks first: BLAKE3
+/// hashes a long input many chunks at a time, a short one a block at a time.
 pub(crate) struct HashingWriter<W: Write> {
-    pub(crate) inner: W,
-    pub(crate) hasher: blake3::Hasher,
+    inner: W,
+    hasher: blake3::Hasher,
+    buf: Vec<u8>,
 }
+
+/// Bytes gathered before they are hashed and passed on.
+const HASH_BLOCK: usize = 64 << 10;
 
 impl<W: Write> HashingWriter<W> {
     pub(crate) fn new(inner: W) -> Self {
         HashingWriter {
             inner,
             hasher: blake3::Hasher::new(),
+            buf: Vec::new(),
         }
+    }
+
+    fn drain(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.hasher.update(&self.buf);
+            self.inner.write_all(&self.buf)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Everything written passed on; the writer and the hash of it all.
+    pub(crate) fn finish(mut self) -> io::Result<(W, blake3::Hash)> {
+        self.drain()?;
+        Ok((self.inner, self.hasher.finalize()))
     }
 }
 
 impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
+        if self.buf.len() + buf.len() > HASH_BLOCK {
+            self.drain()?;
+        }
+        if buf.len() >= HASH_BLOCK {
+            self.hasher.update(buf);
+            self.inner.write_all(buf)?;
+        } else {
+            if self.buf.capacity() == 0 {
+                self.buf.reserve_exact(HASH_BLOCK);
+            }
+            self.buf.extend_from_slice(buf);
+        }
+        Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
+        self.drain()?;
         self.inner.flush()
     }
 }
@@ -484,22 +551,24 @@ pub struct ObjectWriter<W: Write> {
 }
 
 impl<W: Write> ObjectWriter<W> {
-    pub fn new(mut sink: W, env: &Envelope, seal: &Seal) -> anyhow::Result<Self> {
+    /// A writer for a small object (compressed on the caller's thread).
+    pub fn new(sink: W, env: &Envelope, seal: &Seal) -> anyhow::Result<Self> {
+        Self::sized(sink, env, seal, 0)
+    }
+
+    /// A writer for an object whose body is expected to be about `expected`
+    /// bytes: from [`PARALLEL_MIN_BYTES`] on, zstd compresses on every core
+    /// while the caller reads, hashes and encrypts.
+    pub fn sized(mut sink: W, env: &Envelope, seal: &Seal, expected: u64) -> anyhow::Result<Self> {
         sink.write_all(&env.raw)?;
         let sink = HashingWriter::new(sink);
         let inner = match &seal.enc {
-            Encryption::None => {
-                let mut z = zstd::Encoder::new(sink, ZSTD_LEVEL)?;
-                z.include_checksum(true)?;
-                Inner::Plain(z)
-            }
+            Encryption::None => Inner::Plain(zstd_encoder(sink, expected)?),
             Encryption::Age(recipients) => {
                 let e = age::Encryptor::with_recipients(recipients.iter())
                     .context("cannot encrypt to the configured age recipients")?;
                 let w = e.wrap_output(sink)?;
-                let mut z = zstd::Encoder::new(w, ZSTD_LEVEL)?;
-                z.include_checksum(true)?;
-                Inner::Age(z)
+                Inner::Age(zstd_encoder(w, expected)?)
             }
         };
         Ok(ObjectWriter {
@@ -514,8 +583,7 @@ impl<W: Write> ObjectWriter<W> {
             Inner::Plain(z) => z.finish()?,
             Inner::Age(z) => z.finish()?.finish()?,
         };
-        let hash = hashed.hasher.finalize();
-        let mut sink = hashed.inner;
+        let (mut sink, hash) = hashed.finish()?;
         let mut footer = [0u8; FOOTER_LEN];
         footer[..32].copy_from_slice(hash.as_bytes());
         if let Some(s) = &self.signer {
@@ -682,6 +750,42 @@ mod tests {
                 assert!(err.to_string().contains("--age-identity"), "{err}");
             }
         }
+    }
+
+    /// A big object is compressed by zstd's workers: still one standard
+    /// frame with the window offsite promises (2^21), the same body back.
+    #[test]
+    fn big_objects_compress_in_parallel_into_one_standard_frame() {
+        let signer = Arc::new(Signer::generate());
+        let seal = seal(Encryption::None, &signer, "r1");
+        // Page-like data: half random-looking, half repeated.
+        let data: Vec<u8> = (0..3 * PARALLEL_MIN_BYTES as usize / 2)
+            .map(|i| {
+                if (i / 2048) % 2 == 0 {
+                    (i.wrapping_mul(2654435761) >> 13) as u8
+                } else {
+                    b"offsite"[i % 7]
+                }
+            })
+            .collect();
+        assert!(zstd_workers(data.len() as u64) >= 1);
+        let env = Envelope::new(ObjectKind::Segment, &seal, meta());
+        let mut w = ObjectWriter::sized(Vec::new(), &env, &seal, data.len() as u64).unwrap();
+        for c in data.chunks(4100) {
+            w.write_all(c).unwrap();
+        }
+        let obj = w.finish().unwrap();
+        authenticate(&obj[..], obj.len() as u64, &trust(&signer, "r1")).unwrap();
+        let (_, mut body) = open_object(&obj[..], obj.len() as u64, None).unwrap();
+        let mut out = Vec::new();
+        body.read_to_end(&mut out).unwrap();
+        assert!(out == data);
+        let frame = &obj[env.raw.len()..obj.len() - FOOTER_LEN];
+        let mut d = zstd::Decoder::new(frame).unwrap();
+        d.window_log_max(21).unwrap();
+        let mut again = Vec::new();
+        d.read_to_end(&mut again).unwrap();
+        assert!(again == data);
     }
 
     /// Every way to get an object past a reader without the signing key

@@ -30,6 +30,7 @@ pub(crate) mod daemon;
 pub(crate) mod head;
 pub(crate) mod http;
 pub(crate) mod lease;
+pub(crate) mod readahead;
 pub(crate) mod record;
 pub(crate) mod replay;
 pub(crate) mod segment;

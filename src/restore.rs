@@ -157,14 +157,10 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
     // before a page is written.
     outf.set_permissions(std::fs::Permissions::from_mode(opts.mode))
         .with_context(|| format!("cannot set the mode of {}", tmp_path.display()))?;
-    let mut chain = tokio::task::block_in_place(|| {
-        apply_snapshot(&plan.snapshot, &snap, &keys, Some(engine), Some(outf))
-    })
-    .with_context(|| format!("snapshot {} failed verification", plan.snapshot.key))?;
-    drop(snap);
-
-    // Segments, downloaded in parallel, applied in order.
-    let mut stream = futures::stream::iter(plan.segments.iter().cloned())
+    // Segments, downloaded in parallel while the snapshot and then each
+    // segment is applied on a blocking thread (so the downloads keep flowing
+    // meanwhile), applied in order.
+    let stream = futures::stream::iter(plan.segments.iter().cloned())
         .map(|s| {
             let dir = dl_dir.path().to_path_buf();
             async move {
@@ -173,9 +169,21 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
             }
         })
         .buffered(opts.parallel.max(1));
+    let mut segs = Prefetch::new(stream);
+    let job = {
+        let (entry, keys) = (plan.snapshot.clone(), keys.clone());
+        tokio::task::spawn_blocking(move || {
+            apply_snapshot(&entry, &snap, &keys, Some(engine), Some(outf))
+        })
+    };
+    let mut chain = segs
+        .wait(job)
+        .await?
+        .with_context(|| format!("snapshot {} failed verification", plan.snapshot.key))?;
+
     let mut objects = 1;
     let mut stopped = false;
-    while let Some((seg, d)) = stream.next().await {
+    while let Some((seg, d)) = segs.next().await {
         if stopped {
             break;
         }
@@ -188,12 +196,17 @@ pub async fn restore(store: &dyn Storage, opts: RestoreOptions) -> anyhow::Resul
             txid: plan.stop_txid,
             time_us: plan.stop_time_us,
         };
-        let (_, stop) =
-            tokio::task::block_in_place(|| apply_segment(&mut chain, stop, &seg, &d, &keys))
-                .with_context(|| format!("segment {} failed verification", seg.key))?;
+        let keys = keys.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            let r = apply_segment(&mut chain, stop, &seg, &d, &keys);
+            (chain, seg, r)
+        });
+        let (c, seg, r) = segs.wait(job).await?;
+        chain = c;
+        let (_, stop) = r.with_context(|| format!("segment {} failed verification", seg.key))?;
         stopped = stop;
     }
-    drop(stream);
+    drop(segs);
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
@@ -320,4 +333,52 @@ pub fn describe(catalog: &Catalog) -> serde_json::Value {
         "lineages": lineages,
         "ignored_objects": catalog.ignored,
     })
+}
+
+/// Downloads kept flowing while a blocking job (applying an object) runs:
+/// up to `READY` finished downloads wait here beyond the ones `buffered`
+/// holds, so the store's response bodies are read while pages are applied
+/// (an unpolled body would also trip the S3 client's stall protection).
+struct Prefetch<S: futures::Stream + Unpin> {
+    stream: S,
+    ready: std::collections::VecDeque<S::Item>,
+    ended: bool,
+}
+
+/// Finished downloads held beyond the `parallel` in flight.
+const READY: usize = 2;
+
+impl<S: futures::Stream + Unpin> Prefetch<S> {
+    fn new(stream: S) -> Self {
+        Prefetch {
+            stream,
+            ready: std::collections::VecDeque::new(),
+            ended: false,
+        }
+    }
+
+    async fn next(&mut self) -> Option<S::Item> {
+        if let Some(x) = self.ready.pop_front() {
+            return Some(x);
+        }
+        if self.ended {
+            return None;
+        }
+        let x = self.stream.next().await;
+        self.ended = x.is_none();
+        x
+    }
+
+    /// Wait for `job`, downloading meanwhile.
+    async fn wait<T>(&mut self, mut job: tokio::task::JoinHandle<T>) -> anyhow::Result<T> {
+        loop {
+            tokio::select! {
+                r = &mut job => return r.context("applying an object failed"),
+                x = self.stream.next(), if !self.ended && self.ready.len() < READY => match x {
+                    Some(x) => self.ready.push_back(x),
+                    None => self.ended = true,
+                },
+            }
+        }
+    }
 }

@@ -159,10 +159,10 @@ impl CommitHead {
 }
 
 /// The body's trailing hash: what the writer hashed, appended.
-fn finish_hashed<W: Write>(mut w: HashingWriter<W>) -> io::Result<W> {
-    let digest = w.hasher.finalize();
-    w.inner.write_all(digest.as_bytes())?;
-    Ok(w.inner)
+fn finish_hashed<W: Write>(w: HashingWriter<W>) -> io::Result<W> {
+    let (mut inner, digest) = w.finish()?;
+    inner.write_all(digest.as_bytes())?;
+    Ok(inner)
 }
 
 fn write_header<W: Write, T: Serialize>(w: &mut W, h: &T) -> io::Result<()> {
@@ -246,6 +246,8 @@ impl<W: Write> SegmentWriter<W> {
 pub struct BodyReader<R: Read> {
     r: R,
     hasher: blake3::Hasher,
+    /// Read but not yet hashed (at most `HASH_BATCH` bytes).
+    unhashed: Vec<u8>,
     legacy: Option<legacy::Reading>,
     /// Bytes of the current commit's payload not yet read.
     payload_left: u64,
@@ -258,12 +260,24 @@ pub enum Header {
     Segment(SegmentHeader),
 }
 
+/// Bytes read gathered before they are hashed: BLAKE3 hashes a long input
+/// many chunks at a time, a short one (a page number, a page) a block at a time.
+const HASH_BATCH: usize = 64 << 10;
+
 impl<R: Read> BodyReader<R> {
     fn read_exact(&mut self, buf: &mut [u8]) -> anyhow::Result<()> {
         self.r
             .read_exact(buf)
             .context("object body is truncated or damaged")?;
-        self.hasher.update(buf);
+        if self.unhashed.len() + buf.len() > HASH_BATCH {
+            self.hasher.update(&self.unhashed);
+            self.unhashed.clear();
+        }
+        if buf.len() >= HASH_BATCH {
+            self.hasher.update(buf);
+        } else {
+            self.unhashed.extend_from_slice(buf);
+        }
         Ok(())
     }
 
@@ -276,6 +290,7 @@ impl<R: Read> BodyReader<R> {
         let mut br = BodyReader {
             r,
             hasher: blake3::Hasher::new(),
+            unhashed: Vec::with_capacity(HASH_BATCH),
             legacy: None,
             payload_left: 0,
             prefix: Vec::new(),
@@ -420,6 +435,7 @@ impl<R: Read> BodyReader<R> {
 
     /// Verify the trailing BLAKE3 and that nothing follows it.
     pub fn finish(mut self) -> anyhow::Result<()> {
+        self.hasher.update(&self.unhashed);
         let expect = self.hasher.finalize();
         let mut got = [0u8; 32];
         self.r

@@ -9,10 +9,11 @@ use std::io::Write;
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
-use super::checksum::{Checksum, PageState};
+use super::checksum::{terms_parallel, Checksum, PageState};
 use super::compact::{Closed, Compactor};
 use super::pages::{self, SegmentFields, SnapshotFields};
 use super::source::{SnapshotView, SqliteSource, WalPos};
+use super::wal::FrameBlocks;
 use crate::codec::{Envelope, EnvelopeMeta, ObjectKind, ObjectWriter, Seal};
 use crate::engine::Break;
 use crate::engine::Engine;
@@ -107,10 +108,11 @@ pub fn build_snapshot<W: Write>(
 ) -> anyhow::Result<(W, Built, PageState)> {
     let page_size = src.page_size();
     let mut st = PageState::new(page_size as usize);
-    src.snapshot_read(view, |pgno, page| {
-        st.set_page(pgno, page);
-        Ok(())
-    })?;
+    // Pass 1 hashes on every core; pass 2 hashes again while zstd's
+    // workers compress (the two must agree: nothing changed under R).
+    for (i, t) in src.snapshot_terms(view)?.into_iter().enumerate() {
+        st.set_term(i as u32 + 1, t);
+    }
     st.resize(view.db_pages);
     let ck = st.checksum();
     let link = link.unwrap_or_else(|| Link::genesis(lineage, txid, time_us, &ck.0));
@@ -130,7 +132,7 @@ pub fn build_snapshot<W: Write>(
         link,
         SnapshotFields::new(page_size, view.db_pages),
     );
-    let ow = ObjectWriter::new(sink, &env, seal)?;
+    let ow = ObjectWriter::sized(sink, &env, seal, view.db_pages as u64 * page_size as u64)?;
     let mut sw = SnapshotWriter::new(ow, &header)?;
     let mut again = PageState::new(page_size as usize);
     src.snapshot_read(view, |pgno, page| {
@@ -175,16 +177,25 @@ pub fn build_segment<W: Write>(
     let commits = &src.pending()[..n];
     let ps = src.page_size();
     let prev = (state.checksum(), link);
-    let mut buf = vec![0u8; ps as usize];
     // Pass 1: per-commit state checksums and links (the envelope carries the last).
     let mut ends: Vec<(Checksum, Link)> = Vec::with_capacity(n);
     let mut raw = 0u64;
     let frames: Vec<Vec<(u32, u32)>> = commits.iter().map(|c| c.page_frames()).collect();
     let mut at = link;
+    // The pages' terms, hashed on every core, then applied in order.
+    let flat: Vec<(u32, u32)> = frames.iter().flatten().copied().collect();
+    let wal = src.wal_parts();
+    let terms = terms_parallel(flat.len(), |range, sink| {
+        let mut blocks = FrameBlocks::new(wal);
+        for &(pgno, idx) in &flat[range] {
+            sink(pgno, blocks.page(idx)?);
+        }
+        Ok(())
+    })?;
+    let mut terms = terms.into_iter();
     for (c, pages) in commits.iter().zip(&frames) {
-        for &(pgno, idx) in pages {
-            src.read_frame(idx, &mut buf)?;
-            state.set_page(pgno, &buf);
+        for &(pgno, _) in pages {
+            state.set_term(pgno, terms.next().expect("a term per page"));
             raw += ps as u64;
         }
         state.resize(c.commit.db_pages);
@@ -215,9 +226,10 @@ pub fn build_segment<W: Write>(
         None,
         SegmentFields::new(ps, None),
     );
-    let ow = ObjectWriter::new(sink, &env, seal)?;
+    let ow = ObjectWriter::sized(sink, &env, seal, raw)?;
     let mut sw = SegmentWriter::new(ow, &header)?;
     // Pass 2: write the records.
+    let mut blocks = src.frame_blocks();
     for ((c, (ck, _)), pages) in commits.iter().zip(&ends).zip(&frames) {
         let db_pages = c.commit.db_pages;
         pages::begin_commit(
@@ -228,8 +240,7 @@ pub fn build_segment<W: Write>(
             ps,
         )?;
         for &(pgno, idx) in pages {
-            src.read_frame(idx, &mut buf)?;
-            pages::write_record(&mut sw, db_pages, pgno, &buf)?;
+            pages::write_record(&mut sw, db_pages, pgno, blocks.page(idx)?)?;
         }
         sw.end_commit(&ck.0)?;
     }
@@ -270,7 +281,7 @@ pub fn build_compacted<W: Write>(
         serde_json::Value::Null,
     );
     let header = closed.header(lineage, env.blake3_hex());
-    let ow = ObjectWriter::new(sink, &env, seal)?;
+    let ow = ObjectWriter::sized(sink, &env, seal, closed.raw_bytes())?;
     Ok(closed.write_body(ow, &header)?.finish()?)
 }
 
@@ -284,13 +295,12 @@ pub fn fold(
     closed: &mut Vec<Closed>,
 ) -> anyhow::Result<()> {
     let mut prev = built.prev;
-    let mut buf = vec![0u8; src.page_size() as usize];
+    let mut blocks = src.frame_blocks();
     for (p, end) in src.pending()[..n].iter().zip(&built.ends) {
         closed.extend(compactor.close_due(p.time_us)?);
         compactor.begin_commit(p.txid, p.time_us, prev)?;
         for (pgno, idx) in p.page_frames() {
-            src.read_frame(idx, &mut buf)?;
-            compactor.put_page(pgno, &buf)?;
+            compactor.put_page(pgno, blocks.page(idx)?)?;
         }
         compactor.end_commit(p.commit.db_pages, *end);
         prev = *end;

@@ -114,6 +114,68 @@ pub struct SnapshotView {
 
 pub use crate::engine::Break;
 
+/// Read `file` at `off` into `buf`; zeros past its end.
+fn read_zero_padded(file: &File, off: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = file.read_at(&mut buf[done..], off + done as u64)?;
+        if n == 0 {
+            // Past the end of the file: zeros.
+            buf[done..].fill(0);
+            break;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// The pages of a fixed state: the database file, with the pages the WAL
+/// holds (`latest`: page → frame) read from there. Only files are read, so
+/// several threads may read ranges of it at once.
+struct StatePages<'a> {
+    db: &'a File,
+    page_size: usize,
+    wal: Option<(&'a File, WalHeader)>,
+    latest: HashMap<u32, u32>,
+    db_pages: u32,
+}
+
+impl StatePages<'_> {
+    /// Hand pages `pgnos` to `each` in order.
+    fn read(
+        &self,
+        pgnos: std::ops::Range<u32>,
+        mut each: impl FnMut(u32, &[u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let ps = self.page_size;
+        let mut buf = vec![0u8; ps];
+        // Pages of the database file, read a MiB at a time (pages come in order).
+        let per_block = ((1usize << 20) / ps).max(1) as u32;
+        let mut block = Vec::new();
+        let (mut block_first, mut block_pages) = (0u32, 0u32);
+        let end = pgnos.end;
+        for pgno in pgnos {
+            match (self.latest.get(&pgno), &self.wal) {
+                (Some(&idx), Some((f, h))) => {
+                    wal::read_frame_page(f, h, idx, &mut buf)?;
+                    each(pgno, &buf)?;
+                }
+                _ => {
+                    if pgno < block_first || pgno >= block_first + block_pages {
+                        block_pages = per_block.min(end - pgno);
+                        block_first = pgno;
+                        block.resize(block_pages as usize * ps, 0);
+                        read_zero_padded(self.db, (pgno as u64 - 1) * ps as u64, &mut block)?;
+                    }
+                    let off = (pgno - block_first) as usize * ps;
+                    each(pgno, &block[off..off + ps])?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct SqliteSource {
     db_path: PathBuf,
     wal_path: PathBuf,
@@ -332,29 +394,25 @@ impl SqliteSource {
         }
     }
 
-    fn read_db_page(&self, pgno: u32, buf: &mut [u8]) -> anyhow::Result<()> {
-        let off = (pgno as u64 - 1) * self.page_size as u64;
-        let mut done = 0;
-        while done < buf.len() {
-            let n = self.db_file.read_at(&mut buf[done..], off + done as u64)?;
-            if n == 0 {
-                // Past the end of the file: zeros.
-                buf[done..].fill(0);
-                break;
-            }
-            done += n;
-        }
-        Ok(())
-    }
-
     /// Stream the state "database file + WAL frames 1..=end" page by page.
     /// Correct while R is held at a mark ≤ end (docs/SQLITE.md, "Snapshots", step 5).
     fn read_state(
         &self,
         hdr: Option<&WalHeader>,
         commits: &[WalCommit],
-        mut each: impl FnMut(u32, &[u8]) -> anyhow::Result<()>,
+        each: impl FnMut(u32, &[u8]) -> anyhow::Result<()>,
     ) -> anyhow::Result<u32> {
+        let pages = self.state_pages(hdr, commits)?;
+        pages.read(1..pages.db_pages + 1, each)?;
+        Ok(pages.db_pages)
+    }
+
+    /// Where each page of the state "database file + WAL frames 1..=end" is.
+    fn state_pages(
+        &self,
+        hdr: Option<&WalHeader>,
+        commits: &[WalCommit],
+    ) -> anyhow::Result<StatePages<'_>> {
         let mut latest: HashMap<u32, u32> = HashMap::new();
         for c in commits {
             for &(idx, pgno) in &c.frames {
@@ -365,15 +423,32 @@ impl SqliteSource {
             Some(c) => c.db_pages,
             None => self.db_file_pages()?,
         };
-        let mut buf = vec![0u8; self.page_size as usize];
-        for pgno in 1..=db_pages {
-            match (latest.get(&pgno), hdr) {
-                (Some(&idx), Some(h)) => wal::read_frame_page(self.wal(), h, idx, &mut buf)?,
-                _ => self.read_db_page(pgno, &mut buf)?,
-            }
-            each(pgno, &buf)?;
-        }
-        Ok(db_pages)
+        let wal = match hdr {
+            Some(h) if !latest.is_empty() => Some((self.wal(), *h)),
+            _ => None,
+        };
+        Ok(StatePages {
+            db: &self.db_file,
+            page_size: self.page_size as usize,
+            wal,
+            latest,
+            db_pages,
+        })
+    }
+
+    /// The page-state terms of a snapshot view's pages (1..=db_pages),
+    /// hashed on every core.
+    pub fn snapshot_terms(&self, view: &SnapshotView) -> anyhow::Result<Vec<u128>> {
+        let pages = self.state_pages(view.hdr.as_ref(), &view.commits)?;
+        super::checksum::terms_parallel(pages.db_pages as usize, |range, sink| {
+            pages.read(
+                range.start as u32 + 1..range.end as u32 + 1,
+                |pgno, page| {
+                    sink(pgno, page);
+                    Ok(())
+                },
+            )
+        })
     }
 
     /// Try to continue after `pos` (the replica's newest position): rebuild
@@ -804,10 +879,18 @@ impl SqliteSource {
         Ok(v)
     }
 
-    /// Read the page stored in WAL frame `idx` (pending commits only).
-    pub fn read_frame(&self, idx: u32, buf: &mut [u8]) -> anyhow::Result<()> {
-        let h = self.hdr.as_ref().expect("pending commits imply a WAL");
-        Ok(wal::read_frame_page(self.wal(), h, idx, buf)?)
+    /// Pages of pending commits' frames, read in blocks (for one pass).
+    pub fn frame_blocks(&self) -> wal::FrameBlocks<'_> {
+        wal::FrameBlocks::new(self.wal_parts())
+    }
+
+    /// The WAL file and its header, if there is a WAL: what a thread needs
+    /// to read frames of pending commits ([`wal::FrameBlocks`]).
+    pub fn wal_parts(&self) -> Option<(&File, &WalHeader)> {
+        match (&self.wal_file, &self.hdr) {
+            (Some(f), Some(h)) => Some((&f.0, h)),
+            _ => None,
+        }
     }
 
     /// The first `n` pending commits are durable remotely.

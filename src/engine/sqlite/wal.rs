@@ -210,6 +210,75 @@ pub fn frame_matches(
     })
 }
 
+/// Bytes of consecutive frames [`FrameBlocks`] reads at once.
+const FRAME_BLOCK_BYTES: usize = 1 << 20;
+
+/// Pages of frames, read a block of consecutive frames at a time: one read
+/// per MiB instead of one per page (a commit's frames are consecutive). For
+/// one pass over frames of complete commits already found by [`scan`]; it
+/// must not outlive that pass, whose caller checks afterwards that the WAL
+/// was not restarted meanwhile.
+pub struct FrameBlocks<'a> {
+    /// None: there is no WAL, so no frame to read.
+    wal: Option<(&'a File, &'a WalHeader)>,
+    buf: Vec<u8>,
+    first: u32,
+    count: u32,
+}
+
+impl<'a> FrameBlocks<'a> {
+    pub fn new(wal: Option<(&'a File, &'a WalHeader)>) -> Self {
+        FrameBlocks {
+            wal,
+            buf: Vec::new(),
+            first: 0,
+            count: 0,
+        }
+    }
+
+    /// The page stored in frame `index`.
+    pub fn page(&mut self, index: u32) -> io::Result<&[u8]> {
+        let Some((file, hdr)) = self.wal else {
+            return Err(io::Error::other(format!(
+                "frame {index} asked of a database without a WAL"
+            )));
+        };
+        let fs = hdr.frame_size() as usize;
+        if index < self.first || index >= self.first + self.count {
+            // A block when reading on from the last one (or first); a
+            // single frame after a jump, so out-of-order frames (a page
+            // written twice in a big transaction) cost no block each.
+            let onward = self.count == 0 || index == self.first + self.count;
+            let frames = if onward {
+                (FRAME_BLOCK_BYTES / fs).max(1)
+            } else {
+                1
+            };
+            self.buf.resize(frames * fs, 0);
+            let mut n = 0;
+            let at = hdr.frame_offset(index);
+            while n < self.buf.len() {
+                match file.read_at(&mut self.buf[n..], at + n as u64) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if n < fs {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("WAL frame {index} is past the end of the file"),
+                ));
+            }
+            self.first = index;
+            self.count = (n / fs) as u32;
+        }
+        let off = (index - self.first) as usize * fs + FRAME_HEADER_SIZE as usize;
+        Ok(&self.buf[off..off + hdr.page_size as usize])
+    }
+}
+
 /// Read the page stored in frame `index` into `buf` (page_size bytes).
 pub fn read_frame_page(file: &File, hdr: &WalHeader, index: u32, buf: &mut [u8]) -> io::Result<()> {
     file.read_exact_at(buf, hdr.frame_offset(index) + FRAME_HEADER_SIZE)
