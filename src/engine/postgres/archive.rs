@@ -290,7 +290,13 @@ pub fn cover(pieces: &[WalPiece], from: u64) -> (Vec<WalPiece>, u64) {
 /// Seal `data` as one archive object.
 pub fn seal(seal: &Seal, meta: &PgMeta, time_us: i64, data: &[u8]) -> anyhow::Result<Vec<u8>> {
     let mut out = Vec::with_capacity(data.len() / 2 + 1024);
-    let mut w = ObjectWriter::new(&mut out, &envelope(seal, meta, time_us)?, seal)?;
+    // Whole segments and backup parts (16–32 MiB) compress on every core.
+    let mut w = ObjectWriter::sized(
+        &mut out,
+        &envelope(seal, meta, time_us)?,
+        seal,
+        data.len() as u64,
+    )?;
     w.write_all(data)?;
     w.finish()?;
     Ok(out)
