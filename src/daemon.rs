@@ -440,17 +440,7 @@ impl Spawner {
                 .await
                 .with_context(|| format!("replica {} of {db}", r.name))?;
             self.registry.register(status.clone(), store.clone());
-            let id = *next_id;
-            *next_id += 1;
-            tasks.insert(
-                id,
-                Task {
-                    db: d.path.clone(),
-                    replica: r.name.clone(),
-                    url: url.clone(),
-                    status,
-                },
-            );
+            let id = add_task(tasks, next_id, d, &r.name, &url, &status);
             let span = tracing::info_span!("replica", db = %db, replica = %r.name);
             let enc = r.encryption.clone();
             let stop = stop.clone();
@@ -531,17 +521,7 @@ impl Spawner {
                     .chain(self.verify_keys.iter().copied())
                     .collect(),
             );
-            let id = *next_id;
-            *next_id += 1;
-            tasks.insert(
-                id,
-                Task {
-                    db: d.path.clone(),
-                    replica: r.name.clone(),
-                    url,
-                    status: status.clone(),
-                },
-            );
+            let id = add_task(tasks, next_id, d, &r.name, &url, &status);
             let span = tracing::info_span!("replica", db = %pg.name, replica = %r.name);
             let signer = signer.clone();
             let stop = stop.clone();
@@ -552,6 +532,29 @@ impl Spawner {
         }
         Ok(())
     }
+}
+
+/// Record a replicator task under a fresh id.
+fn add_task(
+    tasks: &mut BTreeMap<usize, Task>,
+    next_id: &mut usize,
+    d: &DatabaseConfig,
+    replica: &str,
+    url: &str,
+    status: &Arc<ReplicaStatus>,
+) -> usize {
+    let id = *next_id;
+    *next_id += 1;
+    tasks.insert(
+        id,
+        Task {
+            db: d.path.clone(),
+            replica: replica.to_string(),
+            url: url.to_string(),
+            status: status.clone(),
+        },
+    );
+    id
 }
 
 /// Whether the application inherits variable `name`: not offsite's own

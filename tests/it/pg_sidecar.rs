@@ -32,12 +32,7 @@ fn metrics_readiness_and_sync_wait() {
     let (_ident, rcpt) = pg_keygen(tmp.path());
     let c = PgCluster::start(&[]);
     create_markers(&c);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_addr();
     // A long sync interval: only `sync --wait` ships promptly.
     let s = Streamer::start(
         &c.dsn(),
@@ -206,6 +201,31 @@ fn a_second_streamer_on_the_same_archive_is_refused() {
     s.stop();
 }
 
+/// A loopback address nothing listens on.
+fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// `offsite replicate --config CFG`, logging to a file beside it.
+fn start_daemon(cfg: &std::path::Path) -> (std::process::Child, std::path::PathBuf) {
+    let log = cfg.with_extension("log");
+    let d = offsite()
+        .args(["replicate", "--config"])
+        .arg(cfg)
+        .args(["--log-format", "text"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    (d, log)
+}
+
 /// The value of metric `name` for database `db` in a /metrics page.
 fn metric(m: &str, name: &str, db: &str) -> Option<f64> {
     m.lines()
@@ -238,12 +258,7 @@ fn a_config_file_runs_sqlite_and_postgres_in_one_daemon() {
     conn.execute_batch("create table t(i integer primary key, v text)")
         .unwrap();
     let sq_url = format!("file://{}", tmp.path().join("sqlite-replica").display());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_addr();
     let cfg = tmp.path().join("offsite.toml");
     std::fs::write(
         &cfg,
@@ -279,16 +294,7 @@ verify-identity-file = "{ident}"
         ),
     )
     .unwrap();
-    let log = tmp.path().join("daemon.log");
-    let mut d = offsite()
-        .args(["replicate", "--config"])
-        .arg(&cfg)
-        .args(["--log-format", "text"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut d, log) = start_daemon(&cfg);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     for i in 0..100 {
         conn.execute("insert into t(v) values (?1)", [format!("row {i}")])
@@ -397,12 +403,7 @@ fn a_failing_restore_drill_is_reported() {
     let c = PgCluster::start(&[]);
     create_markers(&c);
     add_marker(&c, 1);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_addr();
     let cfg = tmp.path().join("offsite.toml");
     std::fs::write(
         &cfg,
@@ -426,16 +427,7 @@ verify-identity-file = "{ident}"
         ),
     )
     .unwrap();
-    let log = tmp.path().join("daemon.log");
-    let mut d = offsite()
-        .args(["replicate", "--config"])
-        .arg(&cfg)
-        .args(["--log-format", "text"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let (mut d, log) = start_daemon(&cfg);
     crate::support::harness::wait_for("a failed restore drill", Duration::from_secs(180), || {
         std::net::TcpStream::connect(&addr).is_ok()
             && metric(
