@@ -54,23 +54,7 @@ fn metrics_readiness_and_sync_wait() {
     });
     add_marker(&c, 1);
     let (lsn, _) = current_lsn(&c);
-    let o = offsite()
-        .args([
-            "sync",
-            "main-db",
-            "--wait",
-            "--listen",
-            &addr,
-            "--timeout",
-            "20s",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "sync --wait: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    sync_wait(&addr, "main-db", "20s");
     let b = backups(&url);
     let reach = archive_reach(&url, 1, b.last().unwrap().start_lsn);
     assert!(reach >= lsn - 1, "sync --wait returned before the commit's WAL ({lsn:#x}) was stored (archive reaches {reach:#x})");
@@ -87,13 +71,15 @@ fn metrics_readiness_and_sync_wait() {
             "{name} missing:\n{m}"
         );
     }
-    let last_backup: f64 = m
-        .lines()
-        .find(|l| l.starts_with("offsite_pg_last_base_backup_timestamp_seconds{"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    assert!(last_backup > 1.0e9, "{m}");
+    assert!(
+        metric(
+            &m,
+            "offsite_pg_last_base_backup_timestamp_seconds",
+            "main-db"
+        )
+        .is_some_and(|v| v > 1.0e9),
+        "{m}"
+    );
     assert!(!m.contains("postgres://"), "metrics carry the DSN: {m}");
     s.stop();
 }
@@ -199,6 +185,27 @@ fn a_second_streamer_on_the_same_archive_is_refused() {
         "0"
     );
     s.stop();
+}
+
+/// `offsite sync WHAT --wait` against the daemon at `addr`; it must succeed.
+fn sync_wait(addr: &str, what: &str, timeout: &str) {
+    let o = offsite()
+        .args([
+            "sync",
+            what,
+            "--wait",
+            "--listen",
+            addr,
+            "--timeout",
+            timeout,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "sync {what} --wait: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// A loopback address nothing listens on.
@@ -337,36 +344,10 @@ verify-identity-file = "{ident}"
     // `offsite sync NAME --wait` reaches the cluster's sidecar.
     add_marker(&c, 6);
     let (lsn, _) = current_lsn(&c);
-    let o = offsite()
-        .args([
-            "sync",
-            "pgmain",
-            "--wait",
-            "--listen",
-            &addr,
-            "--timeout",
-            "30s",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "sync: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    sync_wait(&addr, "pgmain", "30s");
     let b = backups(&pg_url);
     assert!(archive_reach(&pg_url, 1, b.last().unwrap().start_lsn) >= lsn - 1);
-    let o = offsite()
-        .args(["sync"])
-        .arg(&db)
-        .args(["--wait", "--listen", &addr, "--timeout", "30s"])
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "sync: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    sync_wait(&addr, db.to_str().unwrap(), "30s");
     sigterm(&d);
     let st = wait_timeout(&mut d, Duration::from_secs(60));
     assert!(st.success(), "daemon exited with {st}: {}", log_text());
