@@ -64,6 +64,11 @@ pub fn options_for(d: &DatabaseConfig, r: &ReplicaConfig) -> anyhow::Result<repl
     if let Ok(v) = std::env::var("OFFSITE_TEST_LEASE_RENEW") {
         o.lease_renew = crate::config::parse_duration(&v, "OFFSITE_TEST_LEASE_RENEW")?;
     }
+    // Tests make shipping slow with small segments behind a slow proxy.
+    #[cfg(feature = "testing")]
+    if let Ok(v) = std::env::var("OFFSITE_TEST_MAX_SEGMENT_BYTES") {
+        o.max_segment_bytes = v.parse().context("OFFSITE_TEST_MAX_SEGMENT_BYTES")?;
+    }
     o.replica_name = r.name.clone();
     o.retention = r.retention.clone();
     o.snapshot_interval = r.snapshot_interval;

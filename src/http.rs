@@ -310,6 +310,26 @@ const GAUGES: &[(&str, &str, Get)] = &[
         |s, _| s.wal_bytes.load(Relaxed) as f64,
     ),
     (
+        "offsite_unshipped_bytes",
+        "Bytes of committed WAL frames not yet shipped, as the last look at the WAL found them (frames × page size)",
+        |s, _| s.unshipped_bytes.load(Relaxed) as f64,
+    ),
+    (
+        "offsite_write_rate_bytes",
+        "Bytes of commits the database wrote per second, over the last 10 s window",
+        |s, _| s.write_rate_bps.load(Relaxed) as f64,
+    ),
+    (
+        "offsite_ship_rate_bytes",
+        "Bytes of commits shipped per second, over the last 10 s window",
+        |s, _| s.ship_rate_bps.load(Relaxed) as f64,
+    ),
+    (
+        "offsite_shipping_behind",
+        "1 while the backlog of unshipped commits has grown for 20 s or more with uploads succeeding: the writer outruns the shipper (max-wal-size will end the lineage)",
+        |s, _| s.shipping_behind.load(Relaxed) as u8 as f64,
+    ),
+    (
         "offsite_replica_up",
         "1 when the replica was reached and shipping runs, else 0",
         |s, _| {

@@ -97,6 +97,13 @@ pub struct ReplicaStatus {
     pub upload_errors: AtomicU64,
     pub last_upload_us: AtomicI64,
     pub wal_bytes: AtomicU64,
+    /// Bytes of commits found and not yet shipped.
+    pub unshipped_bytes: AtomicU64,
+    /// Write and ship rates over the last pace window (bytes/s), and
+    /// whether the backlog keeps growing (`replicate::pace`).
+    pub write_rate_bps: AtomicU64,
+    pub ship_rate_bps: AtomicU64,
+    pub shipping_behind: AtomicBool,
     pub checkpoints: AtomicU64,
     /// Looks at the database for new commits (fewer while it is idle).
     pub polls: AtomicU64,
@@ -146,6 +153,10 @@ impl ReplicaStatus {
             upload_errors: AtomicU64::new(0),
             last_upload_us: AtomicI64::new(0),
             wal_bytes: AtomicU64::new(0),
+            unshipped_bytes: AtomicU64::new(0),
+            write_rate_bps: AtomicU64::new(0),
+            ship_rate_bps: AtomicU64::new(0),
+            shipping_behind: AtomicBool::new(false),
             checkpoints: AtomicU64::new(0),
             polls: AtomicU64::new(0),
             snapshots: AtomicU64::new(0),

@@ -224,6 +224,12 @@ pub trait Source: Send {
     /// Commits observed and not shipped, oldest first.
     fn pending(&self) -> Vec<Pending>;
     fn pending_len(&self) -> usize;
+    /// Cheap and non-blocking (a few system calls, no reads): `true` when
+    /// nothing changed since a poll that found nothing, so this look may skip
+    /// `poll` and `yield_to_checkpointer`. `false` is always safe.
+    fn quiet(&self) -> bool {
+        false
+    }
     /// After a verifiable [`Break`]: does the database provably still
     /// continue what was shipped?
     fn verify_continuation(&mut self) -> anyhow::Result<bool>;

@@ -13,6 +13,7 @@ mod background;
 mod build;
 mod idle;
 mod options;
+mod pace;
 mod retry;
 mod spool;
 mod state;
@@ -99,6 +100,8 @@ pub struct Replicator {
     /// The newest restore drill's outcome: (time it ran, result).
     drill: std::sync::Arc<std::sync::Mutex<Option<DrillRecord>>>,
     lease: crate::lease::Lease,
+    /// Write rate against ship rate (`pace`).
+    pace: pace::Pace,
 }
 
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -133,6 +136,7 @@ impl Replicator {
             drill_task: None,
             last_drill_us: 0,
             drill: Default::default(),
+            pace: pace::Pace::new(Instant::now()),
             lease: crate::lease::Lease::new(
                 &opts.db_path.display().to_string(),
                 opts.lease_ttl,
@@ -357,14 +361,50 @@ impl Replicator {
     }
 
     /// Refresh the gauges read by `/metrics` and `/readyz`.
-    fn publish(&self) {
+    fn publish(&mut self) {
         let st = &self.opts.status;
         st.shipped_txid.store(self.stored_txid, Relaxed);
         if let Some(sh) = self.phase.shipping() {
             let since = sh.source.pending().first().map(|p| p.time_us).unwrap_or(0);
             st.pending_since_us.store(since, Relaxed);
         }
-        st.wal_bytes.store(self.wal_size(), Relaxed);
+        st.unshipped_bytes.store(self.pace.backlog(), Relaxed);
+        let wal = self.wal_size();
+        st.wal_bytes.store(wal, Relaxed);
+        let failing = self.retry_at.is_some();
+        if let Some(v) = self.pace.observe(Instant::now(), failing) {
+            self.report_pace(v, wal);
+        }
+    }
+
+    /// Export the pace window's rates; say when shipping falls behind the
+    /// writer, and when it caught up again.
+    fn report_pace(&self, v: pace::Verdict, wal: u64) {
+        use pace::Verdict::*;
+        let (Same(r) | FellBehind(r) | StillBehind(r) | CaughtUp(r)) = v;
+        let st = &self.opts.status;
+        st.write_rate_bps.store(r.write_bps as u64, Relaxed);
+        st.ship_rate_bps.store(r.ship_bps as u64, Relaxed);
+        st.shipping_behind.store(self.pace.behind(), Relaxed);
+        let mb = |b: f64| (b / 1e5).round() / 10.0;
+        let max = self.opts.max_wal_bytes;
+        match v {
+            FellBehind(_) | StillBehind(_) => {
+                let eta = r
+                    .secs_to(wal, max)
+                    .map(|s| format!("{s:.0} s"))
+                    .unwrap_or_else(|| "unknown".into());
+                tracing::warn!(db = %self.db(), replica = %self.opts.replica_name,
+                    write_mb_s = mb(r.write_bps), ship_mb_s = mb(r.ship_bps), gap_mb_s = mb(r.gap_bps()),
+                    unshipped_mb = mb(r.backlog as f64), wal_mb = mb(wal as f64), max_wal_mb = mb(max as f64),
+                    "shipping cannot keep up with the writer: the database writes {} MB/s, offsite ships {} MB/s, the backlog grows {} MB/s; at this pace the WAL reaches max-wal-size in {eta}, which ends the lineage (a new snapshot follows). give offsite more CPU or a faster store, or slow the writer",
+                    mb(r.write_bps), mb(r.ship_bps), mb(r.gap_bps()));
+            }
+            CaughtUp(_) => {
+                tracing::info!(db = %self.db(), replica = %self.opts.replica_name, unshipped_mb = mb(r.backlog as f64), "shipping caught up with the writer");
+            }
+            Same(_) => {}
+        }
     }
 
     /// Size of the database's change log (SQLite: the `-wal` file).
@@ -698,7 +738,18 @@ impl Replicator {
         let floor = self.last_time_us;
         let clock = self.opts.clock.clone();
         let src = &mut sh.source;
-        let polled = blocking(|| src.poll(&mut next, &mut || clock.now_us().max(floor)))?;
+        // An idle look that `stat` shows to be idle skips the blocking calls
+        // (each moves this task off its worker thread and back).
+        let quiet = !force_ship && src.quiet();
+        let polled = if quiet {
+            Ok(())
+        } else {
+            blocking(|| src.poll(&mut next, &mut || clock.now_us().max(floor)))?
+        };
+        if !quiet {
+            self.pace
+                .pending(src.pending().iter().map(|p| (p.txid, p.bytes)));
+        }
         if let Some(p) = src.pending().last() {
             self.last_time_us = self.last_time_us.max(p.time_us);
         }
@@ -765,7 +816,7 @@ impl Replicator {
             return Ok(());
         };
         let src = &mut sh.source;
-        if src.pending_len() == 0 && blocking(|| src.yield_to_checkpointer())? {
+        if src.pending_len() == 0 && !quiet && blocking(|| src.yield_to_checkpointer())? {
             tracing::debug!(db = %db, "let the application's checkpoint run");
         }
         Ok(())
@@ -842,6 +893,8 @@ impl Replicator {
             let clock = self.opts.clock.clone();
             let polled = blocking(|| src.poll(&mut next, &mut || clock.now_us().max(floor)))?;
             self.next_txid = next;
+            self.pace
+                .pending(src.pending().iter().map(|p| (p.txid, p.bytes)));
             if polled.is_err() {
                 // Handled by the next step's poll.
                 return Ok(false);

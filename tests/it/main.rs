@@ -31,6 +31,7 @@ mod request_counts;
 mod retention_compaction;
 mod sidecar;
 mod sqlite_locks;
+mod sqlite_quiet;
 mod storage_conformance;
 mod tamper_and_errors;
 mod verify;

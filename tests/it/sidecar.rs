@@ -925,3 +925,98 @@ fn waits_for_a_database_the_application_has_not_created_yet() {
     sigterm(&d);
     assert!(wait_timeout(&mut d, Duration::from_secs(60)).success());
 }
+
+/// A writer that outruns the shipper is reported before `max-wal-size`
+/// would end the lineage (issue 13): a metric, and a log line with both
+/// rates. Shipping is made slow on purpose: 1 MB segments (a test knob)
+/// through a proxy that holds every upload's answer for 400 ms, so offsite
+/// ships under ~2.5 MB/s while the writer commits ~4 MB/s. Once the writer
+/// stops and the store is fast again it catches up, says so, and every
+/// commit restores.
+#[test]
+fn a_writer_outrunning_the_shipper_is_reported_with_both_rates() {
+    use support::fault_proxy::{Fault, FaultProxy, Scope};
+    let Some(t) = support::s3_target("garage") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let db = dir.join("app.db");
+    workload(&db, &["--count", "1"]);
+    let (proxy, url) = FaultProxy::in_front_of(&t.url);
+    let addr = free_addr();
+    let log = dir.join("daemon.log");
+    let mut d = daemon(
+        &[
+            db.to_str().unwrap(),
+            &url,
+            "--no-encryption",
+            "--listen",
+            &addr,
+            "--sync-interval",
+            "100ms",
+            "--log-format",
+            "text",
+        ],
+        &log,
+        &[("OFFSITE_TEST_MAX_SEGMENT_BYTES", "1000000")],
+    );
+    wait_for("the snapshot", Duration::from_secs(60), || {
+        http(&addr, "GET", "/metrics")
+            .is_some_and(|(_, m)| metric(&m, "offsite_snapshots_total", &db) == Some(1.0))
+    });
+    proxy.set_scoped(Scope::Writes, Fault::Delay(Duration::from_millis(400)));
+    // 4 commits of ~1 MB a second for 40 s.
+    let mut writer = workload_cmd(&db)
+        .args(["--count", "160", "--rate", "4", "--big-every", "1"])
+        .args(["--big-bytes", "1000000"])
+        .spawn()
+        .unwrap();
+    let mut m = String::new();
+    wait_for("offsite_shipping_behind 1", Duration::from_secs(60), || {
+        m = scrape(&addr);
+        metric(&m, "offsite_shipping_behind", &db) == Some(1.0)
+    });
+    let write = metric(&m, "offsite_write_rate_bytes", &db).unwrap();
+    let ship = metric(&m, "offsite_ship_rate_bytes", &db).unwrap();
+    let backlog = metric(&m, "offsite_unshipped_bytes", &db).unwrap();
+    eprintln!("behind: write {write:.0} B/s, ship {ship:.0} B/s, unshipped {backlog:.0} B");
+    assert!(write > ship && ship > 0.0, "{m}");
+    assert!(write > 2e6 && write < 8e6, "the writer's ~4 MB/s: {m}");
+    assert!(backlog >= 8.0 * 1024.0 * 1024.0, "{m}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains("shipping cannot keep up with the writer"))
+        .unwrap_or_else(|| panic!("no warning in the log:\n{text}"));
+    assert!(
+        line.contains("write_mb_s=")
+            && line.contains("ship_mb_s=")
+            && line.contains("max-wal-size in"),
+        "{line}"
+    );
+    assert_eq!(
+        metric(&m, "offsite_upload_errors_total", &db),
+        Some(0.0),
+        "slow is not failing: {m}"
+    );
+
+    assert!(writer.wait().unwrap().success());
+    proxy.pass();
+    wait_for("caught up", Duration::from_secs(120), || {
+        m = scrape(&addr);
+        metric(&m, "offsite_shipping_behind", &db) == Some(0.0)
+            && metric(&m, "offsite_unshipped_bytes", &db) == Some(0.0)
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("shipping caught up with the writer"),
+        "{text}"
+    );
+    sigterm(&d);
+    assert!(wait_timeout(&mut d, Duration::from_secs(60)).success());
+    let out = dir.join("restored.db");
+    let r = harness::restore(&url, &out, &[]);
+    assert!(r.ok(), "{}", r.stderr());
+    assert_eq!(offsite::workload::verify(&out).unwrap(), 161);
+}

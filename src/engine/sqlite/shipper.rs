@@ -119,6 +119,10 @@ impl Source for Shipper {
         self.source.pending().len()
     }
 
+    fn quiet(&self) -> bool {
+        self.source.quiet()
+    }
+
     fn verify_continuation(&mut self) -> anyhow::Result<bool> {
         let Some(state) = self.state.as_ref() else {
             return Ok(false);

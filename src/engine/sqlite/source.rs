@@ -203,6 +203,49 @@ pub struct SqliteSource {
     restart_ok: bool,
     /// Valid committed frames seen in the current WAL (for the checkpoint threshold).
     wal_frames: u32,
+    /// The files as the last poll that found nothing saw them, if that look
+    /// can be trusted to show any later write ([`SqliteSource::quiet`]).
+    quiet_since: Option<(FileSigs, std::time::Instant)>,
+}
+
+/// What `stat` shows of the database and its WAL: identity, and for the
+/// WAL its size and modification time. Any write to the WAL changes the
+/// latter (SQLite writes it with `write`, never through a mapping).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileSigs {
+    db: (u64, u64),
+    wal: Option<((u64, u64), u64, i64, i64)>,
+}
+
+/// A WAL modified this recently may be written again within the same tick of
+/// the filesystem's clock (a second on some filesystems), leaving its
+/// modification time unchanged: such a look is not trusted to be quiet.
+const QUIET_MTIME_AGE: Duration = Duration::from_secs(2);
+/// Even a trusted quiet look is followed by a full poll at least this often.
+const QUIET_MAX: Duration = Duration::from_secs(10);
+
+impl FileSigs {
+    fn read(db: &Path, wal: &Path) -> std::io::Result<FileSigs> {
+        let d = std::fs::metadata(db)?;
+        let wal = match std::fs::metadata(wal) {
+            Ok(w) => Some((ino(&w), w.len(), w.mtime(), w.mtime_nsec())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        Ok(FileSigs { db: ino(&d), wal })
+    }
+
+    /// Old enough that a later write must show as a different mtime.
+    fn settled(&self) -> bool {
+        let Some((_, _, sec, nsec)) = self.wal else {
+            return true;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mtime = Duration::new(sec.max(0) as u64, nsec.clamp(0, 999_999_999) as u32);
+        mtime + QUIET_MTIME_AGE <= now
+    }
 }
 
 fn ino(md: &std::fs::Metadata) -> (u64, u64) {
@@ -290,6 +333,7 @@ impl SqliteSource {
             pending: Vec::new(),
             restart_ok: false,
             wal_frames: 0,
+            quiet_since: None,
         };
         s.begin_read()?;
         let mut shm = s.db_path.clone().into_os_string();
@@ -326,6 +370,7 @@ impl SqliteSource {
     }
 
     fn end_read(&mut self) -> anyhow::Result<()> {
+        self.quiet_since = None;
         if !self.r.is_autocommit() {
             self.r.execute_batch("ROLLBACK")?;
         }
@@ -642,6 +687,9 @@ impl SqliteSource {
         next_txid: &mut u64,
         now_us: impl FnOnce() -> i64,
     ) -> anyhow::Result<Result<usize, Break>> {
+        self.quiet_since = None;
+        // Read before the files, so a write during this poll shows next time.
+        let sigs = FileSigs::read(&self.db_path, &self.wal_path).ok();
         match std::fs::metadata(&self.db_path) {
             Ok(md) if ino(&md) == self.db_ino => {}
             Ok(_) => return Ok(Err(Break::hard("the database file was replaced"))),
@@ -692,6 +740,11 @@ impl SqliteSource {
             }
         }
         let Some(h) = self.hdr else {
+            if self.pending.is_empty() {
+                self.quiet_since = sigs
+                    .filter(FileSigs::settled)
+                    .map(|s| (s, std::time::Instant::now()));
+            }
             return Ok(Ok(0));
         };
         let (from, from_ck) = match self.pending.last() {
@@ -705,6 +758,11 @@ impl SqliteSource {
         }
         let scan = wal::scan(self.wal(), &h, from, from_ck)?;
         let n = scan.commits.len();
+        if n == 0 && self.pending.is_empty() {
+            self.quiet_since = sigs
+                .filter(FileSigs::settled)
+                .map(|s| (s, std::time::Instant::now()));
+        }
         let now_us = if n > 0 { now_us() } else { 0 };
         for c in scan.commits {
             self.wal_frames = c.end_frame;
@@ -716,6 +774,22 @@ impl SqliteSource {
             *next_txid += 1;
         }
         Ok(Ok(n))
+    }
+
+    /// True when a poll would find nothing and no checkpointer waits for
+    /// offsite, judged from `stat` and one lock test alone (no read, no
+    /// SQLite call): the last poll found nothing, and neither file changed
+    /// since. Only a poll whose WAL was at least [`QUIET_MTIME_AGE`] old
+    /// counts, and a full poll is due every [`QUIET_MAX`] regardless. An
+    /// idle sidecar of many databases thus costs a few system calls per look.
+    pub fn quiet(&self) -> bool {
+        let Some((sigs, at)) = self.quiet_since else {
+            return false;
+        };
+        self.pending.is_empty()
+            && at.elapsed() < QUIET_MAX
+            && !self.checkpointer_waiting()
+            && FileSigs::read(&self.db_path, &self.wal_path).ok() == Some(sigs)
     }
 
     /// True if the WAL header is still the one our positions refer to. Pages
