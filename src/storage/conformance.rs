@@ -470,6 +470,30 @@ pub async fn large_multipart(store: &dyn Storage) {
         );
     }
 
+    // Big enough for S3's ranged download (16 MiB ranges, several at a
+    // time): three ranges, the last of one byte; and exactly one range.
+    for n3 in [32 * MIB + 1, 16 * MIB] {
+        let data3 = random_bytes(n3);
+        let src3 = dir.path().join("bigger");
+        write_file(&src3, &data3).await;
+        let key3 = format!("{s}/bigger-{n3}");
+        store
+            .put(&key3, Body::File(src3))
+            .await
+            .unwrap_or_else(|e| panic!("{}: put {n3}-byte file: {e}", store.describe()));
+        let got_n = store
+            .get_to_file(&key3, &dest)
+            .await
+            .unwrap_or_else(|e| panic!("{}: get_to_file {n3} bytes: {e}", store.describe()));
+        assert_eq!(got_n, n3 as u64);
+        assert_same(
+            &format!("{n3}-byte object via get_to_file"),
+            &read_file(&dest).await,
+            &data3,
+        );
+        delete_ok(store, &key3).await;
+    }
+
     // From memory, an exact multiple of the part size.
     let data2 = random_bytes(10 * MIB);
     let key2 = format!("{s}/big-bytes");
