@@ -5,8 +5,8 @@
 #
 # For each N: creates N small databases, starts `offsite replicate --config`
 # with a `dir` + `pattern` entry, waits until every database's snapshot is
-# uploaded (from the daemon's /metrics), measures the CPU the daemon uses over
-# IDLE_S seconds with no writes at all, then writes WRITES_PER_S commits/s
+# uploaded (from the daemon's /metrics), waits SETTLE_S seconds, measures the
+# CPU the daemon uses over IDLE_S seconds with no writes at all, then writes WRITES_PER_S commits/s
 # spread over random databases for HOLD_S seconds and reads VmHWM (peak RSS)
 # and VmRSS from /proc. Prints a Markdown table row per N.
 #
@@ -20,6 +20,7 @@ COUNTS=("$@")
 [[ ${#COUNTS[@]} -gt 0 ]] || COUNTS=(1 100 1000)
 HOLD_S=${HOLD_S:-30}
 IDLE_S=${IDLE_S:-30}
+SETTLE_S=${SETTLE_S:-30}
 WRITES_PER_S=${WRITES_PER_S:-200}
 TARGET=${TARGET:-file}
 ENCRYPTION=${ENCRYPTION:-age}
@@ -136,8 +137,9 @@ EOF
         sleep 0.5
     done
     t1=$(date +%s.%N)
-    # Let start-up work settle (lease writes, first heads), then idle.
-    sleep 5
+    # Let start-up work settle (lease writes, first heads, the blocking
+    # threads of the snapshots), then idle.
+    sleep "$SETTLE_S"
     r0=$(requests_now)
     c0=$(cpu_ticks $pid)
     sleep "$IDLE_S"

@@ -1057,6 +1057,7 @@ def main():
     ap.add_argument("--reps", type=int, help="repetitions (default 3, quick 1)")
     ap.add_argument("--only", default="steady,kill,ship,restore,overhead,codec",
                     help="comma-separated experiments (default: all)")
+    ap.add_argument("--kill-runs", type=int, help="kills per configuration and tool (default 5, quick 1)")
     ap.add_argument("--restore-mb", type=float, help="size of the restore database (default 1024, quick 20)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--configs", help="target/setting pairs for the steady and kill runs, e.g. s3/default,s3/fast")
@@ -1074,6 +1075,8 @@ def main():
         S["idle_secs"] = a.idle_secs
     if a.reps:
         S["reps"] = a.reps
+    if a.kill_runs:
+        S["kill_runs"] = a.kill_runs
     if a.restore_mb:
         S["restore_mb"] = a.restore_mb
     only = set(a.only.split(","))

@@ -277,6 +277,12 @@ pub trait Source: Send {
     fn settle(&mut self, n: usize, landed: bool) -> Vec<Box<dyn Compacted>>;
     /// Close the compaction windows that end at or before `t`.
     fn close_due(&mut self, t: i64) -> Vec<Box<dyn Compacted>>;
+    /// Cheap and non-blocking: might `close_due(t)` close anything?
+    /// `true` is always safe.
+    fn any_due(&self, t: i64) -> bool {
+        let _ = t;
+        true
+    }
     /// Committed log frames (SQLite) in the current log: the checkpoint threshold.
     fn log_frames(&self) -> u32;
     /// A checkpoint that never waits for the application. `Ok(false)`: not now.

@@ -157,9 +157,12 @@ impl Replicator {
             source, lineage, ..
         }) = self.phase.shipping_mut()
         {
-            let v = blocking(|| source.close_due(t0));
-            self.closed
-                .extend(v.into_iter().map(|w| (lineage.clone(), w)));
+            // Checked first: an idle look must not leave its worker thread.
+            if source.any_due(t0) {
+                let v = blocking(|| source.close_due(t0));
+                self.closed
+                    .extend(v.into_iter().map(|w| (lineage.clone(), w)));
+            }
         }
         while let Some((lineage, w)) = self.closed.pop_front() {
             match self.upload_closed(&lineage, w.as_ref()).await {

@@ -210,6 +210,14 @@ impl Compactor {
     /// Close every window that ends at or before `t`. Call with the time of
     /// the next commit before adding it, or with a time before which every
     /// commit has been added.
+    /// Does any open window end at or before `t`? (No I/O.)
+    pub fn any_due(&self, t: i64) -> bool {
+        self.windows
+            .iter()
+            .zip(&self.lengths)
+            .any(|(w, len)| w.as_ref().is_some_and(|w| w.start_us + len <= t))
+    }
+
     pub fn close_due(&mut self, t: i64) -> io::Result<Vec<Closed>> {
         let mut out = Vec::new();
         for i in 0..self.lengths.len() {

@@ -279,6 +279,10 @@ impl Source for Shipper {
         boxed(closed)
     }
 
+    fn any_due(&self, t: i64) -> bool {
+        self.compactor.any_due(t)
+    }
+
     fn close_due(&mut self, t: i64) -> Vec<Box<dyn Compacted>> {
         match self.compactor.close_due(t) {
             Ok(v) => boxed(v),
