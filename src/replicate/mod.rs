@@ -397,7 +397,7 @@ impl Replicator {
                 tracing::warn!(db = %self.db(), replica = %self.opts.replica_name,
                     write_mb_s = mb(r.write_bps), ship_mb_s = mb(r.ship_bps), gap_mb_s = mb(r.gap_bps()),
                     unshipped_mb = mb(r.backlog as f64), wal_mb = mb(wal as f64), max_wal_mb = mb(max as f64),
-                    "shipping cannot keep up with the writer: the database writes {} MB/s, offsite ships {} MB/s, the backlog grows {} MB/s; at this pace the WAL reaches max-wal-size in {eta}, which ends the lineage (a new snapshot follows). give offsite more CPU or a faster store, or slow the writer",
+                    "shipping cannot keep up with the writer: the database writes {} MB/s, offsite ships {} MB/s, the backlog grows {} MB/s; at this pace the WAL reaches max-wal-size in {eta}, which ends the lineage (a new snapshot follows). Give offsite more CPU or a faster store, or slow the writer",
                     mb(r.write_bps), mb(r.ship_bps), mb(r.gap_bps()));
             }
             CaughtUp(_) => {
