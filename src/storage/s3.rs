@@ -436,23 +436,29 @@ impl S3Storage {
         };
         let etag = first.e_tag().map(str::to_string);
         let first_len = total.min(RANGE_BYTES);
-        let mut jobs: Vec<futures::future::BoxFuture<'_, Result<u64>>> = vec![self
-            .body_to_file(key, first.body, path, 0, Some(first_len))
-            .boxed()];
-        let mut start = RANGE_BYTES;
-        while start < total {
-            let end = (start + RANGE_BYTES).min(total) - 1;
-            jobs.push(
-                self.range_to_file(key, &full, etag.as_deref(), path, start, end)
-                    .boxed(),
-            );
-            start += RANGE_BYTES;
+        // Ranges are started as others finish (never a list of them all: the
+        // size is the server's word), at most RANGES_AT_ONCE at a time.
+        let mut running = futures::stream::FuturesUnordered::new();
+        running.push(
+            self.body_to_file(key, first.body, path, 0, Some(first_len))
+                .boxed(),
+        );
+        let (mut next, mut written) = (first_len, 0u64);
+        loop {
+            while running.len() < RANGES_AT_ONCE && next < total {
+                let end = next.saturating_add(RANGE_BYTES).min(total) - 1;
+                running.push(
+                    self.range_to_file(key, &full, etag.as_deref(), path, next, end)
+                        .boxed(),
+                );
+                next = end + 1;
+            }
+            match running.next().await {
+                Some(r) => written += r?,
+                None => break,
+            }
         }
-        let written: Vec<u64> = futures::stream::iter(jobs)
-            .buffer_unordered(RANGES_AT_ONCE)
-            .try_collect()
-            .await?;
-        Ok(written.iter().sum())
+        Ok(written)
     }
 
     /// Bytes `start..=end` of the object `full` into `path` at `start`; the
