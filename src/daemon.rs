@@ -488,22 +488,19 @@ impl Spawner {
                 .await
                 .with_context(|| format!("replica {} of {}", r.name, pg.name))?;
             self.registry.register(status.clone(), store);
-            let drills = match r.verify_interval {
-                None => None,
-                Some(interval) => Some(sidecar::DrillSchedule {
-                    interval,
-                    identity_files: r
-                        .verify_identity_file
-                        .iter()
-                        .map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone()))
-                        .collect(),
-                    check_query: pg.check_query.clone(),
-                    check_user: pg.check_user.clone(),
-                    pg_bin: pg.pg_bin.clone(),
-                    os_user: pg.pg_user.clone(),
-                    timeout: pg.drill_timeout,
-                }),
-            };
+            let drills = r.verify_interval.map(|interval| sidecar::DrillSchedule {
+                interval,
+                identity_files: r
+                    .verify_identity_file
+                    .iter()
+                    .map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone()))
+                    .collect(),
+                check_query: pg.check_query.clone(),
+                check_user: pg.check_user.clone(),
+                pg_bin: pg.pg_bin.clone(),
+                os_user: pg.pg_user.clone(),
+                timeout: pg.drill_timeout,
+            });
             let o = sidecar::SidecarOptions {
                 dsn: pg.dsn.clone(),
                 url: r.url.clone(),

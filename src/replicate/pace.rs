@@ -163,7 +163,7 @@ impl Pace {
                 self.behind = true;
                 return Some(Verdict::FellBehind(rates));
             }
-            if (self.growing - BEHIND_WINDOWS) % REPEAT_WINDOWS == 0 {
+            if (self.growing - BEHIND_WINDOWS).is_multiple_of(REPEAT_WINDOWS) {
                 return Some(Verdict::StillBehind(rates));
             }
         }
